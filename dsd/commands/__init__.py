@@ -1,0 +1,1 @@
+"""One module per `dsd` subcommand, imported lazily by dsd.cli."""
