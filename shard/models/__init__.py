@@ -1,1 +1,25 @@
+"""Model architectures, one module each; `build_model` picks one from general.architecture."""
+from __future__ import annotations
 
+import importlib
+
+from dsd.errors import UnsupportedModelError
+
+# general.architecture -> module in dsd.shard.models
+ARCHITECTURES = {
+    "llama": "llama",
+}
+
+
+def build_model(gguf_model, weights=None):
+    """Build the model object for an opened GGUF file; weights defaults to the memory-mapped file."""
+    from dsd.shard.weights import GGUFWeights
+
+    arch = gguf_model.architecture
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{gguf_model.path}: architecture {arch!r} is not supported; dsd runs "
+            f"{', '.join(sorted(ARCHITECTURES))}")
+    mod = importlib.import_module(f"dsd.shard.models.{ARCHITECTURES[arch]}")
+    weights = weights or GGUFWeights(gguf_model)
+    return mod.build(gguf_model, weights)

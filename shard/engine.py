@@ -1,0 +1,98 @@
+"""Single-process engine: a model, its tokenizer and chat template, and a generation loop.
+
+Daemon workers reuse the model objects; this module is what `dsd generate`, `dsd logits` and
+`dsd bench` run, and the reference every multi-process answer must equal token for token.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsd.shard.batch import Batch
+from dsd.shard.model_path import resolve_model
+
+
+def set_threads(n: int | None) -> int:
+    """Set numba's compute threads (default: every CPU this process may run on)."""
+    import numba
+
+    avail = len(os.sched_getaffinity(0))
+    n = min(n or avail, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(max(1, n))
+    return numba.get_num_threads()
+
+
+@dataclass
+class StepOutput:
+    token: int
+    text: str            # newly printable text (may be empty while UTF-8 or a stop string is pending)
+    finish_reason: str | None = None  # "stop" | "length" | None
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, threads: int | None = None):
+        from dsd.shard.chat_template import ChatTemplate
+        from dsd.shard.gguf_file import open_gguf
+        from dsd.shard.models import build_model
+        from dsd.shard.tokenizer import Tokenizer
+
+        self.threads = set_threads(threads)
+        self.path = resolve_model(model_path)
+        self.gguf = open_gguf(self.path)
+        self.model = build_model(self.gguf)
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.chat_template = ChatTemplate.from_metadata(self.gguf.metadata)
+
+    # -- prompts ---------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.chat_template.render(messages, add_generation_prompt=True)
+        # the template already writes BOS when the model wants it
+        return self.tokenizer.encode(text, add_bos=False, parse_special=True)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    # -- forward passes --------------------------------------------------------------------
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """float32 [n_tokens, vocab]: one forward pass over the whole sequence from an empty cache."""
+        cache = self.model.new_cache(max(len(tokens), 1))
+        return self.model.forward(Batch.single(cache, tokens, all_logits=True))
+
+    def generate(self, prompt_ids: list[int], params) -> Iterator[StepOutput]:
+        """Prefill the prompt as one batch, then decode one token at a time."""
+        from dsd.shard.sampling import Sampler, StopStrings
+
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        ctx = self.model.args.context_length
+        if len(prompt_ids) >= ctx:
+            from dsd.errors import DsdError
+            raise DsdError(f"prompt has {len(prompt_ids)} tokens but the context holds {ctx}; shorten it")
+        sampler = Sampler(params)
+        stops = StopStrings(params.stop)
+        decoder = self.tokenizer.decoder()
+        cache = self.model.new_cache(ctx)
+        history = list(prompt_ids)
+        logits = self.model.forward(Batch.single(cache, prompt_ids))[-1]
+        max_new = min(params.max_tokens, ctx - len(prompt_ids))
+        for i in range(max_new):
+            tok = sampler.sample(logits, history)
+            history.append(tok)
+            if tok in self.tokenizer.stop_ids and not params.ignore_eos:
+                tail, _ = stops.push(decoder.flush())
+                yield StepOutput(tok, tail + stops.flush(), "stop")
+                return
+            text, stopped = stops.push(decoder.push(tok))
+            if stopped:
+                yield StepOutput(tok, text, "stop")
+                return
+            if i == max_new - 1:
+                tail, stopped = stops.push(decoder.flush())
+                yield StepOutput(tok, text + tail + ("" if stopped else stops.flush()), "length")
+                return
+            yield StepOutput(tok, text)
+            logits = self.model.forward(Batch.single(cache, [tok]))[-1]

@@ -1,0 +1,98 @@
+"""Numeric building blocks shared by every architecture (float32 activations).
+
+Model files call these and `dsd.shard.weights` objects; they never touch quantized bytes.
+Shapes: T = tokens in the batch, D = hidden size, H = query heads, Hkv = key/value heads,
+Dh = head dim, L = cached positions.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x [..., D] float32 -> x / rms(x) * weight (computed in float32 like llama.cpp)."""
+    ms = np.einsum("...i,...i->...", x, x, dtype=np.float32) / np.float32(x.shape[-1])
+    return x * (1.0 / np.sqrt(ms + np.float32(eps)))[..., None].astype(np.float32) * weight
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SwiGLU activation: silu(gate) * up, elementwise, float32."""
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class RopeTable:
+    """Precomputed cos/sin for rotary position embedding.
+
+    style "norm": rotates adjacent pairs (x[2i], x[2i+1])  -- llama.cpp LLAMA_ROPE_TYPE_NORM
+                  (GGUF llama files store q/k permuted for this).
+    style "neox": rotates halves (x[i], x[i + n/2])        -- Qwen2/3, GPT-NeoX.
+    `freqs` may be overridden (YaRN / llama3 scaling) and `mscale` multiplies cos and sin.
+    """
+
+    def __init__(self, n_rot: int, base: float, style: str = "norm", max_pos: int = 4096,
+                 freqs: np.ndarray | None = None, mscale: float = 1.0):
+        if style not in ("norm", "neox"):
+            raise ValueError(f"unknown rope style {style!r}")
+        self.n_rot, self.style = n_rot, style
+        if freqs is None:
+            freqs = 1.0 / (base ** (np.arange(0, n_rot, 2, dtype=np.float64) / n_rot))
+        self.freqs = np.asarray(freqs, dtype=np.float64)  # [n_rot/2]
+        self.mscale = mscale
+        self._grow(max_pos)
+
+    def _grow(self, n: int) -> None:
+        ang = np.arange(n, dtype=np.float64)[:, None] * self.freqs[None, :]  # [n, n_rot/2]
+        self.cos = (np.cos(ang) * self.mscale).astype(np.float32)
+        self.sin = (np.sin(ang) * self.mscale).astype(np.float32)
+
+    def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x [T, heads, Dh] (only the first n_rot dims rotate) -> rotated copy."""
+        if positions.size and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(max(int(positions.max()) + 1, 2 * self.cos.shape[0]))
+        c = self.cos[positions][:, None, :]  # [T, 1, n_rot/2]
+        s = self.sin[positions][:, None, :]
+        out = x.copy()
+        r = self.n_rot
+        if self.style == "norm":
+            x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
+            out[..., 0:r:2] = x0 * c - x1 * s
+            out[..., 1:r:2] = x0 * s + x1 * c
+        else:
+            h = r // 2
+            x0, x1 = x[..., :h], x[..., h:r]
+            out[..., :h] = x0 * c - x1 * s
+            out[..., h:r] = x0 * s + x1 * c
+        return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: float) -> np.ndarray:
+    """Causal grouped-query attention for one sequence.
+
+    q [n, H, Dh] for positions q_pos0 .. q_pos0+n-1; k [L, Hkv, Dk], v [L, Hkv, Dv] hold positions
+    0 .. L-1 (L = q_pos0 + n). Returns [n, H, Dv]. Query head h uses kv head h // (H // Hkv).
+    """
+    n, H, _ = q.shape
+    L, Hkv, _ = k.shape
+    g = H // Hkv
+    # [Hkv, g*n, Dh] so each kv head is one batched matmul over its query group.
+    qg = q.reshape(n, Hkv, g, -1).transpose(1, 2, 0, 3).reshape(Hkv, g * n, -1)
+    scores = np.matmul(qg, k.transpose(1, 2, 0)) * np.float32(scale)  # [Hkv, g*n, L]
+    if n > 1:
+        # query i (absolute q_pos0+i) sees keys 0..q_pos0+i
+        allowed = np.arange(L)[None, :] <= (q_pos0 + np.arange(n))[:, None]  # [n, L]
+        scores = np.where(np.tile(allowed, (g, 1))[None], scores, np.float32(-np.inf))
+    p = softmax(scores)
+    out = np.matmul(p, v.transpose(1, 0, 2))  # [Hkv, g*n, Dv]
+    return out.reshape(Hkv, g, n, -1).transpose(2, 0, 1, 3).reshape(n, H, -1)
+
+
+def default_attn_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

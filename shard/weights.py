@@ -1,0 +1,125 @@
+"""Weight objects the model code computes with, and where their bytes come from.
+
+A `Linear` is a (possibly quantized) matrix W [rows, cols] stored as raw GGUF block bytes
+[rows, row_bytes]; calling it computes x @ W.T through dsd.shard.kernels.  Model wiring only
+sees these objects, so the same model runs on weights that are memory-mapped from the file
+(one process) or copied into node-local hugepages (a daemon worker).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dsd.errors import UnsupportedModelError
+from dsd.shard import kernels
+
+
+class Linear:
+    """W [rows, cols] as raw bytes; __call__(x [cols] or [T, cols]) -> [rows] or [T, rows]."""
+
+    __slots__ = ("raw", "ggml_type", "rows", "cols", "name")
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, cols: int, name: str = ""):
+        self.raw = raw  # uint8 [rows, row_bytes]
+        self.ggml_type = int(ggml_type)
+        self.rows = raw.shape[0]
+        self.cols = int(cols)
+        self.name = name
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.shape[0] * self.raw.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 1:
+            return kernels.matvec(self.raw, self.ggml_type, x)
+        return kernels.matmul(self.raw, self.ggml_type, x)
+
+    def row_slice(self, r0: int, r1: int) -> "Linear":
+        """Output rows r0:r1 (e.g. one worker's share of an expert's intermediate dim)."""
+        return Linear(self.raw[r0:r1], self.ggml_type, self.cols, self.name)
+
+    def col_slice(self, c0: int, c1: int) -> "Linear":
+        """Input columns c0:c1, which must lie on quantization-block boundaries."""
+        qt = kernels.quant_type(self.ggml_type)
+        if c0 % qt.block_size or c1 % qt.block_size:
+            raise ValueError(f"{self.name}: column slice {c0}:{c1} not aligned to {qt.block_size}")
+        b0 = c0 // qt.block_size * qt.type_size
+        b1 = c1 // qt.block_size * qt.type_size
+        return Linear(self.raw[:, b0:b1], self.ggml_type, c1 - c0, self.name)
+
+    def dequantize(self) -> np.ndarray:
+        return kernels.dequantize(self.raw, self.ggml_type, self.cols)
+
+
+class Embedding:
+    """Token embedding table E [vocab, D] (any quant type); lookup dequantizes only the used rows."""
+
+    def __init__(self, linear: Linear):
+        self.table = linear
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        t = self.table
+        return kernels.dequantize(t.raw[np.asarray(ids, dtype=np.int64)], t.ggml_type, t.cols)
+
+
+class ExpertStack:
+    """Stacked expert matrices [E, rows, cols] (ffn_*_exps); expert(e) is a Linear view, no copy.
+
+    `expert_ids` maps local index -> global expert id when a worker holds only some experts.
+    """
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, cols: int, name: str = "",
+                 expert_ids: list[int] | None = None):
+        self.raw = raw  # uint8 [E_local, rows, row_bytes]
+        self.ggml_type = int(ggml_type)
+        self.cols = int(cols)
+        self.rows = raw.shape[1]
+        self.name = name
+        ids = list(range(raw.shape[0])) if expert_ids is None else list(expert_ids)
+        self._local = {g: i for i, g in enumerate(ids)}
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return list(self._local)
+
+    def has(self, e: int) -> bool:
+        return e in self._local
+
+    def expert(self, e: int) -> Linear:
+        return Linear(self.raw[self._local[e]], self.ggml_type, self.cols, f"{self.name}[{e}]")
+
+
+class GGUFWeights:
+    """Weight source backed by a memory-mapped GGUF file (the single-process engine)."""
+
+    def __init__(self, model):
+        self.model = model  # dsd.shard.gguf_file.GGUFModel
+
+    def has(self, name: str) -> bool:
+        return name in self.model.tensors
+
+    def _info(self, name: str):
+        try:
+            return self.model.tensors[name]
+        except KeyError:
+            raise UnsupportedModelError(
+                f"{self.model.path}: tensor {name!r} is missing; the file does not match the "
+                f"'{self.model.architecture}' architecture dsd expects") from None
+
+    def vector(self, name: str) -> np.ndarray:
+        """A 1-D (or small) float tensor as float32, e.g. a norm weight [D]."""
+        info = self._info(name)
+        return kernels.dequantize(info.raw().reshape(1, -1), info.ggml_type,
+                                  info.n_elements).reshape(info.shape)
+
+    def linear(self, name: str) -> Linear:
+        info = self._info(name)
+        if len(info.shape) != 2:
+            raise UnsupportedModelError(f"{self.model.path}: {name} has shape {info.shape}, expected 2-D")
+        return Linear(info.raw(), info.ggml_type, info.shape[1], name)
+
+    def experts(self, name: str) -> ExpertStack:
+        info = self._info(name)
+        if len(info.shape) != 3:
+            raise UnsupportedModelError(f"{self.model.path}: {name} has shape {info.shape}, expected 3-D")
+        return ExpertStack(info.raw(), info.ggml_type, info.shape[2], name)
