@@ -23,3 +23,11 @@ class UnsupportedModelError(DsdError):
 
 def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, DsdError)
+
+
+class NumaError(DsdError):
+    """A NUMA request cannot be met (node does not exist, pinning or binding refused)."""
+
+
+class HugePagePoolError(NumaError):
+    """A node's hugepage pool is too small for a strict-page-size allocation."""
