@@ -366,6 +366,9 @@ class _Part:
                         for t in self.tensors]
 
     def close(self) -> None:
+        # Detach the TensorInfos first: they hold the uint8 view, which pins the mapping.
+        for t in getattr(self, "tensors", ()):
+            object.__setattr__(t, "_buf", None)
         self.buf = None
         mm = getattr(self, "mm", None)
         if mm is not None:

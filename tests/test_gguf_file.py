@@ -242,3 +242,207 @@ def test_split_renamed_first_part(tmp_path):
     os.rename(paths[0], other)
     with pytest.raises(GGUFError, match="does not look like NAME-00001-of-NNNNN.gguf"):
         open_gguf(other)
+
+
+# ----------------------------------------------------------------------------- malformed files
+# Each builder returns file bytes; the error must be a GGUFError naming the file and the problem.
+
+ARCH = pack_kv("general.architecture", V.STRING, "llama")
+F32 = int(Q.F32)
+
+
+def one_tensor(shape=(2, 8), ggml_type=F32, offset=0, data_len=None, **kw):
+    info = pack_tensor_info("w", shape, ggml_type, offset, **kw)
+    return raw_gguf([ARCH], [info], b"\0" * (64 if data_len is None else data_len)).data()
+
+
+def with_header(magic=b"GGUF", version=3, n_tensors=0, n_kv=0, rest=b""):
+    return magic + struct.pack("<IQQ", version, n_tensors, n_kv) + rest
+
+
+MALFORMED = {
+    "bad_magic": (lambda: with_header(magic=b"GGML"), r"not a GGUF file \(magic bytes b'GGML'"),
+    "version_1": (lambda: with_header(version=1), r"unsupported GGUF version 1.*obsolete"),
+    "version_4": (lambda: with_header(version=4), r"unsupported GGUF version 4"),
+    "empty_file": (lambda: b"", r"truncated: 0 bytes is smaller than the 24-byte GGUF header"),
+    "half_header": (lambda: with_header()[:13], r"truncated: 13 bytes"),
+    "absurd_tensor_count": (lambda: with_header(n_tensors=2**60, rest=b"\0" * 100),
+                            r"header claims 1152921504606846976 tensors"),
+    "absurd_kv_count": (lambda: with_header(n_kv=2**63, rest=b"\0" * 100), r"claims 9223372036854775808 metadata"),
+    "absurd_key_length": (lambda: raw_gguf([pack_string("k", length=2**40) + b"\0" * 16]).data(),
+                          r"truncated: key of metadata entry 0 \(string of 1099511627776 bytes\)"),
+    "absurd_string_value": (lambda: raw_gguf([pack_kv("s", V.STRING, raw_value=struct.pack("<Q", 2**40) + b"x")]).data(),
+                            r"metadata value 's' \(string of 1099511627776 bytes\)"),
+    "absurd_array_count": (lambda: raw_gguf([pack_kv("a", V.ARRAY, raw_value=struct.pack("<IQ", V.UINT32, 2**60))]).data(),
+                           r"'a'.*array claims 1152921504606846976 elements of uint32"),
+    "absurd_string_array": (lambda: raw_gguf([pack_kv("a", V.ARRAY, raw_value=struct.pack("<IQ", V.STRING, 2**40))]).data(),
+                            r"array claims 1099511627776 elements of string"),
+    "absurd_string_in_array": (lambda: raw_gguf([pack_kv("tok", V.ARRAY, raw_value=struct.pack("<IQ", V.STRING, 2)
+                                                         + pack_string("ok") + pack_string("x", length=2**40))]).data(),
+                               r"'tok'\[1\] \(string of 1099511627776 bytes\)"),
+    "unknown_value_type": (lambda: raw_gguf([pack_kv("k", 13, raw_value=b"\0" * 8)]).data(),
+                           r"'k' has unknown metadata value type 13"),
+    "unknown_array_type": (lambda: raw_gguf([pack_kv("k", V.ARRAY, raw_value=struct.pack("<IQ", 77, 1) + b"\0" * 8)]).data(),
+                           r"unknown element type 77"),
+    "nesting_too_deep": (lambda: raw_gguf([pack_kv("k", V.ARRAY, raw_value=struct.pack("<IQ", V.ARRAY, 1) * 20 + b"\0" * 12)]).data(),
+                         r"nested deeper than 8"),
+    "duplicate_key": (lambda: raw_gguf([ARCH, pack_kv("x", V.UINT8, 1), pack_kv("x", V.UINT8, 2)]).data(),
+                      r"duplicate metadata key 'x'"),
+    "invalid_utf8_key": (lambda: raw_gguf([pack_kv(b"k\xff", V.UINT8, 1)]).data(), r"not valid UTF-8"),
+    "invalid_utf8_token": (lambda: raw_gguf([pack_kv("t", V.ARRAY, raw_value=struct.pack("<IQ", V.STRING, 1)
+                                                     + pack_string(b"\xc3"))]).data(), r"'t'\[0\] is not valid UTF-8"),
+    "bad_alignment": (lambda: raw_gguf([ARCH, pack_kv("general.alignment", V.UINT32, 24)]).data(),
+                      r"general.alignment must be a positive power of two integer, got 24"),
+    "string_alignment": (lambda: raw_gguf([ARCH, pack_kv("general.alignment", V.STRING, "32")]).data(),
+                         r"general.alignment must be"),
+    "zero_alignment": (lambda: raw_gguf([ARCH, pack_kv("general.alignment", V.UINT32, 0)]).data(),
+                       r"general.alignment must be"),
+    "offset_past_end": (lambda: one_tensor(offset=2**62), r"tensor 'w' \(64 bytes at offset \d+\) extends past the end"),
+    "size_past_end": (lambda: one_tensor(shape=(2**40, 8)), r"tensor 'w' \(35184372088832 bytes.*extends past the end"),
+    "data_truncated": (lambda: one_tensor(shape=(4, 8), data_len=100), r"tensor 'w' \(128 bytes.*extends past the end"),
+    "misaligned_offset": (lambda: one_tensor(offset=4), r"data offset 4 is not a multiple of the alignment 32"),
+    "unknown_tensor_type": (lambda: one_tensor(ggml_type=99), r"tensor 'w' has unknown tensor type 99"),
+    "removed_tensor_type": (lambda: one_tensor(ggml_type=4), r"unknown tensor type 4"),  # old Q4_2
+    "five_dims": (lambda: one_tensor(shape=(1, 1, 1, 1, 8)), r"tensor 'w' has 5 dimensions; GGUF allows 1..4"),
+    "zero_n_dims": (lambda: raw_gguf([ARCH], [pack_string("w") + struct.pack("<IIQ", 0, F32, 0)], b"\0" * 32).data(),
+                    r"has 0 dimensions"),
+    "absurd_n_dims": (lambda: one_tensor(n_dims=2**31), r"has 2147483648 dimensions"),
+    "zero_dim": (lambda: one_tensor(shape=(0, 8)), r"tensor 'w' has dimension 0 in ne=\[8, 0\]"),
+    "negative_dim": (lambda: one_tensor(shape=(-3, 8)), r"has dimension -3"),
+    "row_not_block_multiple": (lambda: one_tensor(shape=(2, 48), ggml_type=int(Q.Q4_1), data_len=256),
+                               r"type Q4_1 has rows of 48 elements, not a multiple of the block size 32"),
+    "duplicate_tensor": (lambda: raw_gguf([ARCH], [pack_tensor_info("w", (8,), F32, 0), pack_tensor_info("w", (8,), F32, 32)],
+                                          b"\0" * 64).data(), r"duplicate tensor name 'w'"),
+    "overlapping_tensors": (lambda: raw_gguf([ARCH], [pack_tensor_info("a", (16,), F32, 0), pack_tensor_info("b", (8,), F32, 32)],
+                                             b"\0" * 96).data(), r"tensors 'a' and 'b' overlap"),
+    "truncated_tensor_info": (lambda: raw_gguf([ARCH], [pack_tensor_info("w", (8,), F32, 0)[:-3]], n_tensors=1, alignment=1).data(),
+                              r"truncated: data offset of tensor 'w' needs 8 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_file_raises_gguf_error(tmp_path, case):
+    build, pattern = MALFORMED[case]
+    path = tmp_path / f"{case}.gguf"
+    path.write_bytes(build())
+    with pytest.raises(GGUFError, match=pattern) as e:
+        open_gguf(path)
+    assert str(path) in str(e.value)
+
+
+def test_absurd_counts_do_not_allocate(tmp_path):
+    import tracemalloc
+    cases = ["absurd_tensor_count", "absurd_key_length", "absurd_array_count", "absurd_string_array",
+             "size_past_end", "offset_past_end"]
+    tracemalloc.start()
+    try:
+        for case in cases:
+            path = tmp_path / f"{case}.gguf"
+            path.write_bytes(MALFORMED[case][0]())
+            with pytest.raises(GGUFError):
+                open_gguf(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
+def rich_valid_file() -> bytes:
+    """A small valid file touching every section; the last tensor ends exactly at EOF."""
+    kvs = [pack_kv("general.architecture", V.STRING, "llama"), pack_kv("u", V.UINT64, 7),
+           pack_kv("f", V.FLOAT32, 0.5), pack_kv("toks", V.ARRAY, ["a", "bc", ""], sub_type=V.STRING),
+           pack_kv("ids", V.ARRAY, [1, 2, 3], sub_type=V.INT32),
+           pack_kv("nest", V.ARRAY, [[1], [2, 3]], sub_type=V.ARRAY)]
+    infos = [pack_tensor_info("a", (2, 8), F32, 0), pack_tensor_info("q", (2, 32), int(Q.Q8_0), 64)]
+    return raw_gguf(kvs, infos, bytes(range(64)) + bytes(68)).data()
+
+
+def test_rich_valid_file_opens(tmp_path):
+    path = tmp_path / "rich.gguf"
+    path.write_bytes(rich_valid_file())
+    with open_gguf(path) as m:
+        assert m.metadata["toks"] == ["a", "bc", ""] and m.metadata["nest"] == [[1], [2, 3]]
+        assert m.tensors["q"].raw().shape == (2, 34)
+        assert m.tensors["a"].array().view(np.uint8).tobytes() == bytes(range(64))
+
+
+def test_truncated_anywhere_raises(tmp_path):
+    data = rich_valid_file()
+    path = tmp_path / "cut.gguf"
+    for n in range(len(data)):
+        path.write_bytes(data[:n])
+        with pytest.raises(GGUFError) as e:
+            open_gguf(path)
+        msg = str(e.value)
+        assert str(path) in msg and ("truncated" in msg or "past the end" in msg), (n, msg)
+
+
+def test_random_corruption_never_crashes(tmp_path):
+    """Flip random bytes of a valid file: the reader either opens it or raises GGUFError."""
+    data = rich_valid_file()
+    rng = np.random.default_rng(1234)
+    path = tmp_path / "fuzz.gguf"
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(400):
+        buf = bytearray(data)
+        for pos in rng.integers(0, len(buf), size=int(rng.integers(1, 4))):
+            buf[pos] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(buf))
+        try:
+            with open_gguf(path) as m:
+                for t in m.tensors.values():
+                    assert t.raw().nbytes == t.nbytes
+            outcomes["ok"] += 1
+        except GGUFError as e:
+            assert str(path) in str(e)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 50  # the corruption really hit structural fields
+
+
+# ----------------------------------------------------------------------------- split model damage
+
+def _split(tmp_path, base, names):
+    return write_split_gguf(tmp_path / base, {}, {n: np.zeros((2, 8), np.float32) for n in names},
+                            max_tensors_per_part=len(names) // 3)
+
+
+def test_split_part_from_other_model(tmp_path):
+    a = _split(tmp_path, "a.gguf", ["t0", "t1", "t2"])
+    b = _split(tmp_path, "b.gguf", ["u0", "u1", "u2", "u3", "u4", "u5"])
+    os.replace(b[1], a[1])  # b's part 2 holds 2 tensors: totals disagree with split.tensors.count
+    with pytest.raises(GGUFError, match=r"split.tensors.count=3 but the 3 parts hold 4 tensors"):
+        open_gguf(a[0])
+
+
+def test_split_wrong_part_number(tmp_path):
+    a = _split(tmp_path, "a.gguf", ["t0", "t1", "t2"])
+    os.replace(a[2], a[1])  # part 3 sits where part 2 should be
+    os.symlink(a[1], a[2])
+    with pytest.raises(GGUFError, match=r"expected split.no=1 and split.count=3, found split.no=2") as e:
+        open_gguf(a[0])
+    assert a[1] in str(e.value)
+
+
+def test_split_duplicate_tensor_across_parts(tmp_path):
+    a = _split(tmp_path, "a.gguf", ["t0", "t1", "t2"])
+    c = _split(tmp_path, "c.gguf", ["x", "t0", "y"])
+    os.replace(c[1], a[1])
+    with pytest.raises(GGUFError, match=r"tensor 't0' also appears in .*a-00001-of-00003.gguf"):
+        open_gguf(a[0])
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(GGUFError, match="file not found"):
+        open_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(GGUFError, match="not a regular file"):
+        open_gguf(tmp_path)
+
+
+def test_close_detaches_views(tmp_path):
+    path = write_gguf(tmp_path / "c.gguf", {}, {"w": np.arange(8, dtype=np.float32)})
+    m = open_gguf(path)
+    kept = m.tensors["w"].array()  # a view handed out before close stays valid
+    m.close()
+    np.testing.assert_array_equal(kept, np.arange(8, dtype=np.float32))
+    with pytest.raises(GGUFError, match="after the model was closed"):
+        m.tensors["w"].raw()
