@@ -43,6 +43,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+_VALUE_ERRORS = "surrogateescape"  # see _Reader.value
 MAX_ARRAY_NESTING = 8  # deeper nesting only appears in corrupt files; bounds recursion
 
 # Metadata value type ids (gguf.GGUFValueType).
@@ -100,7 +101,7 @@ class TensorInfo:
     nbytes: int
     file: str
     offset: int
-    _buf: Any = field(repr=False, compare=False)  # uint8 np view of the whole mmapped file
+    _buf: Any = field(default=None, repr=False, compare=False)  # uint8 np view of the whole mmapped file
 
     @property
     def type_name(self) -> str:
@@ -161,13 +162,13 @@ class _Reader:
         self.pos += 8
         return v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, errors: str = "strict") -> str:
         n = self.u64(f"length of {what}")
         self.need(n, f"{what} (string of {n} bytes)")
         start = self.pos
         self.pos += n
         try:
-            return self.mm[start:start + n].decode("utf-8")
+            return self.mm[start:start + n].decode("utf-8", errors)
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} at offset {start} is not valid UTF-8 ({e.reason})") from None
 
@@ -179,7 +180,9 @@ class _Reader:
             self.pos += size
             return bool(v) if vtype == T_BOOL else v
         if vtype == T_STRING:
-            return self.string(what)
+            # Values (unlike keys and tensor names) tolerate invalid UTF-8: some converters wrote
+            # raw byte tokens. surrogateescape keeps the bytes: s.encode("utf-8", "surrogateescape").
+            return self.string(what, _VALUE_ERRORS)
         if vtype == T_ARRAY:
             return self.array(what, depth)
         raise self.fail(f"{what} has unknown metadata value type {vtype} (known: 0..12)")
@@ -218,20 +221,17 @@ class _Reader:
         unpack = _U64.unpack_from
         out: list[str] = []
         append = out.append
-        try:
-            for i in range(count):
-                if pos + 8 > size:
-                    self.pos = pos
-                    self.need(8, f"length of {what}[{i}]")
-                (n,) = unpack(mm, pos)
-                pos += 8
-                if n > size - pos:
-                    self.pos = pos
-                    self.need(n, f"{what}[{i}] (string of {n} bytes)")
-                append(mm[pos:pos + n].decode("utf-8"))
-                pos += n
-        except UnicodeDecodeError as e:
-            raise self.fail(f"{what}[{len(out)}] is not valid UTF-8 ({e.reason})") from None
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (n,) = unpack(mm, pos)
+            pos += 8
+            if n > size - pos:
+                self.pos = pos
+                self.need(n, f"{what}[{i}] (string of {n} bytes)")
+            append(mm[pos:pos + n].decode("utf-8", _VALUE_ERRORS))
+            pos += n
         self.pos = pos
         return out
 

@@ -289,8 +289,8 @@ MALFORMED = {
     "duplicate_key": (lambda: raw_gguf([ARCH, pack_kv("x", V.UINT8, 1), pack_kv("x", V.UINT8, 2)]).data(),
                       r"duplicate metadata key 'x'"),
     "invalid_utf8_key": (lambda: raw_gguf([pack_kv(b"k\xff", V.UINT8, 1)]).data(), r"not valid UTF-8"),
-    "invalid_utf8_token": (lambda: raw_gguf([pack_kv("t", V.ARRAY, raw_value=struct.pack("<IQ", V.STRING, 1)
-                                                     + pack_string(b"\xc3"))]).data(), r"'t'\[0\] is not valid UTF-8"),
+    "invalid_utf8_tensor_name": (lambda: raw_gguf([ARCH], [pack_tensor_info(b"w\xc3", (8,), F32, 0)], b"\0" * 32).data(),
+                                 r"name of tensor 0 at offset \d+ is not valid UTF-8"),
     "bad_alignment": (lambda: raw_gguf([ARCH, pack_kv("general.alignment", V.UINT32, 24)]).data(),
                       r"general.alignment must be a positive power of two integer, got 24"),
     "string_alignment": (lambda: raw_gguf([ARCH, pack_kv("general.alignment", V.STRING, "32")]).data(),
@@ -446,3 +446,15 @@ def test_close_detaches_views(tmp_path):
     np.testing.assert_array_equal(kept, np.arange(8, dtype=np.float32))
     with pytest.raises(GGUFError, match="after the model was closed"):
         m.tensors["w"].raw()
+
+
+def test_invalid_utf8_values_keep_their_bytes(tmp_path):
+    # Keys and tensor names must be UTF-8; string values (e.g. byte tokens written raw by some
+    # converters) are kept losslessly with surrogateescape instead of refusing the model.
+    kvs = [ARCH, pack_kv("t", V.ARRAY, raw_value=struct.pack("<IQ", V.STRING, 2) + pack_string(b"\xc3") + pack_string("ok")),
+           pack_kv("s", V.STRING, raw_value=pack_string(b"a\xff"))]
+    path = raw_gguf(kvs).write(tmp_path / "u.gguf")
+    with open_gguf(path) as m:
+        toks = m.metadata["t"]
+        assert [t.encode("utf-8", "surrogateescape") for t in toks] == [b"\xc3", b"ok"]
+        assert m.metadata["s"].encode("utf-8", "surrogateescape") == b"a\xff"
