@@ -274,6 +274,8 @@ class _Part:
             raise r.fail(f"not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
         if version not in SUPPORTED_VERSIONS:
             hint = " (GGUF v1 is obsolete; re-convert the model)" if version == 1 else ""
+            if int.from_bytes(version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
+                hint = " (this is a big-endian GGUF file; use a little-endian conversion)"
             raise r.fail(f"unsupported GGUF version {version}; dsd reads versions 2 and 3{hint}")
         self.version = version
         # Each KV takes >= 8 (key length) + 4 (type) + 1 bytes, each tensor info >= 8+4+4+8.

@@ -263,6 +263,7 @@ def with_header(magic=b"GGUF", version=3, n_tensors=0, n_kv=0, rest=b""):
 MALFORMED = {
     "bad_magic": (lambda: with_header(magic=b"GGML"), r"not a GGUF file \(magic bytes b'GGML'"),
     "version_1": (lambda: with_header(version=1), r"unsupported GGUF version 1.*obsolete"),
+    "big_endian": (lambda: b"GGUF" + struct.pack(">IQQ", 3, 0, 0), r"unsupported GGUF version 50331648.*big-endian"),
     "version_4": (lambda: with_header(version=4), r"unsupported GGUF version 4"),
     "empty_file": (lambda: b"", r"truncated: 0 bytes is smaller than the 24-byte GGUF header"),
     "half_header": (lambda: with_header()[:13], r"truncated: 13 bytes"),
