@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dsd.errors import DsdError
 
 CHUNK = 32 << 20  # 32 MiB: past ~8 MiB larger reads gain nothing, smaller ones add syscalls
+FOLIO_MARGIN = 4 << 20  # > the largest page-cache folio (PMD size, 2 MiB on x86-64)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,11 @@ def load_file_range(path, offset: int, nbytes: int, dest_buffer, dest_offset: in
             if got <= 0:
                 raise DsdError(f"{path}: unexpected end of file at byte {offset + done}")
             if drop_cache:
-                os.posix_fadvise(fd, offset + done, got, os.POSIX_FADV_DONTNEED)
+                # DONTNEED only drops page-cache folios (up to 2 MiB on recent kernels) that
+                # lie wholly inside the range, so the folio straddling the previous chunk
+                # boundary is dropped now, with a back margin of FOLIO_MARGIN.
+                lo = max(offset, offset + done - FOLIO_MARGIN)
+                os.posix_fadvise(fd, lo, offset + done + got - lo, os.POSIX_FADV_DONTNEED)
             done += got
             chunks += 1
             if progress is not None:
