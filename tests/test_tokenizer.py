@@ -247,3 +247,75 @@ def test_spm_without_space_prefix():
     v = {s: i for i, s in enumerate(t.tokens)}
     assert t.encode("hello") == [v["hello"]]
     assert t.decode(t.encode("hello hello")) == "hello hello"
+
+
+# ---------------------------------------------------------------- chat templates
+from dsd.shard.chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError  # noqa: E402
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi — ünïcode 😀"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+    [{"role": "user", "content": "line1\nline2\n\n  indented"}],
+]
+
+# exercises tojson (non-ASCII kept), loop controls, namespace, raise_exception, bos_token,
+# strftime_now and extra variables (tools), with HF's trim_blocks/lstrip_blocks whitespace rules
+FANCY_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(n=0) %}
+{% if tools %}Tools: {{ tools | tojson }}
+{% endif %}
+{% for m in messages %}
+    {% if m['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('bad role ' + m['role']) }}
+    {% endif %}
+    {% if loop.index > 3 %}{% break %}{% endif %}
+    {% set ns.n = ns.n + 1 %}
+[{{ m['role'] | upper }}] {{ m['content'] | trim }}{{ eos_token }}
+{% endfor %}
+{% generation %}turns={{ ns.n }} year={{ strftime_now('%Y') }}{% endgeneration %}
+{% if add_generation_prompt %}[ASSISTANT]{% endif %}"""
+
+
+def test_chat_template_matches_transformers(smol_meta, hf_smol):
+    ct = ChatTemplate.from_metadata(smol_meta)
+    assert not ct.is_fallback
+    tools = [{"name": "météo", "parameters": {"ville": "Zürich"}}]
+    for msgs in CONVERSATIONS:
+        for gen in (True, False):
+            want = hf_smol.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert ct.render(msgs, add_generation_prompt=gen) == want
+            fancy = ChatTemplate(FANCY_TEMPLATE, ct.bos_token, ct.eos_token)
+            want = hf_smol.apply_chat_template(msgs, chat_template=FANCY_TEMPLATE, tools=tools,
+                                               tokenize=False, add_generation_prompt=gen)
+            assert fancy.render(msgs, add_generation_prompt=gen, tools=tools) == want
+            assert "Zürich" in want and "turns=" in want
+
+
+def test_chat_template_prompt_tokens(smol_meta, smol):
+    ct = ChatTemplate.from_metadata(smol_meta)
+    ids = smol.encode(ct.render(CONVERSATIONS[0]), add_bos=False)
+    tail = smol.encode("<|im_start|>assistant\n")
+    assert ids[0] == 1 and ids[-len(tail):] == tail and ids.count(1) == 3 and ids.count(2) == 2
+
+
+def test_chat_template_fallback_and_errors():
+    ct = ChatTemplate.from_metadata({"tokenizer.ggml.tokens": ["<s>", "</s>"]})
+    assert ct.is_fallback and ct.source == CHATML_TEMPLATE
+    assert ct.render([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    fancy = ChatTemplate(FANCY_TEMPLATE, name="fancy")
+    with pytest.raises(ChatTemplateError, match="bad role tool"):
+        fancy.render([{"role": "tool", "content": "x"}])
+    broken = ChatTemplate("{% for m in messages %}{{ m.content }", name="broken")
+    with pytest.raises(DsdError, match="broken.*does not compile"):
+        broken.render([{"role": "user", "content": "x"}])
+    # the sandbox blocks attribute escapes and mutation of the inputs
+    for src in ["{{ messages.__class__.__mro__ }}", "{{ ''.__class__.__subclasses__() }}",
+                "{% set _ = messages.append(1) %}x"]:
+        with pytest.raises(ChatTemplateError):
+            ChatTemplate(src).render([{"role": "user", "content": "x"}])
+    with pytest.raises(DsdError, match="non-empty list"):
+        ct.render([])
+    with pytest.raises(DsdError, match="role"):
+        ct.render([{"content": "no role"}])
