@@ -49,6 +49,10 @@ def build_report(args) -> dict:
                         "nr_hugepages_1g": x.target_1g, "nr_hugepages_2m": x.target_2m,
                         "commands": x.commands()} for x in needs]
         rep["commands"] = [c for x in needs for c in x.commands()]
+        rep["warnings"] = [
+            f"node {x.node} would hold {_gib(x.nbytes)} but has {_gib(topo.node(x.node).mem_free)}"
+            f" free: use more nodes or free memory (in VMs the per-node figure may under-read)"
+            for x in needs if x.nbytes > topo.node(x.node).mem_free]
         if args.apply:
             rep["applied"] = apply_plan(needs, args.sysfs_root)
     elif args.apply:
@@ -81,6 +85,8 @@ def print_text(rep: dict) -> None:
             print(f"  node {p['node']} holds {_gib(p['bytes'])}: needs {p['pages_1g']} x 1 GiB + "
                   f"{p['pages_2m']} x 2 MiB pages (or {p['pages_2m_only']} x 2 MiB only); "
                   f"free now: {p['free_1g']} x 1 GiB, {p['free_2m']} x 2 MiB")
+        for w in rep["warnings"]:
+            print(f"warning: {w}")
         if rep["commands"]:
             print("reserve them (as root; 1 GiB pages first, after `echo 1 > "
                   "/proc/sys/vm/compact_memory`), or rerun with --apply:")
