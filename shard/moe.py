@@ -1,0 +1,234 @@
+"""Mixture-of-experts building blocks shared by every MoE architecture.
+
+    Router          x [T, D] -> (expert ids [T, k] int64, weights [T, k] float32)
+    RoutedExperts   sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),  e = ids[t, j]
+    MoEFFN          router + routed experts (+ shared experts, DeepSeek/Qwen style)
+
+Routing follows llama.cpp's build_moe_ffn (src/llama-graph.cpp), which is what GGUF files are
+converted for:
+  probs     = softmax(logits) (Mixtral, Qwen3-MoE, DeepSeek V2) or sigmoid(logits) (DeepSeek V3/R1)
+  selection = probs + exp_probs_b (DeepSeek V3 "noaux_tc" bias; weights still come from probs)
+  groups    = if expert_group_count > 1: keep the expert_group_used_count groups whose
+              top-2 selection scores sum highest, others masked out
+  ids       = top-k(selection);  w = probs[ids]
+  w        /= max(sum(w), 2^-14)  if expert_weights_norm
+  w        *= expert_weights_scale if it is set (non-zero)
+
+RoutedExperts reads only the chosen experts' bytes.  A daemon worker may hold a subset of the
+experts (ExpertStack.expert_ids / experts=...) and/or a slice rows=(r0, r1) of the intermediate
+dimension F; its output is then a *partial* sum, and the partial sums of a partition of
+(experts x rows) add up to the full output: the intermediate activation is elementwise in F and
+the down projection is linear in its columns, so down[:, r0:r1] @ h[r0:r1] summed over slices
+is the full product.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dsd.shard import ops
+from dsd.shard.weights import ExpertStack, Linear
+
+GATING_SOFTMAX = 1  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX (also the default when absent)
+GATING_SIGMOID = 2  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (DeepSeek V3/R1)
+_NORM_MIN = 6.103515625e-5  # llama.cpp clamps the weight sum from below by 2^-14
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries per row, largest first (stable on ties). [T, N] -> [T, k]."""
+    if k >= scores.shape[1]:
+        return np.argsort(-scores, axis=1, kind="stable")
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, axis=1)
+    # sort the k chosen by (value desc, index asc) so ties resolve like a stable sort
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+class Router:
+    """Expert selection for a batch: gate_inp W [E, D]; see module docstring for the semantics."""
+
+    def __init__(self, gate_inp: Linear, n_used: int, gating: int = GATING_SOFTMAX,
+                 norm: bool = False, scale: float = 0.0, bias: np.ndarray | None = None,
+                 n_groups: int = 1, n_groups_used: int = 0):
+        self.gate_inp = gate_inp
+        self.n_experts = gate_inp.rows
+        self.n_used = int(n_used)
+        self.gating = GATING_SOFTMAX if gating in (0, None) else int(gating)
+        if self.gating not in (GATING_SOFTMAX, GATING_SIGMOID):
+            from dsd.errors import UnsupportedModelError
+            raise UnsupportedModelError(
+                f"expert_gating_func {gating} is not supported (dsd knows 1=softmax, 2=sigmoid)")
+        self.norm, self.scale = bool(norm), float(scale or 0.0)
+        self.bias = None if bias is None else np.asarray(bias, dtype=np.float32).reshape(-1)
+        self.n_groups = int(n_groups or 1)
+        self.n_groups_used = int(n_groups_used or self.n_groups)
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        logits = self.gate_inp(x)  # [T, E]
+        return ops.softmax(logits) if self.gating == GATING_SOFTMAX else sigmoid(logits)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs = self.probs(x)
+        sel = probs if self.bias is None else probs + self.bias
+        if self.n_groups > 1 and self.n_groups_used < self.n_groups:
+            T, E = sel.shape
+            g = sel.reshape(T, self.n_groups, E // self.n_groups)
+            gscore = np.sort(g, axis=2)[:, :, -2:].sum(axis=2)  # [T, G]: top-2 sum per group
+            keep = topk_desc(gscore, self.n_groups_used)       # [T, G_used]
+            mask = np.zeros((T, self.n_groups), dtype=bool)
+            np.put_along_axis(mask, keep, True, axis=1)
+            sel = np.where(np.repeat(mask, E // self.n_groups, axis=1), sel, -np.inf)
+        ids = topk_desc(sel, self.n_used)
+        w = np.take_along_axis(probs, ids, axis=1).astype(np.float32)
+        if self.norm:
+            w = w / np.maximum(w.sum(axis=1, keepdims=True), np.float32(_NORM_MIN))
+        if self.scale:
+            w = w * np.float32(self.scale)
+        return ids.astype(np.int64), w.astype(np.float32)
+
+
+class RoutedExperts:
+    """The routed-expert FFN (SwiGLU experts), optionally restricted to a worker's share.
+
+    gate_exps / up_exps: ExpertStack [E, F, D]; down_exps: ExpertStack [E, D, F].
+    experts: global expert ids this object computes (default: all the stacks hold).
+    rows: (r0, r1) slice of the intermediate dim F (default all); r0 and r1 must lie on the
+          quantization-block boundaries of down_exps' rows.
+    __call__(x [T, D], ids [T, k], weights [T, k]) -> partial sum [T, D] float32 over the
+    (expert, row-slice) pairs this object owns.  Tokens routed to the same expert are computed
+    as one matrix product.  bytes_read accumulates the weight bytes touched (each chosen expert
+    once per call); reset_stats() zeroes it.
+    """
+
+    def __init__(self, gate_exps: ExpertStack, up_exps: ExpertStack, down_exps: ExpertStack,
+                 experts=None, rows: tuple[int, int] | None = None):
+        self.gate_exps, self.up_exps, self.down_exps = gate_exps, up_exps, down_exps
+        held = set(gate_exps.expert_ids) & set(up_exps.expert_ids) & set(down_exps.expert_ids)
+        chosen = held if experts is None else set(int(e) for e in experts)
+        missing = chosen - held
+        if missing:
+            raise ValueError(f"experts {sorted(missing)[:8]} are not held by these expert stacks")
+        self.experts = frozenset(chosen)
+        F = gate_exps.rows
+        r0, r1 = (0, F) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= r0 < r1 <= F:
+            raise ValueError(f"row range {r0}:{r1} is outside the intermediate dim {F}")
+        self.rows = (r0, r1)
+        self.full_rows = (r0, r1) == (0, F)
+        self._views: dict[int, tuple[Linear, Linear, Linear]] = {}
+        self.bytes_read = 0
+        self.calls = 0
+        self.expert_evals = 0  # (expert, call) pairs computed
+
+    def reset_stats(self) -> None:
+        self.bytes_read = self.calls = self.expert_evals = 0
+
+    def views(self, e: int) -> tuple[Linear, Linear, Linear]:
+        """(gate [r1-r0, D], up [r1-r0, D], down [D, r1-r0]) Linear views of expert e (no copy)."""
+        v = self._views.get(e)
+        if v is None:
+            g, u, d = self.gate_exps.expert(e), self.up_exps.expert(e), self.down_exps.expert(e)
+            if not self.full_rows:
+                r0, r1 = self.rows
+                g, u, d = g.row_slice(r0, r1), u.row_slice(r0, r1), d.col_slice(r0, r1)
+            v = self._views[e] = (g, u, d)
+        return v
+
+    def expert_nbytes(self, e: int) -> int:
+        return sum(lin.nbytes for lin in self.views(e))
+
+    def __call__(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        T = x.shape[0]
+        out = np.zeros((T, self.down_exps.rows), dtype=np.float32)
+        ids = np.asarray(ids).reshape(T, -1)
+        weights = np.asarray(weights, dtype=np.float32).reshape(T, -1)
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # group (token, slot) pairs by expert
+        sorted_e = flat[order]
+        bounds = np.flatnonzero(np.diff(sorted_e)) + 1
+        self.calls += 1
+        for grp in np.split(order, bounds):
+            if grp.size == 0:
+                continue
+            e = int(flat[grp[0]])
+            if e not in self.experts:
+                continue
+            tok = grp // k                       # tokens that chose e (each at most once)
+            w = weights.reshape(-1)[grp]         # [n]
+            gate, up, down = self.views(e)
+            if tok.size == 1:                    # decode: matrix-vector kernels
+                xt = x[tok[0]]
+                y = down(ops.silu_mul(gate(xt), up(xt)))[None, :]
+            else:
+                xs = x[tok]
+                y = down(ops.silu_mul(gate(xs), up(xs)))
+            out[tok] += y * w[:, None]
+            self.bytes_read += gate.nbytes + up.nbytes + down.nbytes
+            self.expert_evals += 1
+        return out
+
+
+class MoEFFN:
+    """Routed experts plus optional always-on shared experts: x [T, D] -> [T, D]."""
+
+    def __init__(self, router: Router, experts: RoutedExperts, shared=None):
+        self.router, self.experts, self.shared = router, experts, shared
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        ids, w = self.router(x)
+        out = self.experts(x, ids, w)
+        if self.shared is not None:
+            out += self.shared(x)
+        return out
+
+
+def moe_ffn_from_weights(w, layer: int, n_used: int, *, gating: int = GATING_SOFTMAX,
+                         norm: bool = False, scale: float = 0.0, n_groups: int = 1,
+                         n_groups_used: int = 0, shared: bool = False) -> MoEFFN:
+    """Build a layer's MoEFFN from the standard GGUF tensor names blk.N.ffn_{gate_inp,*_exps,*_shexp}."""
+    from dsd.shard.models.llama import DenseFFN
+
+    p = f"blk.{layer}."
+    bias = w.vector(p + "exp_probs_b.bias") if w.has(p + "exp_probs_b.bias") else None
+    router = Router(w.linear(p + "ffn_gate_inp.weight"), n_used, gating, norm, scale, bias,
+                    n_groups, n_groups_used)
+    experts = RoutedExperts(w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight"),
+                            w.experts(p + "ffn_down_exps.weight"))
+    sh = None
+    if shared and w.has(p + "ffn_gate_shexp.weight"):
+        sh = DenseFFN(w.linear(p + "ffn_gate_shexp.weight"), w.linear(p + "ffn_up_shexp.weight"),
+                      w.linear(p + "ffn_down_shexp.weight"))
+    return MoEFFN(router, experts, sh)
+
+
+def llama_moe_ffn(args, weights, layer_index: int) -> MoEFFN:
+    """Mixtral (llama arch with experts): softmax over all experts, top-k, renormalised."""
+    return moe_ffn_from_weights(weights, layer_index, args.n_experts_used,
+                                gating=GATING_SOFTMAX, norm=True)
+
+
+# -- statistics for `dsd bench` -------------------------------------------------------------------
+
+def routed_experts_of(model) -> list[RoutedExperts]:
+    """Every RoutedExperts object of a built model (walks model.ffn)."""
+    out = []
+    for f in getattr(model, "ffn", []):
+        ex = getattr(f, "experts", None)
+        if isinstance(ex, RoutedExperts):
+            out.append(ex)
+    return out
+
+
+def moe_bytes_read(model) -> int:
+    """Routed-expert weight bytes read since the last reset_moe_stats(model)."""
+    return sum(ex.bytes_read for ex in routed_experts_of(model))
+
+
+def reset_moe_stats(model) -> None:
+    for ex in routed_experts_of(model):
+        ex.reset_stats()
