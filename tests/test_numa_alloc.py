@@ -136,7 +136,7 @@ def test_1g_page_on_node0(pools):
 
 def test_auto_falls_back_1g_then_2m_then_thp(pools):
     pools("1g", 1)
-    pools("2m", 4)
+    assert pools("2m", 4) == 4, "another user's free 2 MiB pages would change the split"
     want = PAGE_1G + 20 * MIB
     with allocate(want, 0, pages="auto") as b:
         got = b.bytes_by_kind()
@@ -251,3 +251,21 @@ def test_placement_of_another_process(pools):
         p.stdin.close()
         p.wait(timeout=30)
     assert p.returncode == 0
+
+
+def test_numa_maps_view_agrees_with_move_pages(pools):
+    free2 = pools("2m", 4)
+    with allocate(8 * MIB + 6 * MIB, 0, pages="auto") as b:
+        mp = b.placement()
+        nm = process_placement("self", b.address, b.mapped_bytes)
+        assert nm.total == mp.total == b.mapped_bytes
+        assert nm.bytes_by_node == mp.bytes_by_node == {0: b.mapped_bytes}
+        assert nm.bytes_by_page["2m"] == mp.bytes_by_page["2m"] == min(free2, 7) * PAGE_2M
+
+
+def test_process_exit_returns_hugepages_without_free(pools):
+    free0 = pools("2m", 4)
+    code = "from dsd.numa import allocate; b = allocate(8 << 20, 0, pages='2m'); print(b.page_kind)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "2m", r.stderr
+    assert _free("2m") == free0
