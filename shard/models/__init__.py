@@ -8,6 +8,8 @@ from dsd.errors import UnsupportedModelError
 # general.architecture -> module in dsd.shard.models
 ARCHITECTURES = {
     "llama": "llama",
+    "deepseek2": "deepseek2",
+    "qwen3moe": "qwen3_moe",
 }
 
 
