@@ -111,6 +111,32 @@ def _read_int(path: str) -> int:
         return int(f.read().strip())
 
 
+def _compact(root: str) -> None:
+    try:
+        _write(os.path.join(root, "proc/sys/vm/compact_memory"), "1")
+    except OSError:
+        pass
+
+
+def _grow(path: str, target: int, root: str, compact: bool) -> int:
+    """Raise a pool to `target` pages (never lower it); returns what the kernel gave. If it
+    gives fewer, compact memory (huge pages need physically contiguous memory) and retry."""
+    if not os.path.exists(path):
+        return 0
+    for attempt in range(2 if compact else 1):
+        have = _read_int(path)
+        if have >= target:
+            return have
+        if compact:
+            _compact(root)
+        try:
+            _write(path, str(target))
+        except OSError:
+            pass  # the kernel may refuse outright; the re-read shows what we have
+        time.sleep(0.05)
+    return _read_int(path)
+
+
 def apply_plan(needs: list[NodeNeed], root: str = "/", compact: bool = True) -> list[dict]:
     """Reserve the planned pages (root only). 1 GiB pages first (they need contiguous memory,
     so memory is compacted first); if the kernel gives fewer, the 2 MiB target grows to cover
@@ -123,31 +149,13 @@ def apply_plan(needs: list[NodeNeed], root: str = "/", compact: bool = True) -> 
     for need in needs:
         p1 = node_pool_path(need.node, "1g", root, topo.numa_kernel)
         p2 = node_pool_path(need.node, "2m", root, topo.numa_kernel)
-        got_1g_total = _read_int(p1) if os.path.exists(p1) else 0
-        if need.target_1g > got_1g_total and os.path.exists(p1):
-            if compact:
-                try:
-                    _write(os.path.join(root, "proc/sys/vm/compact_memory"), "1")
-                except OSError:
-                    pass
-            try:
-                _write(p1, str(need.target_1g))
-            except OSError:
-                pass  # the kernel may refuse outright; the re-read shows what we have
-            time.sleep(0.05)
-            got_1g_total = _read_int(p1)
+        got_1g_total = _grow(p1, need.target_1g, root, compact)
         used_1g = need.used_1g
         got_1g = max(0, min(need.pages_1g, got_1g_total - used_1g))
         short = need.nbytes - got_1g * PAGE_1G
         want_2m = max(0, -(-short // PAGE_2M)) if got_1g < need.pages_1g else need.pages_2m
         target_2m = need.used_2m + want_2m if want_2m > need.have_2m_free else need.target_2m
-        got_2m_total = _read_int(p2) if os.path.exists(p2) else 0
-        if target_2m > got_2m_total and os.path.exists(p2):
-            try:
-                _write(p2, str(target_2m))
-            except OSError:
-                pass
-            got_2m_total = _read_int(p2)
+        got_2m_total = _grow(p2, target_2m, root, compact)
         used_2m = need.used_2m
         got_2m = max(0, min(want_2m, got_2m_total - used_2m))
         report.append({"node": need.node, "asked_1g": need.pages_1g, "got_1g": got_1g,

@@ -247,3 +247,20 @@ def test_doctor_errors_are_one_line(tmp_path, capsys):
     assert main(["doctor", "--sysfs-root", root, "--model", str(tmp_path / "x.gguf")]) == 1
     err = capsys.readouterr().err
     assert err.count("dsd doctor: error:") == 3
+
+
+def test_apply_plan_covers_a_1g_shortfall_with_2m_pages(tmp_path, monkeypatch):
+    import dsd.numa.plan as plan
+
+    root = make_tree(tmp_path, {0: "0-1"})
+    real_write = plan._write
+
+    def stingy_kernel(path, value):  # grants no 1 GiB pages at all
+        real_write(path, "0" if "1048576kB" in path else value)
+
+    monkeypatch.setattr(plan, "_write", stingy_kernel)
+    needs, _ = hugepage_plan([2 * GIB + 3 * PAGE_2M], read_topology(root))
+    rep = apply_plan(needs, root=root, compact=False)[0]
+    assert rep["asked_1g"] == 2 and rep["got_1g"] == 0
+    assert rep["asked_2m"] == 1024 + 3 and rep["got_2m"] == 1024 + 3
+    assert rep["covered_bytes"] == 2 * GIB + 3 * PAGE_2M
