@@ -319,3 +319,78 @@ def test_chat_template_fallback_and_errors():
         ct.render([])
     with pytest.raises(DsdError, match="role"):
         ct.render([{"content": "no role"}])
+
+
+# ---------------------------------------------------------------- SentencePiece vs transformers
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory):
+    """A GGUF holding only a SentencePiece-style vocab (3k pieces learned by `tokenizers` on a
+    seeded synthetic corpus, scores = -rank as llama.cpp's converter writes them, 256 byte
+    tokens, one user-defined token) and a 1-row dummy tensor so transformers will open it."""
+    import gguf
+    import numpy as np
+    from tokenizers import SentencePieceBPETokenizer
+
+    rng = random.Random(99)
+    words = ["def", "return", "self", "tokenizer", "token", "the", "model", "(x)", "123", "naïve",
+             "café", "straße", "日本語", "テキスト", "data", "value", "über", "print", "if", "else"]
+    corpus = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(50)]
+    trainer_tok = SentencePieceBPETokenizer(add_prefix_space=True)
+    trainer_tok.train_from_iterator(corpus, vocab_size=600, min_frequency=2, show_progress=False)
+    pieces = sorted(trainer_tok.get_vocab().items(), key=lambda kv: kv[1])
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types, scores = [2, 3, 3] + [6] * 256, [0.0] * 259
+    for rank, (piece, _) in enumerate(pieces):
+        toks.append(piece)
+        types.append(1)
+        scores.append(-float(rank))
+    toks.append("<tool>")
+    types.append(4)
+    scores.append(0.0)
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_tensor("token_embd.weight", np.zeros((len(toks), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_spm_matches_transformers(spm_gguf):
+    from transformers import AutoTokenizer
+
+    from dsd.shard.gguf_file import open_gguf
+
+    tok = Tokenizer.from_metadata(open_gguf(str(spm_gguf)).metadata)
+    hf = AutoTokenizer.from_pretrained(str(spm_gguf.parent), gguf_file=spm_gguf.name)
+    assert tok.kind == "llama" and tok.add_space_prefix
+    rng = random.Random(5)
+    parts = ["def ", "return", "self", " ", "  ", "\n", "tokenizer", "(x)", "123", "é", "日本",
+             "😀", "ß", "Ω", "q", "naïve", "über"]
+    for _ in range(300):
+        # llama.cpp always prepends the space, HF only when the text does not start with one:
+        # compare texts that start with a non-space
+        s = "x" + "".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
+        ids = tok.encode(s)
+        assert ids == hf.encode(s), repr(s)
+        assert tok.decode(ids, skip_special=True) == s
+    # llama.cpp's own rules where HF differs: a space prefix after every special token, and
+    # even before text that already starts with a space
+    v = {t: i for i, t in enumerate(tok.tokens)}
+    assert tok.encode("<s>x", add_bos=False) == [1] + tok.encode("x", add_bos=False)
+    assert tok.encode(" x", add_bos=False)[0] == v["▁"]
