@@ -46,6 +46,8 @@ class NodeInfo:
     mem_free: int
     distances: tuple[int, ...]  # distance to node at the same index in Topology.node_ids
     pools: dict = field(default_factory=dict)  # "2m"/"1g" -> HugePool
+    # physical cores as groups of SMT siblings, e.g. ((0, 64), (1, 65), ...); () if unknown
+    cores: tuple[tuple[int, ...], ...] = ()
 
     def pool(self, kind: str) -> HugePool:
         return self.pools.get(kind) or HugePool(PAGE_BYTES[kind], 0, 0, 0)
@@ -177,10 +179,20 @@ def read_topology(root: str = "/") -> Topology:
         dist = tuple(int(x) for x in dist_text) if len(dist_text) == len(ids) else \
             tuple(10 if j == i else 20 for j in ids)
         mi = _read(f"{d}/meminfo") or ""
-        nodes.append(NodeInfo(i, parse_cpulist(_read(f"{d}/cpulist") or ""),
-                              _meminfo_kb(mi, "MemTotal"), _meminfo_kb(mi, "MemFree"), dist,
-                              _read_pools(f"{d}/hugepages")))
+        cpus = parse_cpulist(_read(f"{d}/cpulist") or "")
+        nodes.append(NodeInfo(i, cpus, _meminfo_kb(mi, "MemTotal"), _meminfo_kb(mi, "MemFree"),
+                              dist, _read_pools(f"{d}/hugepages"), _read_cores(root, cpus)))
     return Topology(tuple(nodes), thp, root, True)
+
+
+def _read_cores(root: str, cpus: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Group CPUs into physical cores by SMT siblings (thread_siblings_list)."""
+    seen: dict[tuple[int, ...], None] = {}
+    for c in cpus:
+        t = _read(os.path.join(root, f"sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list"))
+        sib = tuple(x for x in parse_cpulist(t or "") if x in cpus) or (c,)
+        seen.setdefault(sib if c in sib else (c,), None)
+    return tuple(sorted(seen, key=min))
 
 
 def _single_node(root: str, thp: str) -> Topology:
@@ -190,7 +202,7 @@ def _single_node(root: str, thp: str) -> Topology:
     mi = _read(os.path.join(root, "proc/meminfo")) or ""
     pools = _read_pools(os.path.join(root, "sys/kernel/mm/hugepages"))
     node = NodeInfo(0, cpus, _meminfo_kb(mi, "MemTotal"), _meminfo_kb(mi, "MemAvailable")
-                    or _meminfo_kb(mi, "MemFree"), (10,), pools)
+                    or _meminfo_kb(mi, "MemFree"), (10,), pools, _read_cores(root, cpus))
     return Topology((node,), thp, root, False)
 
 
@@ -213,18 +225,24 @@ class VirtualNode:
     shared: int = 1  # how many workers share the real node (1 = node to itself)
 
 
-def _split(cpus: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
-    """Split a node's CPUs into `parts` near-equal groups in CPU order.
+def _split(cpus: tuple[int, ...], parts: int, cores=()) -> list[tuple[int, ...]]:
+    """Split a node's CPUs into `parts` near-equal groups, whole physical cores first.
 
-    With fewer CPUs than parts, groups reuse CPUs round-robin (oversubscribed, reported).
+    SMT siblings stay together (two workers on one core's hyperthreads would fight for the
+    same execution units): with CPUs 0-3,8-11 where 0/8, 1/9... are siblings, two workers get
+    (0, 1, 8, 9) and (2, 3, 10, 11), not (0-3) and (8-11). With fewer cores than parts the
+    split falls back to single CPUs; with fewer CPUs than parts, CPUs are reused round-robin
+    (oversubscribed, reported by the caller).
     """
     cpus = tuple(sorted(cpus))
-    if len(cpus) >= parts:
-        q, r = divmod(len(cpus), parts)
+    units = [tuple(sorted(c)) for c in cores] if cores and len(cores) >= parts else \
+        [(c,) for c in cpus]
+    if len(units) >= parts:
+        q, r = divmod(len(units), parts)
         out, start = [], 0
         for k in range(parts):
             n = q + (1 if k < r else 0)
-            out.append(cpus[start:start + n])
+            out.append(tuple(sorted(c for u in units[start:start + n] for c in u)))
             start += n
         return out
     return [(cpus[k % len(cpus)],) for k in range(parts)]
@@ -253,7 +271,7 @@ def virtual_nodes(n: int, topo: Topology) -> tuple[list[VirtualNode], str]:
     out = []
     for k, nd in enumerate(real):
         count = q + (1 if k < rem else 0)
-        groups = _split(nd.cpus, count)
+        groups = _split(nd.cpus, count, nd.cores)
         for g in groups:
             out.append(VirtualNode(len(out), nd.id, g, count))
         if count > len(nd.cpus):

@@ -264,3 +264,25 @@ def test_apply_plan_covers_a_1g_shortfall_with_2m_pages(tmp_path, monkeypatch):
     assert rep["asked_1g"] == 2 and rep["got_1g"] == 0
     assert rep["asked_2m"] == 1024 + 3 and rep["got_2m"] == 1024 + 3
     assert rep["covered_bytes"] == 2 * GIB + 3 * PAGE_2M
+
+
+def _siblings(root, pairs):
+    for group in pairs:
+        for c in group:
+            d = root / f"sys/devices/system/cpu/cpu{c}/topology"
+            d.mkdir(parents=True)
+            (d / "thread_siblings_list").write_text(",".join(map(str, group)) + "\n")
+
+
+def test_split_keeps_smt_siblings_together(tmp_path):
+    # a 2-socket SMT machine in miniature: node0 = cores 0-3 with siblings 8-11
+    root = make_tree(tmp_path, {0: "0-3,8-11", 1: "4-7,12-15"})
+    _siblings(tmp_path, [(c, c + 8) for c in range(8)])
+    topo = read_topology(root)
+    assert topo.node(0).cores == ((0, 8), (1, 9), (2, 10), (3, 11))
+    v, _ = virtual_nodes(4, topo)
+    assert [(x.node, x.cpus) for x in v] == [(0, (0, 1, 8, 9)), (0, (2, 3, 10, 11)),
+                                            (1, (4, 5, 12, 13)), (1, (6, 7, 14, 15))]
+    # more workers than cores on a node: single CPUs, still each CPU once
+    v, _ = virtual_nodes(16, topo)
+    assert sorted(c for x in v for c in x.cpus) == list(range(16))
