@@ -89,3 +89,20 @@ def test_errors(data_file, tmp_path):
         load_file_range(str(tmp_path / "missing"), 0, 1, bytearray(1))
     with pytest.raises(ValueError, match="read-only"):
         load_file_range(path, 0, 1, bytes(1))
+
+
+def test_load_bench_runs_and_leaves_no_cache():
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(here, "bench", "load_bench.py"),
+                        "--size-mib", "48", "--repeat", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    run = rep["runs"][0]
+    assert rep["bytes"] == 48 * MIB and run["gbps"] > 0 and run["cat_gbps"] > 0
+    assert run["cached_before"] > 0.9 and run["cached_after"] < 0.1
+    assert run["hwm"] >= 48 * MIB  # the pre-faulted destination is resident
