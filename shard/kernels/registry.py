@@ -19,6 +19,7 @@ from dsd.errors import GGUFError
 
 from ._common import F16_TABLE
 from . import dequant as dq
+from . import matvec_fast as mv
 from .generic import matvec_generic
 
 
@@ -29,14 +30,23 @@ class QuantType:
     block_size: int         # elements per block
     type_size: int          # bytes per block
     dequant_block: Callable  # numba fn (flat, o, f16tab, dst, d0): one block -> dst[d0:d0+bs]
-    # launcher (flat, stride, nrows, ncols, f16tab, x, out) -> None; set by _register
-    matvec_kernel: Callable = field(default=None, repr=False)
+    # matvec kernels (flat, stride, nrows, ncols, f16tab, x, out) -> None; serial for small
+    # matrices, parallel (prange) above PAR_MIN_BYTES
+    matvec_serial: Callable = field(default=None, repr=False)
+    matvec_parallel: Callable = field(default=None, repr=False)
+    # float types are read through a typed view of the bytes (float32 / uint16); None = uint8
+    elem_dtype: object = None
 
     def row_bytes(self, n_cols: int) -> int:
         return row_bytes(self.ggml_type, n_cols)
 
 
 QUANT_TYPES: dict[int, QuantType] = {}
+
+# Matrices smaller than this many bytes run single-threaded: the numba/OpenMP parallel-region
+# launch (~10-30 us on the 2-core VM, more when it is busy) exceeds the work (192x576 Q4_1 is
+# 69 KB = ~10 us on one core). Measured in bench/kernels_bench.py.
+PAR_MIN_BYTES = 256 * 1024
 
 
 def _generic_launcher(kind, bs, ts):
@@ -45,21 +55,30 @@ def _generic_launcher(kind, bs, ts):
     return launch
 
 
-def _register(gt: G, dequant_block, matvec_kernel=None):
+def _register(gt: G, dequant_block, serial=None, parallel=None, elem_dtype=None):
+    """Adding a type = one call here (plus its numba functions)."""
     from gguf.constants import GGML_QUANT_SIZES
     bs, ts = GGML_QUANT_SIZES[gt]
     kind = int(gt)
-    if matvec_kernel is None:
-        matvec_kernel = _generic_launcher(kind, bs, ts)
-    QUANT_TYPES[kind] = QuantType(kind, gt.name, bs, ts, dequant_block, matvec_kernel)
+    if parallel is None:
+        parallel = _generic_launcher(kind, bs, ts)
+    QUANT_TYPES[kind] = QuantType(kind, gt.name, bs, ts, dequant_block, serial or parallel,
+                                  parallel, elem_dtype)
 
 
-for _gt, _fn in [(G.F32, dq.deq_f32), (G.F16, dq.deq_f16), (G.BF16, dq.deq_bf16),
-                 (G.Q4_0, dq.deq_q4_0), (G.Q4_1, dq.deq_q4_1), (G.Q5_0, dq.deq_q5_0),
-                 (G.Q5_1, dq.deq_q5_1), (G.Q8_0, dq.deq_q8_0), (G.Q2_K, dq.deq_q2_k),
-                 (G.Q3_K, dq.deq_q3_k), (G.Q4_K, dq.deq_q4_k), (G.Q5_K, dq.deq_q5_k),
-                 (G.Q6_K, dq.deq_q6_k)]:
-    _register(_gt, _fn)
+_register(G.F32, dq.deq_f32, None, mv.p_f32, np.float32)
+_register(G.F16, dq.deq_f16, None, mv.p_f16, np.uint16)
+_register(G.BF16, dq.deq_bf16, None, mv.p_bf16, np.uint16)
+_register(G.Q4_0, dq.deq_q4_0, mv.s_q4_0, mv.p_q4_0)
+_register(G.Q4_1, dq.deq_q4_1, mv.s_q4_1, mv.p_q4_1)
+_register(G.Q5_0, dq.deq_q5_0, mv.s_q5_0, mv.p_q5_0)
+_register(G.Q5_1, dq.deq_q5_1, mv.s_q5_1, mv.p_q5_1)
+_register(G.Q8_0, dq.deq_q8_0, mv.s_q8_0, mv.p_q8_0)
+_register(G.Q2_K, dq.deq_q2_k)
+_register(G.Q3_K, dq.deq_q3_k)
+_register(G.Q4_K, dq.deq_q4_k, mv.s_q4_k, mv.p_q4_k)
+_register(G.Q5_K, dq.deq_q5_k, mv.s_q5_k, mv.p_q5_k)
+_register(G.Q6_K, dq.deq_q6_k, mv.s_q6_k, mv.p_q6_k)
 
 
 def quant_type(ggml_type: int) -> QuantType:
@@ -143,7 +162,11 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
     if nrows:
-        qt.matvec_kernel(flat, stride, nrows, n_cols, F16_TABLE, x, out)
+        kern = qt.matvec_parallel if nrows * rb >= PAR_MIN_BYTES else qt.matvec_serial
+        if qt.elem_dtype is not None:
+            flat = flat.view(qt.elem_dtype)
+            stride //= flat.itemsize
+        kern(flat, stride, nrows, n_cols, F16_TABLE, x, out)
     return out
 
 
