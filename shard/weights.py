@@ -13,6 +13,17 @@ from dsd.errors import UnsupportedModelError
 from dsd.shard import kernels
 
 
+class ReadCounter:
+    """Bytes of weights read by matrix products, for `dsd bench` (one int add per product)."""
+
+    bytes = 0
+
+    @classmethod
+    def reset(cls) -> int:
+        n, cls.bytes = cls.bytes, 0
+        return n
+
+
 class Linear:
     """W [rows, cols] as raw bytes; __call__(x [cols] or [T, cols]) -> [rows] or [T, rows]."""
 
@@ -30,6 +41,7 @@ class Linear:
         return self.raw.shape[0] * self.raw.shape[1]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        ReadCounter.bytes += self.raw.shape[0] * self.raw.shape[1]
         if x.ndim == 1:
             return kernels.matvec(self.raw, self.ggml_type, x)
         return kernels.matmul(self.raw, self.ggml_type, x)

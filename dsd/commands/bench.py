@@ -1,0 +1,63 @@
+"""dsd bench: prefill and decode speed, bytes read per token, and the memory roofline."""
+from __future__ import annotations
+
+HELP = "benchmark a model in one process (prefill, decode, bytes/token, roofline; optionally llama.cpp)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", "-m", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python) on the same file and thread count")
+    p.add_argument("--profile", action="store_true", help="split decode time into kernels vs the rest")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    from dsd.shard import bench
+    from dsd.shard.engine import Engine
+
+    engine = Engine(args.model, threads=args.threads)
+    res = bench.bench_engine(engine, args.prompt_tokens, args.decode_tokens)
+    res["read_gb_s"] = bench.measure_read_bandwidth()
+    res["roofline_tok_s"] = res["read_gb_s"] * 1e9 / res["bytes_per_token"]
+    res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
+    if args.profile:
+        res["decode_profile"] = bench.profile_decode(engine)
+    if args.llama_cpp:
+        try:
+            res["llama_cpp"] = bench.bench_llama_cpp(engine.path, engine.threads, args.prompt_tokens,
+                                                     args.decode_tokens)
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install llama-cpp-python); skipping it",
+                  file=sys.stderr)
+        else:
+            lc = res["llama_cpp"]
+            res["decode_vs_llama_cpp"] = res["decode_tok_s"] / lc["decode_tok_s"]
+            res["prefill_vs_llama_cpp"] = res["prefill_tok_s"] / lc["prefill_tok_s"]
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"model           {res['model']}")
+    print(f"threads         {res['threads']}")
+    print(f"prefill         {res['prefill_tok_s']:8.1f} tok/s  ({res['prompt_tokens']}-token prompt)")
+    print(f"decode          {res['decode_tok_s']:8.1f} tok/s  ({res['decode_tokens']} tokens, "
+          f"{res['decode_ms_per_token']:.2f} ms/token)")
+    print(f"weights/token   {res['bytes_per_token'] / 1e6:8.1f} MB   -> {res['effective_gb_s']:.1f} GB/s effective")
+    print(f"read bandwidth  {res['read_gb_s']:8.1f} GB/s (STREAM-like sum) -> roofline "
+          f"{res['roofline_tok_s']:.0f} tok/s, decode at {100 * res['roofline_fraction']:.0f}%")
+    if "decode_profile" in res:
+        p = res["decode_profile"]
+        print(f"decode profile  {p['ms_per_token']:.2f} ms/token = {p['ms_in_weight_products']:.2f} ms in "
+              f"weight products + {p['ms_other']:.2f} ms other (attention, norms, Python)")
+    if "llama_cpp" in res:
+        lc = res["llama_cpp"]
+        print(f"llama.cpp       prefill {lc['prefill_tok_s']:.1f} tok/s, decode {lc['decode_tok_s']:.1f} tok/s "
+              f"(llama-cpp-python {lc['llama_cpp_version']}, same threads)")
+        print(f"dsd/llama.cpp   prefill {res['prefill_vs_llama_cpp']:.2f}x, decode {res['decode_vs_llama_cpp']:.2f}x")
+    return 0

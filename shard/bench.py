@@ -1,0 +1,131 @@
+"""Benchmarks behind `dsd bench`: engine prefill/decode speed, weight bytes read per token,
+the machine's read bandwidth (STREAM-like), and optionally llama.cpp on the same file."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def _sum_u64(a):  # read-bandwidth kernel: one pass over a [n] uint64 array
+    nt = 64
+    part = np.zeros(nt, dtype=np.uint64)
+    n = a.shape[0]
+    chunk = (n + nt - 1) // nt
+    for t in prange(nt):
+        s = np.uint64(0)
+        for i in range(t * chunk, min(n, (t + 1) * chunk)):
+            s += a[i]
+        part[t] = s
+    return part.sum()
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-N read bandwidth in GB/s over an array larger than the caches."""
+    a = np.ones(nbytes // 8, dtype=np.uint64)
+    _sum_u64(a[:1024])
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _sum_u64(a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def synthetic_prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
+    """n token ids drawn from the lower vocabulary (ordinary tokens), reproducible."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, min(vocab, 20000), size=n).tolist()
+
+
+def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128) -> dict:
+    from dsd.shard.batch import Batch
+    from dsd.shard.weights import ReadCounter
+
+    model = engine.model
+    ids = synthetic_prompt(model.args.vocab_size, prompt_tokens)
+    # warm-up: compile/load every kernel specialisation used below
+    warm = model.new_cache(64)
+    model.forward(Batch.single(warm, ids[:8]))
+    model.forward(Batch.single(warm, ids[8:9]))
+
+    cache = model.new_cache(prompt_tokens + decode_tokens + 1)
+    t0 = time.perf_counter()
+    logits = model.forward(Batch.single(cache, ids))
+    t_prefill = time.perf_counter() - t0
+
+    tok = int(np.argmax(logits[-1]))
+    ReadCounter.reset()
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits = model.forward(Batch.single(cache, [tok]))
+        tok = int(np.argmax(logits[-1]))
+    t_decode = time.perf_counter() - t0
+    bytes_per_token = ReadCounter.reset() / decode_tokens
+    decode_tok_s = decode_tokens / t_decode
+    return {
+        "model": engine.path,
+        "threads": engine.threads,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "prefill_tok_s": prompt_tokens / t_prefill,
+        "decode_tok_s": decode_tok_s,
+        "decode_ms_per_token": 1000.0 / decode_tok_s,
+        "bytes_per_token": bytes_per_token,
+        "effective_gb_s": bytes_per_token * decode_tok_s / 1e9,
+    }
+
+
+def bench_llama_cpp(path: str, threads: int, prompt_tokens: int = 512, decode_tokens: int = 128) -> dict:
+    """llama.cpp (llama-cpp-python) on the same file, same thread count, same token counts."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_tokens + decode_tokens + 16, n_threads=threads,
+                          n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    ids = synthetic_prompt(llm.n_vocab(), prompt_tokens)
+    llm.eval(ids[:8])  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t_prefill = time.perf_counter() - t0
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t_decode = time.perf_counter() - t0
+    return {"llama_cpp_version": llama_cpp.__version__, "prefill_tok_s": prompt_tokens / t_prefill,
+            "decode_tok_s": decode_tokens / t_decode}
+
+
+def profile_decode(engine, decode_tokens: int = 64) -> dict:
+    """Where decode time goes: time inside weight products vs everything else (Python, numpy)."""
+    from dsd.shard import weights
+    from dsd.shard.batch import Batch
+
+    model = engine.model
+    cache = model.new_cache(decode_tokens + 16)
+    model.forward(Batch.single(cache, synthetic_prompt(model.args.vocab_size, 8)))
+    spent = [0.0]
+    orig = weights.Linear.__call__
+
+    def timed(self, x):
+        t = time.perf_counter()
+        r = orig(self, x)
+        spent[0] += time.perf_counter() - t
+        return r
+
+    weights.Linear.__call__ = timed
+    try:
+        tok = 100
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            tok = int(np.argmax(model.forward(Batch.single(cache, [tok]))[-1]))
+        total = time.perf_counter() - t0
+    finally:
+        weights.Linear.__call__ = orig
+    return {"ms_per_token": 1000 * total / decode_tokens,
+            "ms_in_weight_products": 1000 * spent[0] / decode_tokens,
+            "ms_other": 1000 * (total - spent[0]) / decode_tokens}
