@@ -286,6 +286,9 @@ def allocate(nbytes: int, node: int, pages: str = "auto",
             ) from e
         raise NumaError(f"cannot allocate {human(length)} on node {node} ({pages} pages): "
                         f"{e.strerror}; free memory on that node or use a smaller model") from e
+    except BaseException:  # e.g. NumaError from a refused mbind: give the range back
+        _sys.munmap(start, length)
+        raise
     return NodeBuffer(_Mapping(start, length), nbytes, node, [Segment(0, length, pages)])
 
 
