@@ -76,9 +76,12 @@ def test_dequantize_bit_exact(gt, realistic):
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("realistic", [True, False])
 @pytest.mark.parametrize("gt", ALL, ids=lambda g: g.name)
-def test_matvec_matches_float64(gt, realistic):
+def test_matvec_matches_float64(gt, realistic, parallel, monkeypatch):
+    from dsd.shard.kernels import registry
+    monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
     rng = np.random.default_rng(int(gt) * 11 + realistic)
     n_cols = cols_for(gt) * 4
     for rows in (1, 7, 64, 203):  # odd row counts exercise the row-group tails
@@ -91,3 +94,110 @@ def test_matvec_matches_float64(gt, realistic):
         out = np.full(rows, np.nan, dtype=np.float32)
         assert matvec(raw, int(gt), x, out=out) is out
         assert_close_product(out, W64, x.astype(np.float64))
+
+
+@pytest.mark.parametrize("gt", ALL, ids=lambda g: g.name)
+def test_column_slice_and_readonly_memmap(gt, tmp_path):
+    """raw[:, c0:c1] of a wider matrix (row stride > row_bytes) stored in a read-only memmap."""
+    rng = np.random.default_rng(int(gt) + 100)
+    bs = QUANT_TYPES[int(gt)].block_size
+    wide_cols = 12 * max(bs, 32)
+    rows = 300
+    wide = random_raw(gt, rows, wide_cols, rng, realistic=True)
+    path = tmp_path / "w.bin"
+    wide.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=wide.shape)
+    c0_el, c1_el = 3 * max(bs, 32), 9 * max(bs, 32)
+    b0, b1 = row_bytes(int(gt), c0_el), row_bytes(int(gt), c1_el)
+    view = mm[:, b0:b1]
+    assert not view.flags.c_contiguous and not view.flags.writeable
+    n_cols = c1_el - c0_el
+    ref = reference(wide, gt, wide_cols)[:, c0_el:c1_el]
+    got = dequantize(view, int(gt), n_cols)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    x = rng.standard_normal(n_cols).astype(np.float32)
+    assert_close_product(matvec(view, int(gt), x), ref.astype(np.float64), x.astype(np.float64))
+    X = rng.standard_normal((5, n_cols)).astype(np.float32)
+    got = matmul(view, int(gt), X)
+    ref64 = ref.astype(np.float64)
+    for t in range(5):
+        assert_close_product(got[t], ref64, X[t].astype(np.float64))
+    del mm, view
+
+
+@pytest.mark.parametrize("gt", [G.Q4_1, G.Q8_0, G.Q4_K, G.Q6_K, G.F16], ids=lambda g: g.name)
+def test_matmul_matches_float64(gt, monkeypatch):
+    from dsd.shard.kernels import registry
+    monkeypatch.setattr(registry, "_TILE_ELEMS", 70 * 1024)  # several tiles + a partial one
+    rng = np.random.default_rng(int(gt) + 200)
+    n_cols = 1024
+    raw = random_raw(gt, 250, n_cols, rng, realistic=True)
+    X = rng.standard_normal((17, n_cols)).astype(np.float32)
+    W64 = reference(raw, gt, n_cols).astype(np.float64)
+    out = np.full((17, 250), np.nan, dtype=np.float32)
+    got = matmul(raw, int(gt), X, out=out)
+    assert got is out
+    ref = X.astype(np.float64) @ W64.T
+    bound = np.abs(X.astype(np.float64)) @ np.abs(W64).T
+    assert np.all(np.abs(got - ref) <= 1e-5 * bound)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(DsdError, match="IQ2_XXS"):
+        quant_type(int(G.IQ2_XXS))
+    with pytest.raises(DsdError, match="not supported"):
+        row_bytes(9999, 32)
+    with pytest.raises(DsdError, match="multiple of the Q4_K block size 256"):
+        row_bytes(int(G.Q4_K), 300)
+    assert row_bytes(int(G.Q4_1), 576) == 18 * 20
+    assert row_bytes(int(G.F16), 10) == 20
+    raw = np.zeros((4, 40), np.uint8)
+    with pytest.raises(DsdError, match="x has shape"):
+        matvec(raw, int(G.Q4_1), np.zeros(63, np.float32))
+    with pytest.raises(DsdError, match="bytes per row"):
+        dequantize(raw, int(G.Q4_1), 32)
+    with pytest.raises(DsdError, match="uint8"):
+        matvec(raw.astype(np.int16), int(G.Q4_1), np.zeros(64, np.float32))
+    # float64 / strided x is converted, not rejected
+    np.testing.assert_array_equal(matvec(raw, int(G.Q4_1), np.ones(128)[::2]), np.zeros(4))
+
+
+def test_registry_records():
+    for gt in ALL:
+        qt = QUANT_TYPES[int(gt)]
+        assert qt.name == gt.name and qt.ggml_type == int(gt)
+        assert (qt.block_size, qt.type_size) == __import__("gguf").constants.GGML_QUANT_SIZES[gt]
+
+
+_CACHE_PROBE = r"""
+import json, time, numpy as np
+t0 = time.perf_counter()
+from dsd.shard.kernels import matvec, dequantize
+from dsd.shard.kernels import matvec_fast as mv, dequant as dq
+t1 = time.perf_counter()
+raw = np.zeros((1024, 360), np.uint8)
+matvec(raw, 3, np.ones(576, np.float32))        # parallel Q4_1 kernel
+matvec(raw[:8], 3, np.ones(576, np.float32))    # serial Q4_1 kernel
+dequantize(raw[:8], 3, 576)
+t2 = time.perf_counter()
+fns = [mv.p_q4_1, mv.s_q4_1, dq.dequant_rows]
+print(json.dumps({"import": t1 - t0, "first_calls": t2 - t1,
+                  "hits": sum(sum(f.stats.cache_hits.values()) for f in fns),
+                  "misses": sum(sum(f.stats.cache_misses.values()) for f in fns)}))
+"""
+
+
+def test_second_process_loads_kernels_from_cache():
+    """cache=True: a fresh process must load compiled kernels from disk, not recompile.
+    Uses a private NUMBA_CACHE_DIR: the first process compiles (cache misses), the second must
+    only hit the cache (numba's own per-dispatcher counters)."""
+    import json
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as d:
+        env["NUMBA_CACHE_DIR"] = d
+        runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, check=True,
+                                          capture_output=True, text=True).stdout) for _ in range(2)]
+        cached = [f for _, _, fs in os.walk(d) for f in fs if f.endswith(".nbc")]
+    assert cached, "numba wrote no cache files"
+    assert runs[0]["misses"] == 3 and runs[0]["hits"] == 0, runs
+    assert runs[1]["misses"] == 0 and runs[1]["hits"] == 3, runs
