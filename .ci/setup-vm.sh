@@ -7,8 +7,11 @@ set -euo pipefail
 CACHE="${DSD_VM_CACHE:-/var/cache/dsd-vm}"
 APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600)
 
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 have_tools() {
-  command -v qemu-system-x86_64 >/dev/null 2>&1 && [ -x /bin/busybox ] \
+  # busybox-static (not busybox): the initramfs has no libc.
+  installed qemu-system-x86 && installed busybox-static \
+    && command -v qemu-system-x86_64 >/dev/null 2>&1 \
     && /bin/busybox --list 2>/dev/null | grep -qx cpio
 }
 have_kernel() {
@@ -39,7 +42,7 @@ if ! have_kernel; then
   fi
   rm -rf "$CACHE/kernel.tmp"
   mkdir -p "$CACHE/kernel.tmp/deb"
-  (cd "$CACHE/kernel.tmp/deb" && apt-get download -q "$PKG")
+  (cd "$CACHE/kernel.tmp/deb" && apt-get download -q -o APT::Sandbox::User=root "$PKG")
   dpkg -x "$CACHE/kernel.tmp/deb/"*.deb "$CACHE/kernel.tmp/root"
   rm -rf "$CACHE/kernel.tmp/deb"
   VMLINUZ=$(ls "$CACHE/kernel.tmp/root/boot/"vmlinuz-* | head -n1)

@@ -119,6 +119,11 @@ def _tools() -> tuple[str, str]:
         raise VMSetupError(f"qemu-system-x86_64 not found: {SETUP_HINT}")
     if not os.access(busybox, os.X_OK):
         raise VMSetupError(f"{busybox} (busybox-static) not found: {SETUP_HINT}")
+    with open(busybox, "rb") as f:
+        head = f.read(1 << 16)
+    if b"ld-linux" in head:     # the initramfs has no libc: busybox must be static
+        raise VMSetupError(f"{busybox} is dynamically linked (package busybox, not "
+                           f"busybox-static): {SETUP_HINT}")
     return qemu, busybox
 
 
