@@ -1,1 +1,290 @@
+"""Python client of the dsd daemon (sync `Client` and asyncio `AsyncClient`, same API).
 
+    from dsd.client import Client
+    c = Client()                                    # the default instance's daemon
+    r = c.chat([{"role": "user", "content": "Hi"}], temperature=0)
+    print(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens)
+    for chunk in c.generate("Once upon a time", stream=True, max_tokens=50):
+        print(chunk.text, end="")
+
+Sampling keywords are dsd.shard.sampling.SamplingParams fields (temperature, top_k, top_p,
+min_p, repetition_penalty, repeat_last_n, seed, max_tokens, stop, ignore_eos).
+Errors: DaemonNotRunning, InvalidRequest, RequestFailed (all dsd.errors.DsdError).
+This module imports only zmq and msgpack (no numpy/numba), so it is cheap to import.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from dsd.daemon import protocol as P
+from dsd.errors import DsdError
+
+__all__ = ["Client", "AsyncClient", "Result", "Chunk", "DaemonNotRunning", "InvalidRequest",
+           "RequestFailed"]
+
+
+class DaemonNotRunning(DsdError):
+    """No daemon answers on the instance's socket (start one with `dsd start`)."""
+
+
+class InvalidRequest(DsdError):
+    """The daemon rejected the request as sent (bad parameters, prompt too long...)."""
+
+
+class RequestFailed(DsdError):
+    """The daemon accepted the request but failed while serving it (e.g. a worker died)."""
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Chunk:
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None      # set on the last chunk
+    completion_tokens: int | None = None  # set on the last chunk
+
+
+_POLL_MS = 500
+
+
+def _raise(msg: dict):
+    kind, text = msg.get("kind"), msg.get("message", "request failed")
+    if kind in (P.INVALID, "version"):
+        raise InvalidRequest(text)
+    raise RequestFailed(text)
+
+
+class _Base:
+    def __init__(self, socket_dir: str | None = None, instance: str | None = None,
+                 timeout: float = 10.0):
+        self.socket_dir = P.resolve_socket_dir(socket_dir, instance)
+        self.timeout = timeout  # for status/model_info/ping replies
+        self.endpoint = P.ctl_endpoint(self.socket_dir)
+
+    def _check_running(self) -> int:
+        pid = P.read_pid(self.socket_dir)
+        if pid is None or not os.path.exists(os.path.join(self.socket_dir, "ctl.sock")):
+            raise DaemonNotRunning(f"no dsd daemon is running (socket directory {self.socket_dir}); "
+                                   f"start one with `dsd start`")
+        return pid
+
+    def _alive(self, pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def _gen_msg(self, stream: bool, sampling: dict, **src) -> dict:
+        return {"v": P.VERSION, "type": "generate", "id": uuid.uuid4().hex, "stream": bool(stream),
+                "params": sampling, **src}
+
+    @staticmethod
+    def _src_prompt(prompt) -> dict:
+        if isinstance(prompt, str):
+            return {"prompt": prompt}
+        if isinstance(prompt, (list, tuple)):
+            return {"prompt_ids": [int(t) for t in prompt]}
+        raise InvalidRequest("prompt must be a string or a list of token ids")
+
+    @staticmethod
+    def _to_chunk(m: dict) -> Chunk:
+        last = m.get("finish_reason") is not None
+        return Chunk(m.get("text", ""), m.get("finish_reason"),
+                     m.get("prompt_tokens") if last else None,
+                     m.get("completion_tokens") if last else None)
+
+
+class Client(_Base):
+    """Synchronous client; one ZeroMQ socket per call, so it is safe to share between threads."""
+
+    def _socket(self):
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        return s
+
+    def _call(self, msg: dict) -> dict:
+        pid = self._check_running()
+        s = self._socket()
+        try:
+            s.send(P.pack({"v": P.VERSION, **msg}))
+            waited = 0.0
+            while not s.poll(_POLL_MS):
+                waited += _POLL_MS / 1000
+                if not self._alive(pid) or waited >= self.timeout:
+                    raise DaemonNotRunning(f"the dsd daemon (pid {pid}) does not answer on "
+                                           f"{self.endpoint}; check `dsd status` and its log")
+            m = P.unpack(s.recv())
+        finally:
+            s.close(0)
+        if m.get("type") == "error":
+            _raise(m)
+        return m
+
+    def _stream(self, msg: dict):
+        pid = self._check_running()
+        s = self._socket()
+        done = False
+        try:
+            s.send(P.pack(msg))
+            while True:
+                while not s.poll(_POLL_MS):
+                    if not self._alive(pid):
+                        raise RequestFailed(f"the dsd daemon (pid {pid}) exited while serving "
+                                            f"the request; see its log")
+                m = P.unpack(s.recv())
+                if m.get("type") == "error":
+                    done = True
+                    _raise(m)
+                if m.get("type") != "chunk" or m.get("id") != msg["id"]:
+                    continue
+                if m.get("finish_reason") is not None:
+                    done = True
+                yield m
+                if done:
+                    return
+        finally:
+            if not done:  # the caller stopped early: tell the daemon to stop generating
+                try:
+                    s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
+                except zmq.ZMQError:
+                    pass
+            s.close(0)
+
+    def _run(self, msg: dict, stream: bool):
+        if stream:
+            return (self._to_chunk(m) for m in self._stream(msg))
+        m = None
+        for m in self._stream(msg):
+            pass
+        return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"])
+
+    def generate(self, prompt, stream: bool = False, **sampling):
+        """Raw text (or token ids) continuation: Result, or an iterator of Chunk if stream."""
+        return self._run(self._gen_msg(stream, sampling, **self._src_prompt(prompt)), stream)
+
+    def chat(self, messages: list[dict], stream: bool = False, **sampling):
+        """Chat with the model's template: Result, or an iterator of Chunk if stream."""
+        return self._run(self._gen_msg(stream, sampling, messages=list(messages)), stream)
+
+    def status(self) -> dict:
+        return self._call({"type": "status"})
+
+    def model_info(self) -> dict:
+        return self._call({"type": "model_info"})
+
+    def ping(self) -> bool:
+        try:
+            return self._call({"type": "ping"}).get("type") == "pong"
+        except DaemonNotRunning:
+            return False
+
+    def shutdown(self) -> None:
+        self._call({"type": "shutdown"})
+
+
+class AsyncClient(_Base):
+    """asyncio client with Client's API; stream=True gives an async iterator of Chunk."""
+
+    def _socket(self):
+        import zmq.asyncio
+
+        s = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        return s
+
+    async def _call(self, msg: dict) -> dict:
+        pid = self._check_running()
+        s = self._socket()
+        try:
+            await s.send(P.pack({"v": P.VERSION, **msg}))
+            waited = 0.0
+            while not await s.poll(_POLL_MS):
+                waited += _POLL_MS / 1000
+                if not self._alive(pid) or waited >= self.timeout:
+                    raise DaemonNotRunning(f"the dsd daemon (pid {pid}) does not answer on "
+                                           f"{self.endpoint}; check `dsd status` and its log")
+            m = P.unpack(await s.recv())
+        finally:
+            s.close(0)
+        if m.get("type") == "error":
+            _raise(m)
+        return m
+
+    async def _stream(self, msg: dict):
+        pid = self._check_running()
+        s = self._socket()
+        done = False
+        try:
+            await s.send(P.pack(msg))
+            while True:
+                while not await s.poll(_POLL_MS):
+                    if not self._alive(pid):
+                        raise RequestFailed(f"the dsd daemon (pid {pid}) exited while serving "
+                                            f"the request; see its log")
+                m = P.unpack(await s.recv())
+                if m.get("type") == "error":
+                    done = True
+                    _raise(m)
+                if m.get("type") != "chunk" or m.get("id") != msg["id"]:
+                    continue
+                if m.get("finish_reason") is not None:
+                    done = True
+                yield m
+                if done:
+                    return
+        finally:
+            if not done:
+                try:
+                    s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
+                except zmq.ZMQError:
+                    pass
+            s.close(0)
+
+    async def _chunks(self, msg: dict):
+        async for m in self._stream(msg):
+            yield self._to_chunk(m)
+
+    async def _result(self, msg: dict) -> Result:
+        m = None
+        async for m in self._stream(msg):
+            pass
+        return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"])
+
+    def _run(self, msg: dict, stream: bool):
+        # stream=True returns the async iterator directly (no await), like `async for c in
+        # client.chat(..., stream=True)`; stream=False returns a coroutine to await.
+        return self._chunks(msg) if stream else self._result(msg)
+
+    def generate(self, prompt, stream: bool = False, **sampling):
+        return self._run(self._gen_msg(stream, sampling, **self._src_prompt(prompt)), stream)
+
+    def chat(self, messages: list[dict], stream: bool = False, **sampling):
+        return self._run(self._gen_msg(stream, sampling, messages=list(messages)), stream)
+
+    async def status(self) -> dict:
+        return await self._call({"type": "status"})
+
+    async def model_info(self) -> dict:
+        return await self._call({"type": "model_info"})
+
+    async def ping(self) -> bool:
+        try:
+            return (await self._call({"type": "ping"})).get("type") == "pong"
+        except DaemonNotRunning:
+            return False
