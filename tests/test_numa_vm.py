@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.numa_vm import harness
-from tests.numa_vm.harness import VMSetupError, VMTimeoutError, run_in_vm
+from tests.numa_vm.harness import VMBootError, VMSetupError, VMTimeoutError, run_in_vm
 
 TESTS = Path(__file__).resolve().parent
 
@@ -144,6 +144,13 @@ def test_timeout_kills_qemu_and_removes_tempdir(monkeypatch):
         b"qemu" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     run_dir = next(a.split("path=")[1].split(",")[0] for a in argv if "id=run," in a)
     assert not Path(run_dir).parent.exists()         # temp dir removed
+
+
+@pytest.mark.slow
+def test_guest_init_failure_is_reported_not_hung():
+    # A mount the init cannot make: it must power off and say why, not hang to the timeout.
+    with pytest.raises(VMBootError, match="mount pyroot"):
+        run_in_vm("print(1)", timeout=300, cmdline_extra="dsdvm_pyroot=/nonexistent-dir")
 
 
 def test_missing_qemu_fails_with_setup_hint(monkeypatch):
