@@ -137,6 +137,11 @@ class RoutedExperts:
         r0, r1 = (0, F) if rows is None else (int(rows[0]), int(rows[1]))
         if not 0 <= r0 < r1 <= F:
             raise ValueError(f"row range {r0}:{r1} is outside the intermediate dim {F}")
+        if (r0, r1) != (0, F):
+            blk = _block_size(down_exps.ggml_type)
+            if r0 % blk or r1 % blk:
+                raise ValueError(f"row range {r0}:{r1} must lie on multiples of {blk} (the block size of "
+                                 f"{down_exps.name or 'ffn_down_exps'}); use aligned_row_ranges()")
         self.rows = (r0, r1)
         self.full_rows = (r0, r1) == (0, F)
         self._views: dict[int, tuple[Linear, Linear, Linear]] = {}
@@ -191,6 +196,23 @@ class RoutedExperts:
             self.bytes_read += gate.nbytes + up.nbytes + down.nbytes
             self.expert_evals += 1
         return out
+
+
+def _block_size(ggml_type: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType(int(ggml_type))][0]
+
+
+def aligned_row_ranges(down_exps: ExpertStack, n_parts: int) -> list[tuple[int, int]]:
+    """Split the intermediate dim F into n_parts near-equal (r0, r1) ranges on down_exps' block
+    boundaries (the column slices of down must be whole blocks). Fewer ranges if F is too small."""
+    F = down_exps.cols
+    blk = _block_size(down_exps.ggml_type)
+    nblk = F // blk
+    n = max(1, min(n_parts, nblk))
+    cuts = [round(i * nblk / n) * blk for i in range(n + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 class MoEFFN:

@@ -5,7 +5,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from dsd.shard.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, Router, moe_bytes_read, reset_moe_stats
+from dsd.shard.moe import (GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, Router, aligned_row_ranges,
+                           moe_bytes_read, reset_moe_stats)
 from dsd.shard.synth import random_blocks
 from dsd.shard.weights import ExpertStack, Linear
 from tests.reference.moe_ref import route
@@ -89,7 +90,11 @@ def test_worker_stack_with_expert_ids_and_bytes_read():
     with pytest.raises(ValueError):
         RoutedExperts(sub(gs), sub(us), sub(ds), experts=[0])
     with pytest.raises(ValueError):  # down's columns must split on a Q8_0 block boundary
-        RoutedExperts(gs, us, ds, rows=(0, 100))(x, ids, w)
+        RoutedExperts(gs, us, ds, rows=(0, 100))
+    ranges = aligned_row_ranges(ds, 3)
+    assert ranges[0][0] == 0 and ranges[-1][1] == F and all(a % 32 == 0 for r in ranges for a in r)
+    tri = sum(RoutedExperts(gs, us, ds, rows=r)(x, ids, w) for r in ranges)
+    assert np.abs(tri - y).max() / np.abs(y).max() < 1e-5
 
 
 def test_decode_single_token_path_matches_batch():
