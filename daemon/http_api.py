@@ -107,7 +107,7 @@ async def _maybe_await(v):
     return await v if inspect.isawaitable(v) else v
 
 
-def _map_backend_error(exc: BaseException) -> ApiError:
+def _map_backend_error(exc: BaseException, prompt_param: str | None = None) -> ApiError:
     msg = str(exc) or type(exc).__name__
     if isinstance(exc, ApiError):
         return exc
@@ -118,7 +118,7 @@ def _map_backend_error(exc: BaseException) -> ApiError:
             code = "context_length_exceeded"
         param = getattr(exc, "param", None)
         if code == "context_length_exceeded" and param is None:
-            param = "messages"
+            param = prompt_param
         return ApiError(400, msg, "invalid_request_error", param, code)
     if isinstance(exc, DaemonNotRunning):
         return ApiError(503, msg, "server_error", None, "daemon_not_running")
@@ -377,7 +377,10 @@ class _Api:
     async def generate(self, request: Request, req: ParsedRequest, endpoint: str) -> Response:
         model = await self.name()
         rid = new_id(req.kind)
-        run = await _until_disconnect(request, lambda: self.open_run(req))
+        try:
+            run = await _until_disconnect(request, lambda: self.open_run(req))
+        except InvalidRequest as e:
+            raise _map_backend_error(e, "messages" if req.kind == "chat" else "prompt") from e
         try:
             # Wait for the first chunk before answering, so a refusal that the daemon only reports
             # once it tokenizes (prompt longer than the context) is still a clean 4xx.
@@ -392,6 +395,9 @@ class _Api:
         except _Disconnected:
             await run.close(cancelled=True)
             raise
+        except InvalidRequest as e:
+            await run.close()
+            raise _map_backend_error(e, "messages" if req.kind == "chat" else "prompt") from e
         except BaseException:
             await run.close()
             raise

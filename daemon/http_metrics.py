@@ -12,8 +12,12 @@ import re
 import threading
 from collections import defaultdict
 
-# Keys that name an element of a list of objects (nodes, workers); they become labels.
-_LABEL_KEYS = ("node", "node_id", "id", "name", "rank", "worker")
+# Keys that name an element of a list of objects (workers, nodes); they become labels.
+_LABEL_KEYS = ("index", "node", "node_id", "id", "name", "rank", "worker")
+# Status strings that are paths, prose or protocol bookkeeping, not a state worth a series.
+_SKIP_KEYS = {"type", "v", "pid", "socket_dir", "log_file", "error", "numa_note", "model", "plan",
+              "instance"}
+_MAX_INFO_LEN = 64
 
 
 def _esc(v: str) -> str:
@@ -47,9 +51,11 @@ def flatten_status(obj, prefix: str = "dsd_daemon", labels: dict | None = None,
                    out: list | None = None) -> list[tuple[str, dict, float]]:
     """Numbers in a nested status dict as (metric name, labels, value).
 
-    {"queue_depth": 2, "nodes": [{"node": 0, "bytes": 5, "page_size": "2m"}]} becomes
-    dsd_daemon_queue_depth 2, dsd_daemon_nodes_bytes{node="0"} 5 and
-    dsd_daemon_nodes_page_size_info{node="0",value="2m"} 1 (strings become info metrics)."""
+    {"scheduler": {"queued": 2}, "workers": [{"index": 0, "node": 0, "weight_bytes": 5,
+    "state": "ready"}]} becomes dsd_daemon_scheduler_queued 2,
+    dsd_daemon_workers_weight_bytes{index="0",node="0"} 5 and
+    dsd_daemon_workers_state_info{index="0",node="0",value="ready"} 1. Short strings become
+    info metrics; lists of plain values (cpu lists) and keys in _SKIP_KEYS are left out."""
     out = [] if out is None else out
     labels = labels or {}
     if hasattr(obj, "__dict__") and not isinstance(obj, (dict, list, tuple)):
@@ -57,24 +63,64 @@ def flatten_status(obj, prefix: str = "dsd_daemon", labels: dict | None = None,
     if isinstance(obj, bool) or isinstance(obj, (int, float)):
         out.append((prefix, labels, obj))
     elif isinstance(obj, str):
-        out.append((prefix + "_info", {**labels, "value": obj}, 1))
+        if len(obj) <= _MAX_INFO_LEN:
+            out.append((prefix + "_info", {**labels, "value": obj}, 1))
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            flatten_status(v, f"{prefix}_{_name(k)}", labels, out)
+            if str(k) not in _SKIP_KEYS:
+                flatten_status(v, f"{prefix}_{re.sub(r'[^a-zA-Z0-9_]', '_', str(k))}", labels, out)
     elif isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
+            if not isinstance(item, dict):
+                continue
             sub = dict(labels)
-            if isinstance(item, dict):
-                key = next((k for k in _LABEL_KEYS if isinstance(item.get(k), (str, int))
-                            and not isinstance(item.get(k), bool)), None)
-                if key is not None:
-                    sub[key] = str(item[key])
-                    item = {k: v for k, v in item.items() if k != key}
-                else:
-                    sub["index"] = str(i)
-            else:
+            keys = [k for k in _LABEL_KEYS if isinstance(item.get(k), (str, int))
+                    and not isinstance(item.get(k), bool)]
+            for k in keys:
+                sub[k] = str(item[k])
+            if not keys:
                 sub["index"] = str(i)
-            flatten_status(item, prefix, sub, out)
+            flatten_status({k: v for k, v in item.items() if k not in keys}, prefix, sub, out)
+    return out
+
+
+def known_status_metrics(st) -> list[tuple[str, str, str, list]]:
+    """The daemon numbers the issue asks for by name (queue depth, per-node bytes and page
+    sizes), read from the shape dsd.daemon.requests.status() answers:
+    {"scheduler": {"queued", "active", "decode_tok_s"}, "workers": [{"index", "node",
+    "weight_bytes", "kv_bytes", "page_kinds": {kind: bytes}}]}. Missing fields are skipped."""
+    if not isinstance(st, dict):
+        return []
+    out = []
+    sched = st.get("scheduler") if isinstance(st.get("scheduler"), dict) else {}
+    q = sched.get("queued", st.get("queue_depth"))
+    if isinstance(q, (int, float)) and not isinstance(q, bool):
+        out.append(("dsd_queue_depth", "gauge", "Requests waiting for a batch slot.", [({}, q)]))
+    a = sched.get("active")
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        out.append(("dsd_active_sequences", "gauge", "Sequences being decoded now.", [({}, a)]))
+    tps = sched.get("decode_tok_s")
+    if isinstance(tps, (int, float)) and not isinstance(tps, bool):
+        out.append(("dsd_daemon_decode_tokens_per_second", "gauge",
+                    "Decode speed over the daemon's recent window (all sequences).", [({}, tps)]))
+    wb, kv, pages = [], [], []
+    for i, w in enumerate(st.get("workers") or []):
+        if not isinstance(w, dict):
+            continue
+        lab = {"worker": str(w.get("index", i)), "node": str(w.get("node", ""))}
+        if isinstance(w.get("weight_bytes"), int):
+            wb.append((lab, w["weight_bytes"]))
+        if isinstance(w.get("kv_bytes"), int):
+            kv.append((lab, w["kv_bytes"]))
+        for kind, n in (w.get("page_kinds") or {}).items() if isinstance(w.get("page_kinds"), dict) else ():
+            if isinstance(n, (int, float)):
+                pages.append(({**lab, "page_size": str(kind)}, n))
+    if wb:
+        out.append(("dsd_node_weight_bytes", "gauge", "Weight bytes held by each worker.", wb))
+    if kv:
+        out.append(("dsd_node_kv_bytes", "gauge", "KV-cache bytes held by each worker.", kv))
+    if pages:
+        out.append(("dsd_node_page_bytes", "gauge", "Weight bytes by page size, per worker.", pages))
     return out
 
 
@@ -137,6 +183,8 @@ class Metrics:
         metric("dsd_daemon_up", "gauge", "1 when the daemon answered the status query.",
                [({}, 0 if status_error is not None else 1)])
         if status is not None:
+            for name, kind, help_, samples in known_status_metrics(status):
+                metric(name, kind, help_, samples)
             groups: dict[str, list] = {}
             for name, labels, v in flatten_status(status):
                 groups.setdefault(name, []).append((labels, v))

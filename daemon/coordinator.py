@@ -1,0 +1,398 @@
+"""The daemon's coordinator process: sockets, workers, supervision, scheduling.
+
+Threads: the main thread runs the I/O loop (ZeroMQ client and worker sockets, worker pidfds,
+outgoing messages from the engine) and supervises workers; the engine thread runs the
+Scheduler, which drives the workers through shared-memory channels.  Only the main thread
+touches ZeroMQ sockets (the engine hands messages over an inproc PUSH socket of its own).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import zmq
+
+from dsd.daemon import protocol as P
+from dsd.daemon.shm_channel import Channel, remove_fifos, shm_prefix, stale_segments, unlink_segment
+
+
+class WorkerHandle:
+    def __init__(self, index: int, vnode, threads: int):
+        self.index, self.vnode, self.threads = index, vnode, threads
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.channel: Channel | None = None
+        self.state = "starting"
+        self.progress = (0, 0)
+        self.stats: dict = {}
+        self.outstanding = False
+        self.restarts = 0
+        self.error = ""
+        self.old_fds: list[int] = []
+
+
+class Daemon:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.sock_dir = P.resolve_socket_dir(cfg["socket_dir"], cfg["instance"])
+        self.stopping = False
+        self.state = "starting"
+        self.error = ""
+        self.ever_ready = False
+        self.ready = threading.Event()
+        self.t_start = time.time()
+
+    def log(self, msg: str) -> None:
+        print(f"[dsd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    # -- setup -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from dsd.errors import DsdError
+        from dsd.numa import read_topology, virtual_nodes
+        from dsd.shard.chat_template import ChatTemplate
+        from dsd.shard.gguf_file import open_gguf
+        from dsd.shard.model_path import resolve_model
+        from dsd.shard.tokenizer import Tokenizer
+        from dsd.daemon.placement import make_plan
+
+        P.make_socket_dir(self.sock_dir)
+        other = P.read_pid(self.sock_dir)
+        if other and other != os.getpid():
+            raise DsdError(f"a dsd daemon (pid {other}) is already running for instance "
+                           f"{self.cfg['instance']!r}; stop it with `dsd stop`")
+        for name in stale_segments(self.cfg["instance"]):   # left by a killed daemon
+            unlink_segment(name)
+        with open(P.pid_file(self.sock_dir), "w") as f:
+            f.write(str(os.getpid()))
+        self.model_path = resolve_model(self.cfg["model"] or None)
+        self.gguf = open_gguf(self.model_path)
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.template = ChatTemplate.from_metadata(self.gguf.metadata)
+        n = int(self.cfg["nodes"])
+        self.plan = make_plan(self.gguf, n, self.cfg["placement"])
+        for line in self.plan.describe():
+            self.log(line)
+        vnodes, note = virtual_nodes(n, read_topology())
+        self.numa_note = note
+        if note:
+            self.log(note)
+        g = self.gguf
+        self.d_model = int(g.arch_get("embedding_length"))
+        self.vocab = int(g.tensors["token_embd.weight"].shape[0])
+        self.context = min(int(g.arch_get("context_length", 4096) or 4096), int(self.cfg["context"]))
+        k = int(g.arch_get("expert_used_count", 0) or 0)
+        T = int(self.cfg["prefill_chunk"]) + int(self.cfg["max_batch"])
+        rows = int(self.cfg["max_batch"]) + 1
+        data = max(T * (8 + 8 * self.d_model + 12 * k), rows * self.vocab * 4) + 16 * 64 + 4096
+        self.handles = []
+        for i, v in enumerate(vnodes):
+            h = WorkerHandle(i, v, int(self.cfg["threads_per_node"]) or len(v.cpus))
+            name = f"{shm_prefix(self.cfg['instance'])}w{i}"
+            h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"])
+            self.handles.append(h)
+        self.ctx = zmq.Context()
+        self.ctl = self.ctx.socket(zmq.ROUTER)
+        self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        self.ctl.bind(P.ctl_endpoint(self.sock_dir))
+        self.wrk = self.ctx.socket(zmq.ROUTER)
+        self.wrk.setsockopt(zmq.LINGER, 0)
+        self.wrk.bind(P.workers_endpoint(self.sock_dir))
+        self.out = self.ctx.socket(zmq.PULL)
+        self.out.bind("inproc://out")
+        self.engine_push = None  # created in the engine thread
+        self.engine_lock = threading.Lock()
+        self._write_info()
+
+    def _write_info(self) -> None:
+        from dsd.daemon.config import log_path
+
+        info = {"pid": os.getpid(), "instance": self.cfg["instance"], "socket_dir": self.sock_dir,
+                "log_file": log_path(self.cfg), "shm": [h.channel.name for h in self.handles],
+                "workers": [h.pid for h in self.handles if h.pid]}
+        tmp = P.info_file(self.sock_dir) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, P.info_file(self.sock_dir))
+
+    # -- workers -----------------------------------------------------------------------------
+    def _spawn(self, h: WorkerHandle) -> None:
+        cmd = [sys.executable, "-m", "dsd.cli", "worker", "--socket-dir", self.sock_dir,
+               "--index", str(h.index)]
+        h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        h.pid = h.proc.pid
+        if h.pidfd is not None:
+            h.old_fds.append(h.pidfd)
+        h.pidfd = os.pidfd_open(h.pid)
+        h.channel.peer_fd = h.pidfd
+        h.state, h.progress, h.error = "starting", (0, 0), ""
+        self._write_info()
+        self.log(f"worker {h.index}: pid {h.pid}, node {h.vnode.node}, CPUs {list(h.vnode.cpus)}")
+
+    def _assign(self, h: WorkerHandle) -> dict:
+        return {"type": "assign", "v": P.VERSION, "plan": self.plan.to_dict(), "node": h.vnode.node,
+                "cpus": list(h.vnode.cpus), "threads": h.threads, "pages": self.cfg["pages"],
+                "channel": h.channel.name, "spin_us": self.cfg["spin_us"], "context": self.context,
+                "coordinator_pid": os.getpid()}
+
+    def _on_worker_msg(self, ident: bytes, msg: dict) -> None:
+        try:
+            h = self.handles[int(ident[1:])]
+        except (ValueError, IndexError):
+            return
+        t = msg.get("type")
+        if t == "hello":
+            if msg.get("v") != P.VERSION:
+                self._worker_failed(h, f"worker speaks protocol v{msg.get('v')}, coordinator v{P.VERSION}")
+                return
+            h.state = "loading"
+            self.wrk.send_multipart([ident, P.pack(self._assign(h))])
+        elif t == "progress":
+            h.progress = (msg["done"], msg["total"])
+        elif t == "ready":
+            h.state, h.stats = "ready", msg.get("stats", {})
+            h.progress = (h.stats.get("weight_bytes", 0),) * 2
+            self.log(f"worker {h.index} ready (pid {h.pid})")
+            if all(x.state == "ready" for x in self.handles):
+                self.state = "ready"
+                self.ever_ready = True
+                self.ready.set()
+                self.log(f"ready: {len(self.handles)} worker(s), socket {P.ctl_endpoint(self.sock_dir)}")
+        elif t == "stats":
+            h.stats = msg.get("stats", h.stats)
+        elif t == "fatal":
+            self._worker_failed(h, msg.get("message", "unknown error"))
+
+    def _worker_failed(self, h: WorkerHandle, message: str) -> None:
+        h.state, h.error = "failed", message
+        self.log(f"worker {h.index} failed: {message}")
+        if not self.ever_ready or h.restarts >= 3:
+            self.fail(f"worker {h.index} failed: {message}")
+
+    def _on_worker_exit(self, h: WorkerHandle) -> None:
+        code = h.proc.wait() if h.proc else None
+        self.ready.clear()
+        if self.stopping:
+            h.state = "stopped"
+            return
+        was = h.state
+        h.state = "dead"
+        self.log(f"worker {h.index} (pid {h.pid}) exited with code {code} while {was}")
+        if was == "failed" or not self.ever_ready:
+            self.fail(h.error or f"worker {h.index} exited with code {code} while {was}; see the log")
+            return
+        if not self.cfg["restart_workers"] or h.restarts >= 3:
+            self.fail(f"worker {h.index} died and will not be restarted")
+            return
+        self.state = "restarting"
+        h.restarts += 1
+        self._spawn(h)
+
+    def fail(self, message: str) -> None:
+        if not self.error:
+            self.error = message
+            self.state = "failed"
+            self.log(f"start failed: {message}" if not self.ever_ready else f"failed: {message}")
+        self.stopping = True
+
+    # -- clients -----------------------------------------------------------------------------
+    def _send_client(self, ident: bytes, msg: dict) -> None:
+        try:
+            self.ctl.send_multipart([ident, P.pack(msg)])
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH and msg.get("id") and msg.get("type") == "chunk":
+                self.scheduler.cancel(msg["id"], ident)  # the client went away: stop generating
+
+    def engine_send(self, ident: bytes, msg: dict) -> None:
+        """Called from the engine thread."""
+        if self.engine_push is None:
+            self.engine_push = self.ctx.socket(zmq.PUSH)
+            self.engine_push.connect("inproc://out")
+        self.engine_push.send_multipart([ident, P.pack(msg)])
+
+    def _on_client(self, ident: bytes, msg: dict) -> None:
+        from dsd.daemon.requests import build_request, model_info, status
+
+        t = msg.get("type")
+        if msg.get("v") != P.VERSION:
+            self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": "version",
+                                      "message": f"client protocol v{msg.get('v')} but daemon "
+                                                 f"v{P.VERSION}; use the dsd of the running daemon"})
+        elif t == "generate":
+            if self.state == "failed":
+                self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": P.FAILED,
+                                          "message": f"the daemon failed: {self.error}"})
+                return
+            req, err = build_request(self, ident, msg)
+            if err:
+                self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": P.INVALID,
+                                          "message": err})
+            else:
+                self.scheduler.submit(req)
+        elif t == "cancel":
+            self.scheduler.cancel(msg.get("id"), ident)
+        elif t == "status":
+            self._send_client(ident, status(self))
+        elif t == "model_info":
+            self._send_client(ident, model_info(self))
+        elif t == "ping":
+            self._send_client(ident, {"type": "pong", "pid": os.getpid(), "state": self.state})
+        elif t == "shutdown":
+            self._send_client(ident, {"type": "ok"})
+            self.stopping = True
+        else:
+            self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": P.INVALID,
+                                      "message": f"unknown request type {t!r}"})
+
+    # -- main ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        from dsd.daemon.driver import Driver
+        from dsd.daemon.scheduler import Scheduler
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *a: setattr(self, "stopping", True))
+        try:
+            self._setup()
+        except Exception as exc:
+            from dsd.errors import is_user_error
+
+            msg = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+            self.fail(msg)
+            if not is_user_error(exc):
+                import traceback
+
+                traceback.print_exc()
+            self._cleanup()
+            return 1
+        self.driver = Driver(self.plan, self.handles)
+        self.scheduler = Scheduler(self.tokenizer, self.driver, self.context,
+                                   int(self.cfg["max_batch"]), int(self.cfg["prefill_chunk"]),
+                                   self.engine_send, self.ready, self.log)
+        engine = threading.Thread(target=self.scheduler.run, name="dsd-engine", daemon=True)
+        engine.start()
+        for h in self.handles:
+            self._spawn(h)
+        self.state = "loading"
+        if self.cfg.get("http"):
+            self._start_http()
+        deadline = time.monotonic() + float(self.cfg["ready_timeout"])
+        poller = zmq.Poller()
+        for s in (self.ctl, self.wrk, self.out):
+            poller.register(s, zmq.POLLIN)
+        fd_map: dict[int, WorkerHandle] = {}
+        try:
+            while not self.stopping:
+                for h in self.handles:
+                    if h.pidfd not in fd_map:
+                        for fd in [f for f, x in fd_map.items() if x is h]:
+                            poller.unregister(fd)
+                            del fd_map[fd]
+                        if h.pidfd is not None:
+                            poller.register(h.pidfd, zmq.POLLIN)
+                            fd_map[h.pidfd] = h
+                events = dict(poller.poll(200))
+                if self.wrk in events:
+                    while self.wrk.poll(0):
+                        ident, data = self.wrk.recv_multipart()
+                        self._on_worker_msg(ident, P.unpack(data))
+                if self.ctl in events:
+                    while self.ctl.poll(0):
+                        frames = self.ctl.recv_multipart()
+                        try:
+                            msg = P.unpack(frames[-1])
+                        except Exception:
+                            continue
+                        self._on_client(frames[0], msg if isinstance(msg, dict) else {})
+                if self.out in events:
+                    while self.out.poll(0):
+                        ident, data = self.out.recv_multipart()
+                        self._send_client(ident, P.unpack(data))
+                for fd, h in list(fd_map.items()):
+                    if fd in events and h.pidfd == fd and h.state not in ("dead", "stopped"):
+                        self._on_worker_exit(h)
+                if not self.ever_ready and time.monotonic() > deadline:
+                    self.fail(f"workers not ready after {self.cfg['ready_timeout']:.0f}s "
+                              f"(ready_timeout); see the log")
+                if self.ready.is_set() and self.state == "restarting":
+                    self.state = "ready"
+        finally:
+            self.log("stopping")
+            self.scheduler.inbox.put(("stop", None))
+            engine.join(timeout=10)
+            # deliver the engine's last messages (e.g. "shutting down" errors)
+            while self.out.poll(50):
+                ident, data = self.out.recv_multipart()
+                self._send_client(ident, P.unpack(data))
+            self._cleanup()
+        return 1 if self.error else 0
+
+    def _start_http(self) -> None:
+        spec = self.cfg["http"]
+        host, _, port = spec.rpartition(":")
+        host = host or "127.0.0.1"
+        try:
+            from dsd.daemon.http_api import serve
+        except ImportError as exc:
+            self.log(f"--http: the HTTP API is not available ({exc})")
+            return
+        t = threading.Thread(target=serve, args=(host, int(port), self.sock_dir, self.cfg.get("api_key")),
+                             name="dsd-http", daemon=True)
+        t.start()
+        self.log(f"HTTP API on http://{host}:{port}")
+
+    def _cleanup(self) -> None:
+        for h in getattr(self, "handles", []):
+            if h.proc and h.proc.poll() is None:
+                try:
+                    self.wrk.send_multipart([f"w{h.index}".encode(), P.pack({"type": "stop"})])
+                except Exception:
+                    pass
+                if h.channel is not None:
+                    h.channel.stop()
+        t_end = time.monotonic() + 5
+        for h in getattr(self, "handles", []):
+            if h.proc:
+                try:
+                    h.proc.wait(timeout=max(0.1, t_end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    h.proc.kill()
+                    h.proc.wait()
+            for fd in [h.pidfd] + h.old_fds:
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            if h.channel is not None:
+                name = h.channel.name
+                h.channel.close(unlink=True)
+                remove_fifos(self.sock_dir, name)
+        for s in ("ctl", "wrk", "out", "engine_push"):
+            sock = getattr(self, s, None)
+            if sock is not None:
+                try:
+                    sock.close(0)
+                except Exception:
+                    pass
+        for f in ("ctl.sock", "workers.sock", "daemon.pid", "daemon.json"):
+            try:
+                if f == "daemon.pid" and P.read_pid(self.sock_dir) not in (None, os.getpid()):
+                    continue
+                os.unlink(os.path.join(self.sock_dir, f))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.sock_dir)
+        except OSError:
+            pass
+        self.log("stopped")
+
+
+def run_daemon(cfg: dict) -> int:
+    return Daemon(cfg).run()

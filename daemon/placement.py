@@ -1,0 +1,282 @@
+"""Placement: which worker holds which bytes of a GGUF model, computed from its tensor table.
+
+A Plan is data, applied to a plain model from outside: each worker builds the normal model over a
+weight source that holds only its pieces (daemon/slice_weights.py), and the coordinator drives
+the layers through `Plan.program()`.  Modes:
+
+  layers   dense models (and --nodes 1): contiguous layer ranges, a pipeline.
+  experts  MoE: every MoE layer's routed experts split between all workers as whole experts
+           (contiguous id ranges, the extra expert of an uneven split rotating between workers
+           so bytes balance); attention, norms, routers, shared experts and dense layers by
+           layer ranges.
+  rows     MoE: every routed expert's intermediate dim F split between all workers
+           (block-aligned), so each worker does an equal share of every chosen expert.
+  auto     the cheaper of experts/rows under the cost model in `choose_mode`.
+
+Ownership rules (no weight is held twice): token_embd / output / output_norm belong to the
+worker of the last layer (token_embd to the first layer's worker if output.weight exists, i.e.
+embeddings are not tied); blk.N.* to layer N's owner except blk.N.ffn_{gate,up,down}_exps which
+are split.  Tensors outside blk.* that are neither (rope_freqs: a constant frequency table of a
+few hundred bytes) are given to every worker.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dsd.errors import DsdError
+
+_EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_BLK = re.compile(r"^blk\.(\d+)\.")
+HEAD = ("output.weight", "output_norm.weight")
+
+
+@dataclass
+class Piece:
+    name: str
+    mode: str            # "whole" | "experts" | "rows"
+    a: int = 0           # experts: first expert id; rows: first row of F
+    b: int = 0           # experts: end expert id;  rows: end row of F
+    nbytes: int = 0
+
+
+@dataclass
+class Plan:
+    model_path: str
+    arch: str
+    n_workers: int
+    mode: str                         # layers | experts | rows
+    n_layers: int
+    layer_owner: list[int]
+    embed_owner: int
+    head_owner: int
+    moe_layers: list[int]
+    pieces: list[list[Piece]]         # per worker
+    reason: str = ""
+    cost: dict = field(default_factory=dict)
+
+    @property
+    def split(self) -> bool:
+        return self.mode in ("experts", "rows") and self.n_workers > 1
+
+    def worker_bytes(self) -> list[int]:
+        return [sum(p.nbytes for p in ps) for ps in self.pieces]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["pieces"] = [[Piece(**p) for p in ps] for ps in d["pieces"]]
+        return cls(**d)
+
+    def layers_of(self, w: int) -> list[int]:
+        return [i for i, o in enumerate(self.layer_owner) if o == w]
+
+    def experts_of(self, w: int) -> dict[int, tuple[str, int, int]]:
+        """layer -> (mode, a, b) of the routed experts worker w holds."""
+        out = {}
+        for p in self.pieces[w]:
+            m = _EXPS.match(p.name)
+            if m and p.mode != "whole":
+                out[int(m.group(1))] = (p.mode, p.a, p.b)
+            elif m:
+                out[int(m.group(1))] = ("whole", 0, 0)
+        return out
+
+    def program(self) -> list[dict]:
+        """The coordinator's stages for one forward pass:
+        {"kind": "seq", "worker": w, "ops": [...]}   one worker, h in -> h (or logits) out
+        {"kind": "experts", "layer": i}              every worker's partial routed sum, added up
+        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["head"]."""
+        stages: list[dict] = []
+
+        def add(w: int, op: list) -> None:
+            if stages and stages[-1]["kind"] == "seq" and stages[-1]["worker"] == w:
+                last = stages[-1]["ops"][-1]
+                if op[0] == "layers" and last[0] == "layers" and last[2] == op[1]:
+                    last[2] = op[2]
+                else:
+                    stages[-1]["ops"].append(op)
+            else:
+                stages.append({"kind": "seq", "worker": w, "ops": [op]})
+
+        add(self.embed_owner, ["embed"])
+        moe = set(self.moe_layers)
+        for i, o in enumerate(self.layer_owner):
+            if self.split and i in moe:
+                add(o, ["attn_route", i])
+                stages.append({"kind": "experts", "layer": i})
+            else:
+                add(o, ["layers", i, i + 1])
+        add(self.head_owner, ["head"])
+        return stages
+
+    def describe(self) -> list[str]:
+        lines = [f"placement: {self.mode} on {self.n_workers} worker(s) — {self.reason}"]
+        for w in range(self.n_workers):
+            layers = self.layers_of(w)
+            lr = f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"
+            extra = []
+            if self.embed_owner == w:
+                extra.append("token embedding")
+            if self.head_owner == w:
+                extra.append("output head")
+            ex = self.experts_of(w)
+            if ex and self.split:
+                modes = {m for m, _, _ in ex.values()}
+                if "experts" in modes:
+                    counts = sorted({b - a for m, a, b in ex.values()})
+                    extra.append(f"routed experts of {len(ex)} MoE layers "
+                                 f"({'/'.join(map(str, counts))} experts each, e.g. "
+                                 f"{next(iter(ex.values()))[1]}-{next(iter(ex.values()))[2] - 1})")
+                else:
+                    a, b = next(iter(ex.values()))[1:]
+                    extra.append(f"rows {a}:{b} of every routed expert in {len(ex)} MoE layers")
+            lines.append(f"worker {w}: {lr}" + (f"; {', '.join(extra)}" if extra else "")
+                         + f"; {self.worker_bytes()[w] / 2**20:.1f} MiB")
+        return lines
+
+
+# ------------------------------------------------------------------------------------------------
+def _balanced_ranges(costs: list[float], n: int, head_cost: float, first_cost: float) -> list[int]:
+    """Owner per layer: contiguous ranges minimising the largest share (DP over cut points).
+    first_cost / head_cost are added to the first / last range."""
+    L = len(costs)
+    n = min(n, L) if L else 1
+    pre = np.concatenate([[0.0], np.cumsum(costs)])
+    INF = float("inf")
+    # best[k][j]: min over partitions of layers [0, j) into k ranges of the max range cost
+    best = [[INF] * (L + 1) for _ in range(n + 1)]
+    cut = [[0] * (L + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        for j in range(1, L + 1):
+            for i in range(k - 1, j):
+                c = pre[j] - pre[i] + (first_cost if i == 0 else 0.0) + (head_cost if j == L else 0.0)
+                v = max(best[k - 1][i], c)
+                if v < best[k][j]:
+                    best[k][j], cut[k][j] = v, i
+    owner = [0] * L
+    j = L
+    for k in range(n, 0, -1):
+        i = cut[k][j]
+        for x in range(i, j):
+            owner[x] = k - 1
+        j = i
+    return owner
+
+
+def _split_even(total: int, n: int, rotate: int) -> list[tuple[int, int]]:
+    q, r = divmod(total, n)
+    sizes = [q + (1 if (w - rotate) % n < r else 0) for w in range(n)]
+    out, a = [], 0
+    for s in sizes:
+        out.append((a, a + s))
+        a += s
+    return out
+
+
+def choose_mode(n_experts: int, n_used: int, n_workers: int, rows_ok: bool) -> tuple[str, dict, str]:
+    """Cost model at batch 1 (decode), in units of one expert's bytes read by the slowest worker:
+    experts: E[max_w X_w], X_w = chosen experts worker w holds (k of E drawn without replacement,
+             Monte Carlo with a fixed seed); the slowest worker sets the pace.
+    rows:    k / N exactly, times 1.05 for the narrower matrix products' fixed costs.
+    Both pay the same hops (one broadcast + one reduction per MoE layer)."""
+    rng = np.random.default_rng(0)
+    bounds = _split_even(n_experts, n_workers, 0)
+    owner = np.zeros(n_experts, dtype=np.int64)
+    for w, (a, b) in enumerate(bounds):
+        owner[a:b] = w
+    k = max(1, min(n_used, n_experts))
+    draws = np.argsort(rng.random((4000, n_experts)), axis=1)[:, :k]
+    counts = np.stack([(owner[draws] == w).sum(axis=1) for w in range(n_workers)], axis=1)
+    c_exp = float(counts.max(axis=1).mean())
+    c_rows = k / n_workers * 1.05
+    cost = {"experts": round(c_exp, 3), "rows": round(c_rows, 3) if rows_ok else None}
+    if rows_ok and c_rows < c_exp:
+        return "rows", cost, (f"rows: the slowest worker reads {c_rows:.2f} expert-equivalents per token "
+                              f"vs {c_exp:.2f} with whole experts (uneven routing of {k} of {n_experts})")
+    why = "rows cannot split F into block-aligned shares" if not rows_ok else \
+        f"whole experts cost {c_exp:.2f} vs rows {c_rows:.2f} expert-equivalents per token"
+    return "experts", cost, f"experts: {why}"
+
+
+def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
+    from dsd.shard.kernels import quant_type
+
+    tensors = gguf_model.tensors
+    arch = gguf_model.architecture
+    L = int(gguf_model.arch_get("block_count"))
+    n_exp = int(gguf_model.arch_get("expert_count", 0) or 0)
+    n_used = int(gguf_model.arch_get("expert_used_count", 0) or 0)
+    moe_layers = sorted({int(m.group(1)) for t in tensors if (m := _EXPS.match(t))})
+    tied = "output.weight" not in tensors
+    per_layer = [0.0] * L
+    for name, t in tensors.items():
+        m = _BLK.match(name)
+        if m and not _EXPS.match(name):
+            per_layer[int(m.group(1))] += t.nbytes
+    emb = tensors["token_embd.weight"].nbytes
+    head = sum(tensors[n].nbytes for n in HEAD if n in tensors) + (emb if tied else 0)
+    mode, cost, reason = "layers", {}, "dense model: layer ranges (pipeline)"
+    if moe_layers and n_workers > 1:
+        F = tensors[f"blk.{moe_layers[0]}.ffn_gate_exps.weight"].shape[1]
+        bs = max(quant_type(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type).block_size
+                 for i in moe_layers)
+        rows_ok = F % bs == 0 and F // bs >= n_workers
+        if placement == "auto":
+            mode, cost, reason = choose_mode(n_exp, n_used, n_workers, rows_ok)
+        elif placement == "rows":
+            if not rows_ok:
+                raise DsdError(f"--placement rows: the expert intermediate size {F} cannot be split "
+                               f"into {n_workers} shares of whole {bs}-element blocks; use "
+                               f"--placement experts")
+            mode, reason = "rows", "rows (asked for)"
+        else:
+            if n_exp < n_workers:
+                raise DsdError(f"--placement experts: {n_exp} experts cannot be split between "
+                               f"{n_workers} workers; use --placement rows or fewer --nodes")
+            mode, reason = "experts", "experts (asked for)"
+    elif moe_layers:
+        reason = "one worker holds the whole model"
+    if mode != "layers":
+        reason += "; attention and dense layers by layer ranges"
+    if n_workers > 1 and L < n_workers and mode == "layers":
+        raise DsdError(f"the model has {L} layers, too few for {n_workers} workers in a pipeline; "
+                       f"use --nodes {L} or fewer")
+    owner = _balanced_ranges(per_layer, n_workers, head, 0.0 if tied else emb)
+    last = owner[-1] if owner else 0
+    embed_owner = last if tied else owner[0]
+    pieces: list[list[Piece]] = [[] for _ in range(n_workers)]
+    for name, t in tensors.items():
+        m = _EXPS.match(name)
+        if m and mode in ("experts", "rows"):
+            i = int(m.group(1))
+            if mode == "experts":
+                per = t.nbytes // t.shape[0]
+                for w, (a, b) in enumerate(_split_even(t.shape[0], n_workers, i)):
+                    if b > a:
+                        pieces[w].append(Piece(name, "experts", a, b, per * (b - a)))
+            else:
+                F = t.shape[1] if m.group(2) != "down" else t.shape[2]
+                bs = quant_type(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type).block_size
+                for w, (a, b) in enumerate(_split_even(F // bs, n_workers, 0)):
+                    frac = (b - a) * bs / F
+                    pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * frac)))
+            continue
+        if name == "token_embd.weight":
+            ws = [embed_owner]
+        elif name in HEAD:
+            ws = [last]
+        elif (mb := _BLK.match(name)):
+            ws = [owner[int(mb.group(1))]]
+        else:
+            ws = sorted(set(owner)) or [0]
+        for w in ws:
+            pieces[w].append(Piece(name, "whole", 0, 0, t.nbytes))
+    return Plan(str(gguf_model.path), arch, n_workers, mode, L, owner, embed_owner, last,
+                moe_layers, pieces, reason, cost)

@@ -1,0 +1,83 @@
+"""Client requests turned into scheduler Requests, and the status / model_info answers."""
+from __future__ import annotations
+
+import os
+import time
+
+from dsd.daemon import protocol as P
+
+
+def build_request(d, ident: bytes, msg: dict):
+    """(Request, None) or (None, error message) for a "generate" message."""
+    from dsd.errors import DsdError
+    from dsd.shard.sampling import SamplingParams
+    from dsd.daemon.scheduler import Request
+
+    rid = msg.get("id")
+    if not isinstance(rid, str) or not rid:
+        return None, "request id must be a non-empty string"
+    try:
+        params = SamplingParams.from_dict(msg.get("params") or {})
+        if "messages" in msg and msg["messages"] is not None:
+            text = d.template.render(msg["messages"], add_generation_prompt=True)
+            ids = d.tokenizer.encode(text, add_bos=False, parse_special=True)
+        elif msg.get("prompt_ids") is not None:
+            ids = [int(t) for t in msg["prompt_ids"]]
+            if any(not 0 <= t < d.vocab for t in ids):
+                return None, f"prompt_ids must be token ids in [0, {d.vocab})"
+        elif isinstance(msg.get("prompt"), str):
+            ids = d.tokenizer.encode(msg["prompt"])
+        else:
+            return None, "a generate request needs 'prompt' (text), 'messages' or 'prompt_ids'"
+    except DsdError as e:
+        return None, str(e)
+    except (TypeError, ValueError) as e:
+        return None, f"malformed request: {e}"
+    if not ids:
+        return None, "the prompt is empty"
+    if len(ids) >= d.context:
+        return None, (f"prompt has {len(ids)} tokens but the context holds {d.context}; "
+                      f"shorten it (or start the daemon with a larger `context`)")
+    return Request(rid, ident, ids, params, bool(msg.get("stream"))), None
+
+
+def _rate(s: dict) -> float | None:
+    b = s.get("busy_s") or 0
+    return s.get("tokens", 0) / b if b > 0 else None
+
+
+def status(d) -> dict:
+    from dsd.daemon.config import log_path
+
+    workers = []
+    for h in d.handles if hasattr(d, "handles") else []:
+        s = h.stats or {}
+        workers.append({
+            "index": h.index, "pid": h.pid, "state": h.state, "node": h.vnode.node,
+            "cpus": list(h.vnode.cpus), "threads": h.threads, "progress": list(h.progress),
+            "weight_bytes": s.get("weight_bytes"), "placement": s.get("placement"),
+            "page_kinds": s.get("page_kinds"), "kv_bytes": s.get("kv_bytes", 0),
+            "sequences": s.get("sequences", 0), "tokens": s.get("tokens", 0),
+            "busy_tok_s": _rate(s), "restarts": h.restarts, "error": h.error,
+            "spin_hits": s.get("spin_hits"), "blocking_waits": s.get("blocking_waits")})
+    sched = d.scheduler.stats() if hasattr(d, "scheduler") else {}
+    hops = sorted(d.driver.hop_ns[-2000:]) if hasattr(d, "driver") else []
+    return {"type": "status", "v": P.VERSION, "state": d.state, "error": d.error, "pid": os.getpid(),
+            "uptime_s": time.time() - d.t_start, "instance": d.cfg["instance"],
+            "socket_dir": d.sock_dir, "log_file": log_path(d.cfg),
+            "model": getattr(d, "model_path", None),
+            "placement": d.plan.mode if hasattr(d, "plan") else None,
+            "plan": d.plan.describe() if hasattr(d, "plan") else [],
+            "numa_note": getattr(d, "numa_note", ""), "context": getattr(d, "context", None),
+            "workers": workers, "scheduler": sched,
+            "embed_hop_us_median": hops[len(hops) // 2] / 1000 if hops else None}
+
+
+def model_info(d) -> dict:
+    g = d.gguf
+    return {"type": "model_info", "path": d.model_path, "name": g.get("general.name") or
+            os.path.basename(d.model_path), "architecture": g.architecture,
+            "n_layers": d.plan.n_layers, "d_model": d.d_model, "vocab_size": d.vocab,
+            "context": d.context, "n_experts": int(g.arch_get("expert_count", 0) or 0),
+            "n_experts_used": int(g.arch_get("expert_used_count", 0) or 0),
+            "placement": d.plan.mode, "nodes": d.plan.n_workers}

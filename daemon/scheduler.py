@@ -1,0 +1,232 @@
+"""Continuous batching in the coordinator's engine thread.
+
+Each step builds one flat batch: one new token for every decoding sequence (up to max_batch)
+plus, if a prompt is waiting, its next chunk of at most prefill_chunk tokens, so a long prompt
+never stalls running streams for more than one chunk.  New requests join between steps.  The
+KV cache of each layer lives in the worker that owns the layer (the driver only names sequence
+ids); finished or failed sequences are freed on every worker with the next command.
+Sampling, stop strings and incremental detokenisation run here, as in dsd.shard.engine.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dsd.daemon import protocol as P
+from dsd.daemon.driver import WorkerDied, WorkerError
+
+_seq_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    rid: str
+    client: bytes
+    prompt_ids: list[int]
+    params: object               # SamplingParams
+    stream: bool
+    sampler: object = None
+    stops: object = None
+    decoder: object = None
+    seq: int = field(default_factory=lambda: next(_seq_ids))
+    history: list[int] = field(default_factory=list)
+    pos: int = 0                 # tokens already in the KV cache
+    next_token: int | None = None
+    generated: int = 0
+    max_new: int = 0
+    text: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+
+class Scheduler:
+    def __init__(self, tokenizer, driver, context: int, max_batch: int, prefill_chunk: int,
+                 send, ready_event, log):
+        self.tok = tokenizer
+        self.driver = driver
+        self.context = context
+        self.max_batch = max_batch
+        self.chunk = prefill_chunk
+        self.send = send                 # send(client, msg): thread-safe hand-off to the I/O thread
+        self.ready = ready_event         # set while every worker is ready
+        self.log = log
+        self.inbox: queue.Queue = queue.Queue()
+        self.active: list[Request] = []
+        self.stopping = False
+        self.decode_window: deque = deque(maxlen=64)   # (time, tokens) per decode step
+        self.completed = 0
+        self.failed = 0
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        self.inbox.put(("add", req))
+
+    def cancel(self, rid: str, client: bytes) -> None:
+        self.inbox.put(("cancel", (rid, client)))
+
+    def _admit(self, req: Request) -> None:
+        from dsd.shard.sampling import Sampler, StopStrings
+
+        n = len(req.prompt_ids)
+        if n >= self.context:
+            self._error(req, P.INVALID, f"prompt has {n} tokens but the context holds "
+                                        f"{self.context}; shorten it (or raise --context)")
+            return
+        req.sampler = Sampler(req.params)
+        req.stops = StopStrings(req.params.stop)
+        req.decoder = self.tok.decoder()
+        req.history = list(req.prompt_ids)
+        req.max_new = min(req.params.max_tokens, self.context - n)
+        self.active.append(req)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, val = item
+            if kind == "add":
+                self._admit(val)
+            elif kind == "cancel":
+                rid, client = val
+                for r in list(self.active):
+                    if r.rid == rid and r.client == client:
+                        self._finish(r, None)
+            elif kind == "stop":
+                self.stopping = True
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _error(self, req: Request, kind: str, message: str) -> None:
+        self.send(req.client, {"type": "error", "id": req.rid, "kind": kind, "message": message})
+
+    def _finish(self, req: Request, msg: dict | None) -> None:
+        if req in self.active:
+            self.active.remove(req)
+        if req.pos:
+            self.driver.free([req.seq])
+        if msg is not None:
+            self.send(req.client, msg)
+
+    def _emit(self, req: Request, tok: int) -> None:
+        """Feed one sampled token: text, stop ids, stop strings, length limit (engine.generate)."""
+        p = req.params
+        req.generated += 1
+        req.history.append(tok)
+        finish = None
+        if tok in self.tok.stop_ids and not p.ignore_eos:
+            tail, _ = req.stops.push(req.decoder.flush())
+            text, finish = tail + req.stops.flush(), "stop"
+        else:
+            text, stopped = req.stops.push(req.decoder.push(tok))
+            if stopped:
+                finish = "stop"
+            elif req.generated >= req.max_new:
+                tail, stopped = req.stops.push(req.decoder.flush())
+                text, finish = text + tail + ("" if stopped else req.stops.flush()), "length"
+        req.next_token = tok
+        if req.stream:
+            if text or finish:
+                self.send(req.client, self._chunk(req, text, finish))
+        else:
+            req.text.append(text)
+        if finish:
+            if not req.stream:
+                self._finish(req, self._chunk(req, "".join(req.text), finish))
+            else:
+                self._finish(req, None)
+            self.completed += 1
+
+    def _chunk(self, req: Request, text: str, finish) -> dict:
+        return {"type": "chunk", "id": req.rid, "text": text, "finish_reason": finish,
+                "prompt_tokens": len(req.prompt_ids), "completion_tokens": req.generated}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One forward pass over what is ready; False if there was nothing to do."""
+        decode = [r for r in self.active if r.next_token is not None][: self.max_batch]
+        prefill = next((r for r in self.active if r.next_token is None), None)
+        if not decode and prefill is None:
+            return False
+        toks, seqs, ns, pos0, rows, owners = [], [], [], [], [], []
+        for r in decode:
+            toks.append(r.next_token)
+            seqs.append(r.seq)
+            ns.append(1)
+            pos0.append(r.pos)
+            rows.append(len(toks) - 1)
+            owners.append(r)
+        if prefill is not None:
+            a = prefill.pos
+            b = min(len(prefill.prompt_ids), a + self.chunk)
+            toks.extend(prefill.prompt_ids[a:b])
+            seqs.append(prefill.seq)
+            ns.append(b - a)
+            pos0.append(a)
+            if b == len(prefill.prompt_ids):
+                rows.append(len(toks) - 1)
+                owners.append(prefill)
+        t0 = time.perf_counter()
+        logits = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows)
+        if decode:
+            self.decode_window.append((time.perf_counter(), len(decode), time.perf_counter() - t0))
+        for r in decode:
+            r.pos += 1
+        if prefill is not None:
+            prefill.pos = pos0[-1] + ns[-1]
+        for row, r in enumerate(owners):
+            if r not in self.active:
+                continue
+            if r.t_first is None:
+                r.t_first = time.perf_counter()
+            tok = r.sampler.sample(logits[row], r.history)
+            self._emit(r, tok)
+        return True
+
+    def fail_all(self, message: str) -> None:
+        for r in list(self.active):
+            self.failed += 1
+            self._finish(r, {"type": "error", "id": r.rid, "kind": P.FAILED, "message": message})
+
+    def run(self) -> None:
+        while not self.stopping:
+            self._drain_inbox(block=not self.active)
+            if self.stopping:
+                break
+            if not self.active:
+                continue
+            if not self.ready.is_set():
+                if not self.ready.wait(0.2):
+                    continue
+            try:
+                if not self.step():
+                    continue
+            except WorkerDied as e:
+                self.log(f"{e}; failing {len(self.active)} in-flight request(s)")
+                self.driver.drain()
+                self.ready.clear()
+                self.fail_all(f"{e} while serving this request; the daemon is restarting it, "
+                              f"retry the request")
+            except WorkerError as e:
+                self.log(str(e))
+                self.driver.drain()
+                self.fail_all(f"the daemon failed this request: {e}")
+        self.fail_all("the daemon is shutting down")
+
+    def stats(self) -> dict:
+        w = list(self.decode_window)
+        tps = None
+        if len(w) >= 2:
+            span = w[-1][0] - w[0][0] + w[0][2]
+            tps = sum(n for _, n, _ in w) / span if span > 0 else None
+        return {"active": len(self.active), "queued": self.inbox.qsize(),
+                "completed": self.completed, "failed": self.failed, "decode_tok_s": tps}

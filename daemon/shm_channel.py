@@ -1,0 +1,233 @@
+"""Shared-memory command channel between the coordinator and one worker.
+
+Per-layer hops cannot afford a ZeroMQ round trip (~250 us here, FACTS.md); a sequence counter in
+shared memory that the other side spins on costs ~1 us.  Spinning forever would steal a core
+from the computing process (this machine has two), so a waiter spins for `spin_us`, then raises
+its "sleeping" flag and blocks in select() on a FIFO; a writer that sees the flag writes one
+byte to wake it.  select() also watches a pidfd of the peer process, so a waiter notices the
+peer's death at once (the dead sentinel), and times out every 20 ms to re-check the counter
+(a backstop for the flag/counter race, which x86's store buffer makes possible in theory).
+
+Segment layout (one /dev/shm segment per worker, created by the coordinator):
+  [0, 4096)          control: int64 slots on separate cache lines (see _CMD.._RLEN)
+  [4096, 4096+HDR)   msgpack header of the current message (request or reply)
+  [DATA, DATA+n)     arrays, each 64-byte aligned, described in the header {name: [dtype, shape, off]}
+The request and the reply use the same regions in turn: the reply overwrites the request.
+"""
+from __future__ import annotations
+
+import os
+import select
+import time
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from dsd.daemon.protocol import pack, unpack
+
+_CMD, _DONE, _WSLEEP, _CSLEEP, _HLEN, _STOP = 0, 8, 16, 24, 32, 40  # int64 indices (x8 bytes)
+HDR = 1 << 16
+DATA = 4096 + HDR
+
+
+class PeerDied(Exception):
+    """The process on the other side of a channel exited."""
+
+
+def shm_prefix(instance: str) -> str:
+    return f"dsd-{os.getuid()}-{instance}-"
+
+
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    # Python 3.11 registers every attach with the resource tracker, which unlinks the segment
+    # when *this* process exits (FACTS.md); the coordinator owns the lifetime instead.
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+    except Exception:
+        pass
+
+
+def _open_fifo(path: str) -> int:
+    # O_RDWR: opening never blocks waiting for the other end, and the FIFO never sees EOF
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class Channel:
+    def __init__(self, shm, fifo_dir: str, side: str, spin_us: float = 300.0):
+        self.shm = shm
+        self.name = shm.name
+        self.side = side  # "coord" or "worker"
+        self.ctl = np.ndarray((512,), dtype=np.int64, buffer=shm.buf, offset=0)
+        self.buf = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
+        self.capacity = shm.size - DATA
+        self.to_worker = _open_fifo(os.path.join(fifo_dir, self.name + ".c2w"))
+        self.to_coord = _open_fifo(os.path.join(fifo_dir, self.name + ".w2c"))
+        self.spin = spin_us * 1e-6
+        self.peer_fd: int | None = None   # pidfd of the peer process
+        self.seq = int(self.ctl[_CMD])
+        self.wait_stats = [0, 0]  # [spins that succeeded, blocking waits]
+
+    # -- lifetime ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, data_bytes: int, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
+        try:  # a segment left by a killed daemon of the same instance
+            old = shared_memory.SharedMemory(name=name)
+            _untrack(old)
+            old.close()
+            old.unlink()
+        except FileNotFoundError:
+            pass
+        shm = shared_memory.SharedMemory(name=name, create=True, size=DATA + int(data_bytes))
+        _untrack(shm)
+        for suffix in (".c2w", ".w2c"):
+            p = os.path.join(fifo_dir, name + suffix)
+            if os.path.exists(p):
+                os.unlink(p)
+            os.mkfifo(p, 0o600)
+        np.ndarray((512,), dtype=np.int64, buffer=shm.buf)[:] = 0
+        return cls(shm, fifo_dir, "coord", spin_us)
+
+    @classmethod
+    def attach(cls, name: str, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
+        shm = shared_memory.SharedMemory(name=name)
+        _untrack(shm)
+        return cls(shm, fifo_dir, "worker", spin_us)
+
+    def close(self, unlink: bool = False) -> None:
+        for fd in (self.to_worker, self.to_coord):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.ctl = self.buf = None
+        try:
+            self.shm.close()
+        except BufferError:
+            pass  # a numpy view is still alive; the mapping goes with the process
+        if unlink:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    # -- messages ------------------------------------------------------------------------------
+    def _write(self, header: dict, arrays: dict) -> None:
+        desc = {}
+        off = 0
+        for k, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            n = a.nbytes
+            if off + n > self.capacity:
+                raise ValueError(f"shared-memory channel {self.name} holds {self.capacity} bytes; "
+                                 f"message needs more (raise prefill_chunk/max_batch limits)")
+            self.buf[DATA + off: DATA + off + n] = a.reshape(-1).view(np.uint8)
+            desc[k] = [a.dtype.str, list(a.shape), off]
+            off = (off + n + 63) & ~63
+        header = dict(header, _arrays=desc)
+        data = pack(header)
+        if len(data) > HDR:
+            raise ValueError(f"channel header of {len(data)} bytes exceeds {HDR}")
+        self.buf[4096: 4096 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.ctl[_HLEN] = len(data)
+
+    def _read(self, copy: bool) -> tuple[dict, dict]:
+        n = int(self.ctl[_HLEN])
+        header = unpack(self.buf[4096: 4096 + n].tobytes())
+        arrays = {}
+        for k, (dt, shape, off) in header.pop("_arrays").items():
+            dt = np.dtype(dt)
+            cnt = int(np.prod(shape, dtype=np.int64))
+            a = self.buf[DATA + off: DATA + off + cnt * dt.itemsize].view(dt).reshape(shape)
+            arrays[k] = a.copy() if copy else a
+        return header, arrays
+
+    def _wait(self, slot: int, want: int, sleep_slot: int, fifo: int, deadline: float | None) -> None:
+        ctl = self.ctl
+        if ctl[slot] >= want:
+            self.wait_stats[0] += 1
+            return
+        t_end = time.perf_counter() + self.spin
+        while time.perf_counter() < t_end:
+            for _ in range(64):
+                if ctl[slot] >= want:
+                    self.wait_stats[0] += 1
+                    return
+        self.wait_stats[1] += 1
+        fds = [fifo] + ([self.peer_fd] if self.peer_fd is not None else [])
+        ctl[sleep_slot] = 1
+        try:
+            while ctl[slot] < want:
+                r, _, _ = select.select(fds, [], [], 0.02)
+                if fifo in r:
+                    try:
+                        os.read(fifo, 4096)
+                    except BlockingIOError:
+                        pass
+                if self.peer_fd is not None and self.peer_fd in r and ctl[slot] < want:
+                    raise PeerDied(self.name)
+                if ctl[_STOP] and self.side == "worker":
+                    raise PeerDied(self.name)
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError(f"no answer on {self.name}")
+        finally:
+            ctl[sleep_slot] = 0
+
+    @staticmethod
+    def _kick(fd: int) -> None:
+        try:
+            os.write(fd, b"x")
+        except BlockingIOError:
+            pass  # FIFO full: the sleeper has plenty of wake-ups queued
+
+    # coordinator side
+    def send(self, header: dict, arrays: dict) -> None:
+        self._write(header, arrays)
+        self.seq += 1
+        self.ctl[_CMD] = self.seq
+        if self.ctl[_WSLEEP]:
+            self._kick(self.to_worker)
+
+    def reply_wait(self, deadline: float | None = None) -> tuple[dict, dict]:
+        self._wait(_DONE, self.seq, _CSLEEP, self.to_coord, deadline)
+        return self._read(copy=True)
+
+    def stop(self) -> None:
+        """Tell a worker blocked on this channel to leave its loop."""
+        self.ctl[_STOP] = 1
+        self._kick(self.to_worker)
+
+    # worker side
+    def wait_command(self) -> tuple[dict, dict]:
+        self._wait(_CMD, self.seq + 1, _WSLEEP, self.to_worker, None)
+        self.seq = int(self.ctl[_CMD])
+        return self._read(copy=True)
+
+    def reply(self, header: dict, arrays: dict) -> None:
+        self._write(header, arrays)
+        self.ctl[_DONE] = self.seq
+        if self.ctl[_CSLEEP]:
+            self._kick(self.to_coord)
+
+
+def remove_fifos(fifo_dir: str, name: str) -> None:
+    for suffix in (".c2w", ".w2c"):
+        try:
+            os.unlink(os.path.join(fifo_dir, name + suffix))
+        except FileNotFoundError:
+            pass
+
+
+def stale_segments(instance: str) -> list[str]:
+    """Names of this user's /dev/shm segments for `instance` (to clean after a crash)."""
+    pre = shm_prefix(instance)
+    try:
+        return sorted(f for f in os.listdir("/dev/shm") if f.startswith(pre))
+    except FileNotFoundError:
+        return []
+
+
+def unlink_segment(name: str) -> None:
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,260 @@
+"""A daemon worker: one process per (real or virtual) NUMA node.
+
+Life: connect to the coordinator's workers.sock, say hello (protocol version), receive the
+assignment (plan, node, CPUs, channel), pin to the node, allocate node-local memory for exactly
+its pieces and read only those bytes, build the normal model over that weight source, report
+ready with proof of placement, then serve commands from the shared-memory channel until told
+to stop or until the coordinator dies.  An I/O thread owns the ZeroMQ socket (stats every
+second, stop) so the compute loop only computes.
+
+Commands (header of a channel message; arrays named in brackets):
+  ops: ["embed"] [tokens] -> [h];  ["layers", a, b] [h] -> [h];
+       ["attn_route", i] [h] -> [h, xn, ids, w];  ["experts", i] [xn, ids, w] -> [p];
+       ["head"] [h] -> [logits]
+  seqs/n/pos0: the batch's segments (sequence id, new tokens, first position);
+  logit_rows: rows of h the head computes;  free: sequence ids whose KV cache to drop.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+from dsd.daemon import protocol as P
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: the kernel sends SIGKILL if the coordinator dies, even by SIGKILL
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def log(index: int, msg: str) -> None:
+    print(f"[dsd worker {index} pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+class Worker:
+    def __init__(self, sock_dir: str, index: int):
+        import zmq
+
+        self.sock_dir, self.index = sock_dir, index
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"w{index}".encode())
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.connect(P.workers_endpoint(sock_dir))
+        self.lock = threading.Lock()  # the socket is shared by the main thread until ready
+        self.caches: dict = {}
+        self.tokens = 0
+        self.busy = 0.0
+        self.stop = False
+
+    def send(self, msg: dict) -> None:
+        with self.lock:
+            self.sock.send(P.pack(msg))
+
+    def recv(self, timeout_s: float) -> dict:
+        import zmq
+
+        if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise TimeoutError("no assignment from the coordinator")
+        return P.unpack(self.sock.recv())
+
+    # -- startup -------------------------------------------------------------------------------
+    def start(self) -> None:
+        from dsd.daemon.placement import Plan
+
+        self.send({"type": "hello", "v": P.VERSION, "index": self.index, "pid": os.getpid()})
+        a = self.recv(60)
+        if a.get("type") != "assign" or a.get("v") != P.VERSION:
+            raise RuntimeError(f"unexpected handshake reply {a.get('type')} v{a.get('v')}")
+        self.assign = a
+        from dsd.numa import pin_to_node
+
+        pin = pin_to_node(a["node"], cpus=a["cpus"])
+        self.cpus = list(pin.cpus)
+        import numba  # noqa: F401  (after pinning: the pool gets one thread per pinned CPU)
+        from dsd.shard.engine import set_threads
+
+        self.threads = set_threads(a.get("threads") or len(self.cpus))
+        from dsd.shard.gguf_file import open_gguf
+        from dsd.shard.models import build_model
+        from dsd.daemon.slice_weights import SliceWeights
+
+        plan = Plan.from_dict(a["plan"])
+        self.plan = plan
+        last = [0.0]
+
+        def progress(done, total):
+            now = time.monotonic()
+            if now - last[0] > 0.2 or done == total:
+                last[0] = now
+                self.send({"type": "progress", "index": self.index, "done": done, "total": total})
+
+        t0 = time.perf_counter()
+        self.gguf = open_gguf(plan.model_path)
+        self.weights = SliceWeights(self.gguf, plan.pieces[self.index], node=a["node"],
+                                    pages=a["pages"], progress=progress)
+        self.model = build_model(self.gguf, self.weights)
+        mine = set(plan.layers_of(self.index))
+        for i in range(plan.n_layers):  # drop the inert objects of other workers' layers
+            if i not in mine:
+                self.model.attn[i] = None
+                if not plan.split:
+                    self.model.ffn[i] = None
+        self.load_s = time.perf_counter() - t0
+        self.context = int(a["context"])
+        from dsd.daemon.shm_channel import Channel
+
+        self.ch = Channel.attach(a["channel"], self.sock_dir, a.get("spin_us", 300))
+        self.ch.peer_fd = os.pidfd_open(a["coordinator_pid"])
+        self.placement = self.weights.placement()
+        log(self.index, f"node {a['node']} CPUs {self.cpus} threads {self.threads}: "
+                        f"{self.weights.nbytes / 2**20:.1f} MiB loaded in {self.load_s:.1f}s"
+                        + (f" ({self.weights.buffer.report()})" if self.weights.buffer else ""))
+        self.send({"type": "ready", "v": P.VERSION, "index": self.index, "pid": os.getpid(),
+                   "stats": self.stats()})
+
+    def stats(self) -> dict:
+        pl = self.placement
+        return {"index": self.index, "pid": os.getpid(), "node": self.assign["node"],
+                "cpus": self.cpus, "threads": self.threads, "weight_bytes": self.weights.nbytes,
+                "placement": pl.to_dict() if pl is not None else None,
+                "page_kinds": self.weights.buffer.bytes_by_kind() if self.weights.buffer else {},
+                "kv_bytes": sum(c.nbytes for c in list(self.caches.values())),
+                "sequences": len(self.caches), "tokens": self.tokens, "busy_s": self.busy,
+                "load_s": self.load_s, "spin_hits": self.ch.wait_stats[0],
+                "blocking_waits": self.ch.wait_stats[1]}
+
+    # -- I/O thread ----------------------------------------------------------------------------
+    def io_loop(self) -> None:
+        import zmq
+
+        next_stats = 0.0
+        while not self.stop:
+            if self.sock.poll(200, zmq.POLLIN):
+                msg = P.unpack(self.sock.recv())
+                if msg.get("type") == "stop":
+                    self.stop = True
+                    self.ch.stop()
+                    break
+                if msg.get("type") == "stats":
+                    next_stats = 0.0
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + 1.0
+                self.send({"type": "stats", "index": self.index, "stats": self.stats()})
+
+    # -- compute loop --------------------------------------------------------------------------
+    def batch(self, hdr: dict, tokens):
+        import numpy as np
+
+        from dsd.shard.batch import Batch, Segment
+        from dsd.shard.kv_cache import SequenceCache
+
+        segs, pos, start = [], [], 0
+        for sid, n, p0 in zip(hdr["seqs"], hdr["n"], hdr["pos0"]):
+            c = self.caches.get(sid)
+            if c is None:
+                c = self.caches[sid] = SequenceCache(self.plan.n_layers, self.context)
+            segs.append(Segment(c, start, n, p0))
+            pos.append(np.arange(p0, p0 + n, dtype=np.int64))
+            start += n
+        lr = hdr.get("logit_rows")
+        return Batch(tokens=tokens, positions=np.concatenate(pos), segments=segs,
+                     logit_rows=None if lr is None else np.asarray(lr, dtype=np.int64))
+
+    def execute(self, hdr: dict, arr: dict) -> dict:
+        from dsd.shard import ops as O
+
+        for sid in hdr.get("free", ()):
+            self.caches.pop(sid, None)
+        if not hdr.get("ops"):
+            return {}
+        m = self.model
+        batch = self.batch(hdr, arr["tokens"])
+        h = arr.get("h")
+        out = {}
+        attn_ran = False
+        for op in hdr["ops"]:
+            kind = op[0]
+            if kind == "embed":
+                h = m.embed(batch.tokens)
+            elif kind == "layers":
+                for i in range(op[1], op[2]):
+                    h = m.block(i, h, batch)
+                attn_ran = True
+            elif kind == "attn_route":
+                i = op[1]
+                eps = m.args.norm_eps
+                h = h + m.attn[i](O.rms_norm(h, m.attn_norm[i], eps), batch)
+                xn = O.rms_norm(h, m.ffn_norm[i], eps)
+                ids, w = m.ffn[i].router(xn)
+                out.update(xn=xn, ids=ids, w=w)
+                attn_ran = True
+            elif kind == "experts":
+                i = op[1]
+                f = m.ffn[i]
+                p = f.experts(arr["xn"], arr["ids"], arr["w"])
+                if f.shared is not None and self.plan.layer_owner[i] == self.index:
+                    p += f.shared(arr["xn"])
+                out["p"] = p
+                h = None
+            elif kind == "head":
+                hr = h if batch.logit_rows is None else h[batch.logit_rows]
+                out["logits"] = m.head(hr)
+                h = None
+            else:
+                raise ValueError(f"unknown op {kind}")
+        if attn_ran:
+            batch.finish()
+        if h is not None:
+            out["h"] = h
+        self.tokens += int(len(batch.tokens))
+        return out
+
+    def serve(self) -> None:
+        from dsd.daemon.shm_channel import PeerDied
+
+        io = threading.Thread(target=self.io_loop, name="dsd-worker-io", daemon=True)
+        io.start()
+        while not self.stop:
+            try:
+                hdr, arr = self.ch.wait_command()
+            except PeerDied:
+                break
+            t0 = time.perf_counter()
+            try:
+                out = self.execute(hdr, arr)
+                self.ch.reply({"ok": True}, out)
+            except Exception as exc:  # report, keep serving: one bad batch must not kill us
+                import traceback
+
+                traceback.print_exc()
+                self.ch.reply({"ok": False, "error": f"worker {self.index}: {type(exc).__name__}: {exc}"}, {})
+            self.busy += time.perf_counter() - t0
+
+
+def main(sock_dir: str, index: int) -> int:
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    w = Worker(sock_dir, index)
+    try:
+        w.start()
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        from dsd.errors import is_user_error
+
+        msg = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+        w.send({"type": "fatal", "index": index, "message": msg})
+        time.sleep(0.3)
+        return 1
+    w.serve()
+    os._exit(0)  # numba/zmq threads need no orderly teardown

@@ -1,0 +1,51 @@
+"""dsd plan: what each node would hold (no loading)."""
+from __future__ import annotations
+
+HELP = "show the placement plan per node: layers, experts, bytes, pages needed, and why"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--nodes", "-N", type=int, default=None)
+    p.add_argument("--placement", choices=["experts", "rows", "auto"], default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    import json
+
+    from dsd.daemon.config import load_config
+    from dsd.daemon.placement import make_plan
+    from dsd.numa import hugepage_plan, read_topology
+    from dsd.shard.gguf_file import open_gguf
+    from dsd.shard.model_path import resolve_model
+
+    cfg = load_config({"model": args.model, "nodes": args.nodes, "placement": args.placement})
+    path = resolve_model(cfg["model"] or None)
+    with open_gguf(path) as g:
+        plan = make_plan(g, int(cfg["nodes"]), cfg["placement"])
+    wb = plan.worker_bytes()
+    needs, note = hugepage_plan(wb, read_topology())
+    if args.json:
+        d = plan.to_dict()
+        d.pop("pieces")
+        d["worker_bytes"] = wb
+        d["describe"] = plan.describe()
+        d["pages"] = [{"node": n.node, "bytes": n.nbytes, "pages_1g": n.pages_1g,
+                       "pages_2m": n.pages_2m, "commands": n.commands()} for n in needs]
+        d["numa_note"] = note
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"model: {path}")
+    for line in plan.describe():
+        print(line)
+    if plan.cost:
+        print(f"cost model (expert-equivalents read per token by the slowest worker): {plan.cost}")
+    for n in needs:
+        print(f"node {n.node}: {n.nbytes / 2**20:.1f} MiB -> {n.pages_1g} x 1 GiB + {n.pages_2m} x 2 MiB "
+              f"pages (free now: {n.have_1g_free} x 1G, {n.have_2m_free} x 2M)")
+        for c in n.commands():
+            print(f"    to reserve: {c}")
+    if note:
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,146 @@
+"""dsd start: launch the daemon (coordinator + one worker per NUMA node) and wait until ready."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HELP = "start the daemon: one worker per NUMA node, returns when it is ready"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", "-m", default=None, help="GGUF file (default: conf / DSD_MODEL / SmolLM2)")
+    p.add_argument("--nodes", "-N", type=int, default=None, help="workers, one per NUMA node")
+    p.add_argument("--placement", choices=["experts", "rows", "auto"], default=None,
+                   help="how MoE experts are split between workers (dense models: layer ranges)")
+    p.add_argument("--pages", choices=["auto", "1g", "2m", "thp", "4k"], default=None,
+                   help="page size backing the weights")
+    p.add_argument("--threads-per-node", type=int, default=None)
+    p.add_argument("--instance", default=None, help="daemon name (several can run side by side)")
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="cap on the context length")
+    p.add_argument("--http", default=None, metavar="[HOST:]PORT",
+                   help="also serve the OpenAI-compatible HTTP API")
+    p.add_argument("--api-key", default=None, help="bearer key the HTTP API requires")
+    p.add_argument("--foreground", action="store_true", help="run in this process, log to stderr")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for ready")
+
+
+def config_from_args(args) -> dict:
+    from dsd.daemon.config import load_config
+
+    over = {"model": args.model, "nodes": args.nodes, "placement": args.placement,
+            "pages": args.pages, "threads_per_node": args.threads_per_node,
+            "instance": args.instance, "max_batch": args.max_batch,
+            "prefill_chunk": args.prefill_chunk, "context": args.context,
+            "ready_timeout": args.timeout}
+    cfg = load_config(over)
+    cfg["http"] = args.http
+    cfg["api_key"] = args.api_key or os.environ.get("DSD_API_KEY")
+    return cfg
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    f = done / total if total else 0.0
+    n = int(f * width)
+    return "[" + "#" * n + "-" * (width - n) + f"] {f:4.0%} {done / 2**20:8.1f}/{total / 2**20:.1f} MiB"
+
+
+def _failure_reason(log_file: str, since: int) -> str:
+    try:
+        with open(log_file, errors="replace") as f:
+            f.seek(since)
+            lines = f.read().splitlines()
+    except OSError:
+        return "see the log"
+    for line in reversed(lines):
+        if "start failed:" in line:
+            return line.split("start failed:", 1)[1].strip()
+    tail = [x for x in lines if x.strip()][-5:]
+    return "; ".join(tail) if tail else "no output"
+
+
+def run(args) -> int:
+    import subprocess
+
+    from dsd.client import Client, DaemonNotRunning
+    from dsd.daemon import protocol as P
+    from dsd.daemon.config import log_path
+    from dsd.errors import DsdError
+
+    cfg = config_from_args(args)
+    sock_dir = P.resolve_socket_dir(cfg["socket_dir"], cfg["instance"])
+    pid = P.read_pid(sock_dir)
+    if pid:
+        raise DsdError(f"a dsd daemon (pid {pid}) is already running for instance "
+                       f"{cfg['instance']!r}; stop it with `dsd stop` first")
+    if args.foreground:
+        from dsd.daemon.coordinator import run_daemon
+
+        return run_daemon(cfg)
+    log_file = log_path(cfg)
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    since = os.fstat(log_fd).st_size
+    argv = [sys.executable, "-m", "dsd.cli", "start", "--foreground"]
+    for flag, val in (("--model", args.model), ("--nodes", args.nodes),
+                      ("--placement", args.placement), ("--pages", args.pages),
+                      ("--threads-per-node", args.threads_per_node), ("--instance", args.instance),
+                      ("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk),
+                      ("--context", args.context), ("--http", args.http),
+                      ("--api-key", args.api_key), ("--timeout", args.timeout)):
+        if val is not None:
+            argv += [flag, str(val)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                            start_new_session=True, close_fds=True)
+    os.close(log_fd)
+    print(f"dsd: starting daemon pid {proc.pid}; log: {log_file}", file=sys.stderr)
+    client = Client(socket_dir=sock_dir, timeout=5)
+    tty = sys.stderr.isatty()
+    shown = 0
+    note_shown = False
+    t_end = time.monotonic() + float(cfg["ready_timeout"]) + 60
+    last_pct: dict = {}
+    while True:
+        if proc.poll() is not None:
+            raise DsdError(f"the daemon did not start: {_failure_reason(log_file, since)} "
+                           f"(log: {log_file})")
+        if time.monotonic() > t_end:
+            proc.terminate()
+            raise DsdError(f"the daemon was not ready in time; see {log_file}")
+        try:
+            st = client.status()
+        except DaemonNotRunning:
+            time.sleep(0.2)
+            continue
+        if st.get("numa_note") and not note_shown:
+            print(f"dsd: {st['numa_note']}", file=sys.stderr)
+            note_shown = True
+        ws = st.get("workers", [])
+        lines = [f"  node {w['node']} worker {w['index']} {_bar(*w['progress'])} {w['state']}"
+                 for w in ws]
+        if tty:
+            if shown:
+                sys.stderr.write(f"\x1b[{shown}F")
+            sys.stderr.write("".join(line + "\x1b[K\n" for line in lines))
+            sys.stderr.flush()
+            shown = len(lines)
+        else:
+            for w in ws:  # quarter steps only, so logs stay short
+                done, total = w["progress"]
+                q = int(4 * done / total) if total else 0
+                if last_pct.get(w["index"]) != q:
+                    last_pct[w["index"]] = q
+                    print(f"  node {w['node']} worker {w['index']} {_bar(done, total)}", file=sys.stderr)
+        if st.get("state") == "ready":
+            break
+        if st.get("state") == "failed":
+            proc.wait(timeout=30)
+            raise DsdError(f"the daemon did not start: {st.get('error')} (log: {log_file})")
+        time.sleep(0.25)
+    for line in st.get("plan", []):
+        print(f"dsd: {line}", file=sys.stderr)
+    print(f"dsd: ready (pid {st['pid']}, {len(st['workers'])} worker(s), socket dir {sock_dir})",
+          file=sys.stderr)
+    return 0
