@@ -57,8 +57,11 @@ class EngineBackend:
 
     async def status(self) -> dict:
         size = os.path.getsize(self.engine.path)
-        return {"queue_depth": self.queued, "active": self.active,
-                "nodes": [{"node": 0, "bytes": size, "page_size": "4k"}]}
+        # the shape of dsd.daemon.requests.status(), trimmed to what the HTTP layer reads
+        return {"state": "ready", "pid": os.getpid(),
+                "scheduler": {"queued": self.queued, "active": self.active, "decode_tok_s": None},
+                "workers": [{"index": 0, "node": 0, "cpus": [0, 1], "state": "ready",
+                             "weight_bytes": size, "kv_bytes": 0, "page_kinds": {"4k": size}}]}
 
     async def model_info(self) -> dict:
         name = self.model_name or os.path.basename(self.engine.path)
