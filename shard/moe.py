@@ -8,8 +8,11 @@ Routing follows llama.cpp's build_moe_ffn (src/llama-graph.cpp), which is what G
 converted for:
   probs     = softmax(logits) (Mixtral, Qwen3-MoE, DeepSeek V2) or sigmoid(logits) (DeepSeek V3/R1)
   selection = probs + exp_probs_b (DeepSeek V3 "noaux_tc" bias; weights still come from probs)
-  groups    = if expert_group_count > 1: keep the expert_group_used_count groups whose
-              top-2 selection scores sum highest, others masked out
+  groups    = if expert_group_count > 1: keep the expert_group_used_count groups with the
+              highest group score, others masked out.  Group score: sum of the group's top-2
+              selection scores (DeepSeek V3 "noaux_tc", sigmoid gating; llama.cpp uses this for
+              every deepseek2 file) or, with softmax gating, the group's max score (DeepSeek V2's
+              published "group_limited_greedy"; llama.cpp deviates from the model there)
   ids       = top-k(selection);  w = probs[ids]
   w        /= max(sum(w), 2^-14)  if expert_weights_norm
   w        *= expert_weights_scale if it is set (non-zero)
@@ -97,7 +100,10 @@ class Router:
         if self.n_groups > 1 and self.n_groups_used < self.n_groups:
             T, E = sel.shape
             g = sel.reshape(T, self.n_groups, E // self.n_groups)
-            gscore = np.sort(g, axis=2)[:, :, -2:].sum(axis=2)  # [T, G]: top-2 sum per group
+            if self.gating == GATING_SIGMOID:
+                gscore = np.sort(g, axis=2)[:, :, -2:].sum(axis=2)  # [T, G]: top-2 sum per group
+            else:
+                gscore = g.max(axis=2)                              # [T, G]: V2 group max
             keep = topk_desc(gscore, self.n_groups_used)       # [T, G_used]
             mask = np.zeros((T, self.n_groups), dtype=bool)
             np.put_along_axis(mask, keep, True, axis=1)

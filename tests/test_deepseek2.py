@@ -32,10 +32,11 @@ def logits(path, tokens=TOKENS):
     dict(),                                   # V3 routing, plain attn_q (V2-Lite style), split k_b/v_b
     dict(q_lora=64, n_shared=2),              # V3 query LoRA, 2 shared experts
     dict(fused_kv_b=True),                    # older files: fused attn_kv_b
-    dict(V2, E=8, k=2),                       # V2: softmax, no bias, no groups, no norm
+    dict(V2, E=8, k=2),                       # V2-Lite: softmax, no bias, no groups, no norm
+    dict(V2, scale=16.0, groups=4, groups_used=2),  # V2: group-limited greedy (group max)
     dict(yarn=YARN, q_lora=64),               # YaRN rope + mscale
     dict(qtype=Q.Q8_0, n_layers=4, dense_lead=2),
-], ids=["v3-lite", "v3-qlora", "fused-kvb", "v2", "yarn", "q8_0"])
+], ids=["v3-lite", "v3-qlora", "fused-kvb", "v2-lite", "v2-groups", "yarn", "q8_0"])
 def test_deepseek2_matches_references(tmp_path, kw):
     path = write_tiny_deepseek2(tmp_path / "ds.gguf", **kw)
     _, got = logits(path)

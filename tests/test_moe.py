@@ -107,7 +107,8 @@ def test_decode_single_token_path_matches_batch():
 
 @pytest.mark.parametrize("gating,norm,scale,groups,used,bias", [
     (GATING_SOFTMAX, True, 0.0, 1, 0, False),     # Mixtral / Qwen3-MoE
-    (GATING_SOFTMAX, False, 16.0, 1, 0, False),   # DeepSeek V2
+    (GATING_SOFTMAX, False, 16.0, 1, 0, False),   # DeepSeek V2-Lite
+    (GATING_SOFTMAX, False, 16.0, 8, 3, False),   # DeepSeek V2 (group max)
     (GATING_SIGMOID, True, 2.5, 4, 2, True),      # DeepSeek V3 / R1
     (GATING_SIGMOID, True, 2.5, 8, 3, True),
 ])

@@ -134,5 +134,7 @@ def hf_logits(path: str, tokens: list[int]) -> np.ndarray:
         cfg = tf.DeepseekV3Config(n_group=int(m("expert_group_count", 1)),
                                   topk_group=int(m("expert_group_used_count", 1)), rope_interleave=True, **kw)
         return _run(tf.DeepseekV3ForCausalLM, cfg, sd, tokens)
-    cfg = tf.DeepseekV2Config(topk_method="greedy", n_group=1, topk_group=1, **kw)
+    groups = int(m("expert_group_count", 1))
+    cfg = tf.DeepseekV2Config(topk_method="group_limited_greedy" if groups > 1 else "greedy", n_group=groups,
+                              topk_group=int(m("expert_group_used_count", 1)) if groups > 1 else 1, **kw)
     return _run(tf.DeepseekV2ForCausalLM, cfg, sd, tokens)

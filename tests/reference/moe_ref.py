@@ -65,7 +65,8 @@ def route(h, W, p, k, *, sigmoid=False, bias=None, norm=False, scale=0.0, groups
         st = sel[t].copy()
         if groups > 1 and groups_used < groups:
             g = st.reshape(groups, E // groups)
-            gs = np.sort(g, axis=1)[:, -2:].sum(1)
+            # V3 (sigmoid): sum of the top-2 scores per group; V2 (softmax): max per group
+            gs = np.sort(g, axis=1)[:, -2:].sum(1) if sigmoid else g.max(1)
             keep = np.argsort(-gs, kind="stable")[:groups_used]
             allowed = np.zeros(groups, bool)
             allowed[keep] = True
