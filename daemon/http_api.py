@@ -300,15 +300,15 @@ class _Api:
         return parse_json_body(bytes(buf))
 
     async def name(self) -> str:
+        """The served model's id: model_name if given, else the GGUF file name without .gguf
+        (what llama-server shows too), else the model's general.name."""
         if self.model_name is None:
             info = await _maybe_await(self.backend.model_info())
-            path = _field(info, "path", "model_path", default="")
-            name = _field(info, "name", "model", "id")
-            if not name:
-                name = os.path.basename(str(path)) or "dsd"
-                if name.endswith(".gguf"):
-                    name = name[:-5]
-            ctx = _field(info, "context_length", "n_ctx", "max_model_len")
+            name = os.path.basename(str(_field(info, "path", "model_path", default="")))
+            if name.endswith(".gguf"):
+                name = name[:-5]
+            name = name or _field(info, "name", "model", "id", default="dsd")
+            ctx = _field(info, "context_length", "context", "n_ctx", "max_model_len")
             if isinstance(ctx, int):
                 self.model_extra["context_length"] = ctx
             self.model_name = str(name)
@@ -316,18 +316,26 @@ class _Api:
 
     # -- endpoints -------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
+        """200 {"status": "ok"} when the daemon answers and is ready; 503 otherwise (starting,
+        restarting a worker, failed, not running, busy past the timeout)."""
         status = getattr(self.backend, "status", None)
-        if status is not None:
-            try:
-                with anyio.fail_after(STATUS_TIMEOUT_S):
-                    await _maybe_await(status())
-            except TimeoutError:
-                e = ApiError(503, "the daemon did not answer a status query within "
-                                  f"{STATUS_TIMEOUT_S:g} s", "server_error", None, "daemon_busy")
-                return JSONResponse({"status": "unavailable", **e.body()}, status_code=503)
-            except Exception as exc:
-                e = _map_backend_error(exc)
-                return JSONResponse({"status": "unavailable", **e.body()}, status_code=503)
+        if status is None:
+            return JSONResponse({"status": "ok"})
+        try:
+            with anyio.fail_after(STATUS_TIMEOUT_S):
+                st = await _maybe_await(status())
+        except TimeoutError:
+            e = ApiError(503, "the daemon did not answer a status query within "
+                              f"{STATUS_TIMEOUT_S:g} s", "server_error", None, "daemon_busy")
+            return JSONResponse({"status": "unavailable", **e.body()}, status_code=503)
+        except Exception as exc:
+            e = _map_backend_error(exc)
+            return JSONResponse({"status": "unavailable", **e.body()}, status_code=503)
+        state = _field(st, "state", default="ready")
+        if state != "ready":
+            e = ApiError(503, f"the daemon is {state}" + (f": {_field(st, 'error')}" if _field(st, "error") else ""),
+                         "server_error", None, f"daemon_{state}")
+            return JSONResponse({"status": str(state), **e.body()}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self, request: Request) -> Response:

@@ -104,9 +104,15 @@ def known_status_metrics(st) -> list[tuple[str, str, str, list]]:
         out.append(("dsd_daemon_decode_tokens_per_second", "gauge",
                     "Decode speed over the daemon's recent window (all sequences).", [({}, tps)]))
     wb, kv, pages = [], [], []
+    by_node: dict[str, float] = {}
     for i, w in enumerate(st.get("workers") or []):
         if not isinstance(w, dict):
             continue
+        # where the kernel actually put each worker's weights (placement proof), summed per node
+        place = w.get("placement") if isinstance(w.get("placement"), dict) else {}
+        for node, n in (place.get("bytes_by_node") or {}).items() if isinstance(place.get("bytes_by_node"), dict) else ():
+            if isinstance(n, (int, float)) and not isinstance(n, bool):
+                by_node[str(node)] = by_node.get(str(node), 0) + n
         lab = {"worker": str(w.get("index", i)), "node": str(w.get("node", ""))}
         if isinstance(w.get("weight_bytes"), int):
             wb.append((lab, w["weight_bytes"]))
@@ -115,6 +121,10 @@ def known_status_metrics(st) -> list[tuple[str, str, str, list]]:
         for kind, n in (w.get("page_kinds") or {}).items() if isinstance(w.get("page_kinds"), dict) else ():
             if isinstance(n, (int, float)):
                 pages.append(({**lab, "page_size": str(kind)}, n))
+    if by_node:
+        out.append(("dsd_numa_node_weight_bytes", "gauge",
+                     "Weight bytes resident on each NUMA node (all workers).",
+                     [({"node": k}, v) for k, v in sorted(by_node.items())]))
     if wb:
         out.append(("dsd_node_weight_bytes", "gauge", "Weight bytes held by each worker.", wb))
     if kv:
