@@ -45,6 +45,7 @@ class Result:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] | None = None    # the generated token ids
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None      # set on the last chunk
     completion_tokens: int | None = None  # set on the last chunk
+    token_ids: list[int] | None = None     # token ids this chunk's text came from
 
 
 _POLL_MS = 500
@@ -105,7 +107,7 @@ class _Base:
         last = m.get("finish_reason") is not None
         return Chunk(m.get("text", ""), m.get("finish_reason"),
                      m.get("prompt_tokens") if last else None,
-                     m.get("completion_tokens") if last else None)
+                     m.get("completion_tokens") if last else None, m.get("token_ids"))
 
 
 class Client(_Base):
@@ -171,7 +173,8 @@ class Client(_Base):
         m = None
         for m in self._stream(msg):
             pass
-        return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"])
+        return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"],
+                      m.get("token_ids"))
 
     def generate(self, prompt, stream: bool = False, **sampling):
         """Raw text (or token ids) continuation: Result, or an iterator of Chunk if stream."""
@@ -264,7 +267,8 @@ class AsyncClient(_Base):
         m = None
         async for m in self._stream(msg):
             pass
-        return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"])
+        return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"],
+                      m.get("token_ids"))
 
     def _run(self, msg: dict, stream: bool):
         # stream=True returns the async iterator directly (no await), like `async for c in

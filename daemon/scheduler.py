@@ -40,6 +40,7 @@ class Request:
     generated: int = 0
     max_new: int = 0
     text: list[str] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)   # token ids not yet sent to the client
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 
@@ -134,6 +135,7 @@ class Scheduler:
                 tail, stopped = req.stops.push(req.decoder.flush())
                 text, finish = text + tail + ("" if stopped else req.stops.flush()), "length"
         req.next_token = tok
+        req.unsent.append(tok)
         if req.stream:
             if text or finish:
                 self.send(req.client, self._chunk(req, text, finish))
@@ -147,8 +149,10 @@ class Scheduler:
             self.completed += 1
 
     def _chunk(self, req: Request, text: str, finish) -> dict:
+        ids, req.unsent = req.unsent, []
         return {"type": "chunk", "id": req.rid, "text": text, "finish_reason": finish,
-                "prompt_tokens": len(req.prompt_ids), "completion_tokens": req.generated}
+                "token_ids": ids, "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": req.generated}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> bool:

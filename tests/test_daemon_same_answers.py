@@ -1,0 +1,89 @@
+"""Greedy output through `dsd start --nodes 2` equals the one-process engine, token for token.
+
+Dense SmolLM2 (layer pipeline) and tiny MoE models (Mixtral, Qwen3-MoE, DeepSeek2 with shared
+experts and a dense lead layer) under each placement.  The reference is dsd.shard.engine.Engine,
+which is what `dsd generate` runs; one test also compares against the `dsd generate` CLI text.
+"""
+from __future__ import annotations
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from dsd.shard.engine import Engine
+from dsd.shard.sampling import SamplingParams
+from tests.test_daemon_util import dsd, running_daemon, shm_segments
+from tests.tiny_moe import write_tiny_deepseek2, write_tiny_mixtral, write_tiny_qwen3moe
+
+N_TOKENS = 12
+PROMPTS = [[1, 5, 9, 33, 2, 17], [1, 60, 61, 62, 63, 7, 8, 9, 10, 11]]
+
+
+def reference(path: str, ids: list[int], n: int = N_TOKENS) -> list[int]:
+    eng = Engine(path, threads=1)
+    p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return [s.token for s in eng.generate(ids, p)]
+
+
+def check_same(run, path: str, prompts=PROMPTS) -> None:
+    c = run.client()
+    for ids in prompts:
+        want = reference(path, ids)
+        got = c.generate(ids, temperature=0, max_tokens=N_TOKENS, ignore_eos=True)
+        assert got.token_ids == want, f"prompt {ids}"
+        assert got.completion_tokens == N_TOKENS and got.finish_reason == "length"
+        streamed = [t for ch in c.generate(ids, stream=True, temperature=0, max_tokens=N_TOKENS,
+                                           ignore_eos=True) for t in ch.token_ids]
+        assert streamed == want
+
+
+MODELS = {
+    "mixtral": lambda p: write_tiny_mixtral(p, n_layers=3, E=8, k=2, F=64, seed=1),
+    "qwen3moe": lambda p: write_tiny_qwen3moe(p, n_layers=2, E=8, k=2, F=64, seed=2),
+    "deepseek2": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, seed=3),
+    "deepseek2_q8": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, D=64,
+                                                   qtype=Q.Q8_0, seed=4),
+}
+
+
+@pytest.mark.parametrize("model,placement", [
+    ("mixtral", "experts"), ("mixtral", "rows"), ("qwen3moe", "auto"),
+    ("deepseek2", "experts"), ("deepseek2", "rows"), ("deepseek2_q8", "rows"),
+])
+def test_moe_two_nodes_equals_one_process(tmp_path, model, placement):
+    path = MODELS[model](str(tmp_path / f"{model}.gguf"))
+    with running_daemon(tmp_path, "--model", path, "--nodes", "2", "--placement", placement) as run:
+        st = run.client().status()
+        assert st["placement"] in ("experts", "rows")
+        if placement != "auto":
+            assert st["placement"] == placement
+        assert len(st["workers"]) == 2 and all(w["state"] == "ready" for w in st["workers"])
+        # no weight held twice: the two workers' bytes add up to the file's tensor bytes
+        from dsd.shard.gguf_file import open_gguf
+
+        with open_gguf(path) as g:
+            total = g.tensor_nbytes_total()
+        held = sum(w["weight_bytes"] for w in st["workers"])
+        assert abs(held - total) <= 64 * 2, (held, total)
+        check_same(run, path)
+        inst = run.instance
+    assert shm_segments(inst) == []
+
+
+def test_smollm2_pipeline_equals_dsd_generate(tmp_path):
+    with running_daemon(tmp_path, "--nodes", "2") as run:
+        st = run.client().status()
+        assert st["placement"] == "layers"
+        assert "split their CPUs" in st["numa_note"] or len({w["node"] for w in st["workers"]}) == 2
+        cli = dsd(["generate", "-p", "The capital of France is", "--temperature", "0", "-n", "24"],
+                  run.env).stdout
+        got = run.client().generate("The capital of France is", temperature=0, max_tokens=24)
+        assert got.text == cli.rstrip("\n")
+        msgs = [{"role": "user", "content": "Name three colours."}]
+        cli = dsd(["generate", "-c", "Name three colours.", "--temperature", "0", "-n", "30"],
+                  run.env).stdout
+        got = run.client().chat(msgs, temperature=0, max_tokens=30)
+        assert got.text == cli.rstrip("\n")
+        eng = Engine(None, threads=1)
+        ids = eng.encode_chat(msgs)
+        want = [s.token for s in eng.generate(ids, SamplingParams(temperature=0, max_tokens=30))]
+        assert got.token_ids == want
