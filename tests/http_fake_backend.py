@@ -45,6 +45,7 @@ class EngineBackend:
         self.cancelled = 0       # stopped early because the consumer went away
         self.last_sampling: dict | None = None
         self.fail_after: int | None = None   # tests: raise RequestFailed after this many tokens
+        self.gate: threading.Event | None = None   # tests: hold the slot until the gate opens
 
     # -- AsyncClient API -----------------------------------------------------------------------
     async def chat(self, messages, stream: bool = False, **sampling):
@@ -111,6 +112,8 @@ class EngineBackend:
                     self.started += 1
                 n = 0
                 try:
+                    if self.gate is not None:
+                        self.gate.wait(timeout=300)
                     if cancel.is_set():       # the client left while this request was queued
                         return
                     for step in self.engine.generate(list(ids), params):

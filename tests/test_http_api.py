@@ -7,6 +7,7 @@ short prompts; answers are compared with dsd.shard.engine.Engine run directly (g
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -364,6 +365,31 @@ def test_backend_failure_is_reported(oai, http, backend):
     backend.fail_after = None
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
     assert r.status_code == 200
+
+
+def test_concurrent_requests_queue_and_match(server, http, backend, refs):
+    """Two requests at once on the one-slot backend: the second queues (visible in /metrics),
+    both get the greedy reference answer."""
+    import concurrent.futures as cf
+
+    text, _, _ = refs["completion"]
+    backend.gate = threading.Event()
+    body = {"prompt": PROMPT, "max_tokens": N, "temperature": 0}
+    try:
+        with cf.ThreadPoolExecutor(2) as pool:
+            futs = [pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=600)
+                    for _ in range(2)]
+            wait_for(lambda: backend.queued == 1 and backend.active == 1, timeout=60)
+            m = http.get("/metrics").text
+            assert metric(m, "dsd_queue_depth") == 1
+            assert metric(m, "dsd_http_requests_in_flight") == 2
+            backend.gate.set()
+            answers = [f.result() for f in futs]
+    finally:
+        backend.gate.set()
+        backend.gate = None
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.json()["choices"][0]["text"] for a in answers] == [text, text]
 
 
 def test_metrics_count_tokens(http, oai, engine):
