@@ -45,6 +45,7 @@ def run(args) -> int:
             sys.stdout.write(step.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose and t_first is not None:
         t1 = time.perf_counter()
         dec = (n - 1) / (t1 - t_first) if n > 1 else float("nan")
