@@ -261,6 +261,10 @@ def llama_moe_ffn(args, weights, layer_index: int) -> MoEFFN:
 
 
 # -- statistics for `dsd bench` -------------------------------------------------------------------
+# Active routed-expert bytes per token: reset_moe_stats(model); decode N tokens one at a time
+# (Batch.single(cache, [tok])); moe_bytes_read(model) / N.  In a decode step every chosen expert
+# is read once per layer, so this is (experts used x layers x expert bytes) minus overlaps; add
+# the dense weights (attention, shared experts, dense layers, output) for total bytes per token.
 
 def routed_experts_of(model) -> list[RoutedExperts]:
     """Every RoutedExperts object of a built model (walks model.ffn)."""
