@@ -104,11 +104,8 @@ class Channel:
             self.shm.close()
         except BufferError:
             pass  # a numpy view is still alive; the mapping goes with the process
-        if unlink:
-            try:
-                self.shm.unlink()
-            except FileNotFoundError:
-                pass
+        if unlink:  # not shm.unlink(): it would unregister again and upset the resource tracker
+            unlink_segment(self.name)
 
     # -- messages ------------------------------------------------------------------------------
     def _write(self, header: dict, arrays: dict) -> None:
