@@ -44,6 +44,8 @@ class Linear:
         ReadCounter.bytes += self.raw.shape[0] * self.raw.shape[1]
         if x.ndim == 1:
             return kernels.matvec(self.raw, self.ggml_type, x)
+        if x.shape[0] == 1:  # one token (decode): the matrix-vector kernel, no dequantized copy
+            return kernels.matvec(self.raw, self.ggml_type, x[0])[None, :]
         return kernels.matmul(self.raw, self.ggml_type, x)
 
     def row_slice(self, r0: int, r1: int) -> "Linear":

@@ -30,12 +30,14 @@ def write_tiny_llama(path, *, n_layers=2, d=64, n_heads=4, n_kv=2, ffn=128, voca
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(d // n_heads)
     w.add_vocab_size(vocab)
-    # a minimal byte-free vocabulary so tokenizer code can load the file
+    # a small byte-level BPE vocabulary: printable ASCII, one merge, then filler tokens
+    tokens = [chr(c) for c in range(33, 127)] + ["ab"]
+    tokens += [f"<x{i}>" for i in range(vocab - len(tokens))]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
-    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_list(tokens[:vocab])
     w.add_token_types([1] * vocab)
-    w.add_token_merges([])
+    w.add_token_merges(["a b"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
