@@ -82,8 +82,11 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int = 512, decode_to
     """llama.cpp (llama-cpp-python) on the same file, same thread count, same token counts."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_tokens + decode_tokens + 16, n_threads=threads,
-                          n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    n_ctx = prompt_tokens + decode_tokens + 16
+    # n_batch = n_ctx only sizes llama-cpp-python's score buffer (one row per position); the
+    # compute micro-batch (n_ubatch) stays at llama.cpp's default of 512.
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                          n_batch=n_ctx, verbose=False)
     ids = synthetic_prompt(llm.n_vocab(), prompt_tokens)
     llm.eval(ids[:8])  # warm-up
     llm.reset()

@@ -1,8 +1,11 @@
 """Per-sequence KV cache: one growable buffer set per layer.
 
-Each layer stores named arrays of shape [capacity, *row_shape] (llama: k [cap, Hkv, Dh] and
-v [cap, Hkv, Dh]; DeepSeek MLA: the compressed latent [cap, kv_lora + rope dims]).  Capacity
-doubles as the sequence grows, so short requests do not reserve the whole context.
+Each layer stores named arrays.  Rows arrive position-first ([n, *row_shape]).  By default they
+are stored position-first too ([capacity, *row_shape]; DeepSeek MLA keeps its compressed latent
+[cap, kv_lora + rope dims] this way).  With heads_first=True a row [n, H, D] is stored as
+[H, capacity, D], so each head's keys/values are contiguous [L, D] matrices and attention's
+matrix products read them without a copy (llama: k and v as [Hkv, cap, Dh]).
+Capacity doubles as the sequence grows, so short requests do not reserve the whole context.
 """
 from __future__ import annotations
 
@@ -16,23 +19,34 @@ class SequenceCache:
         self.layers: list[dict[str, np.ndarray]] = [dict() for _ in range(n_layers)]
         self.length = 0  # positions filled in every layer after a full forward
 
-    def append(self, layer: int, pos0: int, **rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Write rows[name] [n, ...] at positions pos0..pos0+n-1; return views [0:pos0+n]."""
+    def append(self, layer: int, pos0: int, heads_first: bool = False,
+               **rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Write rows[name] [n, ...] at positions pos0..pos0+n-1; return views of positions 0..pos0+n-1
+        ([L, ...], or [H, L, D] when heads_first)."""
         store = self.layers[layer]
+        ax = 1 if heads_first else 0
         out = {}
         for name, r in rows.items():
             end = pos0 + r.shape[0]
             if end > self.max_len:
                 raise ValueError(f"sequence of {end} tokens exceeds the context size {self.max_len}")
             buf = store.get(name)
-            if buf is None or buf.shape[0] < end:
-                cap = max(self.initial, end, 0 if buf is None else 2 * buf.shape[0])
-                new = np.empty((min(cap, self.max_len),) + r.shape[1:], dtype=np.float32)
+            if buf is None or buf.shape[ax] < end:
+                cap = min(max(self.initial, end, 0 if buf is None else 2 * buf.shape[ax]), self.max_len)
+                shape = (r.shape[1], cap) + r.shape[2:] if heads_first else (cap,) + r.shape[1:]
+                new = np.empty(shape, dtype=np.float32)
                 if buf is not None:
-                    new[:pos0] = buf[:pos0]
+                    if heads_first:
+                        new[:, :pos0] = buf[:, :pos0]
+                    else:
+                        new[:pos0] = buf[:pos0]
                 store[name] = buf = new
-            buf[pos0:end] = r
-            out[name] = buf[:end]
+            if heads_first:
+                buf[:, pos0:end] = r.swapaxes(0, 1)
+                out[name] = buf[:, :end]
+            else:
+                buf[pos0:end] = r
+                out[name] = buf[:end]
         return out
 
     def truncate(self, n: int) -> None:

@@ -76,21 +76,24 @@ class RopeTable:
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: float) -> np.ndarray:
     """Causal grouped-query attention for one sequence.
 
-    q [n, H, Dh] for positions q_pos0 .. q_pos0+n-1; k [L, Hkv, Dk], v [L, Hkv, Dv] hold positions
-    0 .. L-1 (L = q_pos0 + n). Returns [n, H, Dv]. Query head h uses kv head h // (H // Hkv).
+    q [n, H, Dh] for positions q_pos0 .. q_pos0+n-1; k [Hkv, L, Dk], v [Hkv, L, Dv] (heads first,
+    as SequenceCache stores them) hold positions 0 .. L-1 (L = q_pos0 + n). Returns [n, H, Dv].
+    Query head h uses kv head h // (H // Hkv).
     """
     n, H, _ = q.shape
-    L, Hkv, _ = k.shape
+    Hkv, L, _ = k.shape
     g = H // Hkv
-    # [Hkv, g*n, Dh] so each kv head is one batched matmul over its query group.
+    # [Hkv, g*n, Dh] so each kv head is one batched matmul over its query group; k's last two
+    # axes are contiguous, so the transposed view goes to BLAS without a copy.
     qg = q.reshape(n, Hkv, g, -1).transpose(1, 2, 0, 3).reshape(Hkv, g * n, -1)
-    scores = np.matmul(qg, k.transpose(1, 2, 0)) * np.float32(scale)  # [Hkv, g*n, L]
+    scores = np.matmul(qg, k.transpose(0, 2, 1))  # [Hkv, g*n, L]
+    scores *= np.float32(scale)
     if n > 1:
         # query i (absolute q_pos0+i) sees keys 0..q_pos0+i
         allowed = np.arange(L)[None, :] <= (q_pos0 + np.arange(n))[:, None]  # [n, L]
         scores = np.where(np.tile(allowed, (g, 1))[None], scores, np.float32(-np.inf))
     p = softmax(scores)
-    out = np.matmul(p, v.transpose(1, 0, 2))  # [Hkv, g*n, Dv]
+    out = np.matmul(p, v)  # [Hkv, g*n, Dv]
     return out.reshape(Hkv, g, n, -1).transpose(2, 0, 1, 3).reshape(n, H, -1)
 
 

@@ -165,7 +165,7 @@ class MLAttention:
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
             kv = s.cache.append(self.layer, s.pos0, mla=lat[sl])["mla"]  # [L, kv_lora + rope]
-            o_lat[sl] = ops.attention(qf[sl], kv[:, None, :], kv[:, None, :kvl], s.pos0, self.scale)
+            o_lat[sl] = ops.attention(qf[sl], kv[None], kv[None, :, :kvl], s.pos0, self.scale)
         o = np.empty((T, H, a.v_head), dtype=np.float32)
         for h in range(H):
             xh = np.ascontiguousarray(o_lat[:, h])

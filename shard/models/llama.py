@@ -101,7 +101,7 @@ class Attention:
         out = np.empty((T, a.n_heads, a.head_dim), dtype=np.float32)
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
-            kv = s.cache.append(self.layer, s.pos0, k=k[sl], v=v[sl])
+            kv = s.cache.append(self.layer, s.pos0, heads_first=True, k=k[sl], v=v[sl])
             out[sl] = ops.attention(q[sl], kv["k"], kv["v"], s.pos0, self.scale)
         return self.wo(out.reshape(T, a.n_heads * a.head_dim))
 
