@@ -8,7 +8,7 @@ starting at flat[r * stride], so one compiled specialisation serves every case.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,10 +17,13 @@ from gguf import GGMLQuantizationType as G
 
 from dsd.errors import GGUFError
 
+from numba import typeof
+from numba.core import types as nbtypes
+
 from ._common import F16_TABLE
 from . import dequant as dq
-from . import matvec_fast as mv
-from .generic import matvec_generic
+from . import drivers as dv
+from .rows import DECODERS
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,12 @@ class QuantType:
     name: str
     block_size: int         # elements per block
     type_size: int          # bytes per block
-    dequant_block: Callable  # numba fn (flat, o, f16tab, dst, d0): one block -> dst[d0:d0+bs]
-    # matvec kernels (flat, stride, nrows, ncols, f16tab, x, out) -> None; serial for small
-    # matrices, parallel (prange) above PAR_MIN_BYTES
-    matvec_serial: Callable = field(default=None, repr=False)
-    matvec_parallel: Callable = field(default=None, repr=False)
-    # float types are read through a typed view of the bytes (float32 / uint16); None = uint8
-    elem_dtype: object = None
+    dequant_block: Callable  # scalar numba fn (flat, o, f16tab, dst, d0): one block -> dst[d0:d0+bs]
+    # rows.py decoder geometry: elements / bytes per SIMD block (32 elements for float types),
+    # offset groups per block and elements per offset group (for the x group sums)
+    simd_bs: int = 0
+    simd_ts: int = 0
+    gsz: int = 32
 
     def row_bytes(self, n_cols: int) -> int:
         return row_bytes(self.ggml_type, n_cols)
@@ -43,42 +45,66 @@ class QuantType:
 
 QUANT_TYPES: dict[int, QuantType] = {}
 
-# Matrices smaller than this many bytes run single-threaded: the numba/OpenMP parallel-region
-# launch (~10-30 us on the 2-core VM, more when it is busy) exceeds the work (192x576 Q4_1 is
-# 69 KB = ~10 us on one core). Measured in bench/kernels_bench.py.
+# Matrices smaller than this many bytes run single-threaded: a numba parallel region costs a
+# fixed launch + join (measured in bench/kernels_bench.py --overhead) that exceeds the work of
+# a small matrix (192x576 Q4_1 is 69 KB = a few us on one core).
 PAR_MIN_BYTES = 256 * 1024
+# matmul with at most this many vectors uses the fused kernel (each weight row dequantized once
+# into L1 and dotted with all T vectors); above it, dequantized tiles + BLAS sgemm.
+FUSED_MAX_T = 16
+# Rows dequantized per BLAS call in matmul: tile of ~1 MiB float32 (L2-sized).
+_TILE_ELEMS = 256 * 1024
 
 
-def _generic_launcher(kind, bs, ts):
-    def launch(flat, stride, nrows, ncols, tab, x, out):
-        matvec_generic(kind, flat, stride, nrows, ncols, bs, ts, tab, x, out)
-    return launch
-
-
-def _register(gt: G, dequant_block, serial=None, parallel=None, elem_dtype=None):
-    """Adding a type = one call here (plus its numba functions)."""
+def _register(gt: G, dequant_block):
+    """Adding a type = one call here plus its decoder in rows.py and branch in drivers.py."""
     from gguf.constants import GGML_QUANT_SIZES
     bs, ts = GGML_QUANT_SIZES[gt]
     kind = int(gt)
-    if parallel is None:
-        parallel = _generic_launcher(kind, bs, ts)
-    QUANT_TYPES[kind] = QuantType(kind, gt.name, bs, ts, dequant_block, serial or parallel,
-                                  parallel, elem_dtype)
+    _, sbs, sts, _, gsz = DECODERS[kind]
+    QUANT_TYPES[kind] = QuantType(kind, gt.name, bs, ts, dequant_block, sbs, sts, gsz)
 
 
-_register(G.F32, dq.deq_f32, None, mv.p_f32, np.float32)
-_register(G.F16, dq.deq_f16, None, mv.p_f16, np.uint16)
-_register(G.BF16, dq.deq_bf16, None, mv.p_bf16, np.uint16)
-_register(G.Q4_0, dq.deq_q4_0, mv.s_q4_0, mv.p_q4_0)
-_register(G.Q4_1, dq.deq_q4_1, mv.s_q4_1, mv.p_q4_1)
-_register(G.Q5_0, dq.deq_q5_0, mv.s_q5_0, mv.p_q5_0)
-_register(G.Q5_1, dq.deq_q5_1, mv.s_q5_1, mv.p_q5_1)
-_register(G.Q8_0, dq.deq_q8_0, mv.s_q8_0, mv.p_q8_0)
+_register(G.F32, dq.deq_f32)
+_register(G.F16, dq.deq_f16)
+_register(G.BF16, dq.deq_bf16)
+_register(G.Q4_0, dq.deq_q4_0)
+_register(G.Q4_1, dq.deq_q4_1)
+_register(G.Q5_0, dq.deq_q5_0)
+_register(G.Q5_1, dq.deq_q5_1)
+_register(G.Q8_0, dq.deq_q8_0)
 _register(G.Q2_K, dq.deq_q2_k)
 _register(G.Q3_K, dq.deq_q3_k)
-_register(G.Q4_K, dq.deq_q4_k, mv.s_q4_k, mv.p_q4_k)
-_register(G.Q5_K, dq.deq_q5_k, mv.s_q5_k, mv.p_q5_k)
-_register(G.Q6_K, dq.deq_q6_k, mv.s_q6_k, mv.p_q6_k)
+_register(G.Q4_K, dq.deq_q4_k)
+_register(G.Q5_K, dq.deq_q5_k)
+_register(G.Q6_K, dq.deq_q6_k)
+
+_FLOAT_ITEM = {int(G.F32): 4, int(G.F16): 2, int(G.BF16): 2}
+_EP: dict = {}
+
+
+def _entry(fn, kind, *args):
+    """Call numba driver fn(kind, *args) with kind as a compile-time literal through its compiled
+    entry point (the dispatcher would redo literal typing on every call, ~16 ms). Argument types
+    only vary in writeability/array class, which is part of the key."""
+    key = (fn, kind) + tuple((a.flags.writeable, type(a)) if isinstance(a, np.ndarray) else 0 for a in args)
+    ep = _EP.get(key)
+    if ep is not None:
+        return ep(kind, *args)
+    res = fn(kind, *args)  # compiles (or loads from the on-disk cache) the literal specialisation
+    sig = (nbtypes.literal(kind),) + tuple(typeof(a) for a in args)
+    _EP[key] = fn.overloads[sig].entry_point
+    return res
+
+
+def _float_cols(raw_part, kind):
+    """Tail columns of a float-type matrix (rows, k*itemsize bytes) -> float32 (rows, k)."""
+    a = np.ascontiguousarray(raw_part)
+    if kind == int(G.F32):
+        return a.view(np.float32).copy()
+    if kind == int(G.F16):
+        return a.view(np.float16).astype(np.float32)
+    return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def quant_type(ggml_type: int) -> QuantType:
@@ -129,15 +155,27 @@ def _ncols(qt: QuantType, rb: int) -> int:
     return rb // qt.type_size * qt.block_size
 
 
+def _geometry(qt: QuantType, raw: np.ndarray):
+    """-> (flat, stride, n_cols, nb SIMD blocks per row, n_main columns covered by them)."""
+    rb = raw.shape[1] if raw.ndim == 2 else -1
+    n_cols = rb // qt.type_size * qt.block_size
+    flat, stride = _flat(raw, rb if rb % qt.type_size == 0 else -1)
+    nb = n_cols // qt.simd_bs
+    return flat, stride, n_cols, nb, nb * qt.simd_bs
+
+
 def dequantize(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
     """raw (rows, row_bytes) uint8 -> float32 (rows, n_cols), bit-exact with gguf-py."""
     qt = quant_type(ggml_type)
-    rb = row_bytes(ggml_type, n_cols)
-    flat, stride = _flat(raw, rb)
+    _flat(raw, row_bytes(ggml_type, n_cols))  # validates raw against n_cols
+    flat, stride, n_cols, nb, main = _geometry(qt, raw)
     out = np.empty((raw.shape[0], n_cols), dtype=np.float32)
     if raw.shape[0]:
-        dq.dequant_rows(qt.ggml_type, flat, stride, raw.shape[0], n_cols, qt.block_size,
-                        qt.type_size, F16_TABLE, out)
+        if nb:
+            _entry(dv.deq_rows, qt.ggml_type, flat, stride, raw.shape[0], nb, F16_TABLE, out)
+        if main < n_cols:
+            it = _FLOAT_ITEM[qt.ggml_type]
+            out[:, main:] = _float_cols(raw[:, main * it:], qt.ggml_type)
     return out
 
 
@@ -152,9 +190,7 @@ def _vec(x, n_cols, what="x"):
 def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | None = None):
     """W @ x for W given as raw blocks (rows, row_bytes); x float32 (n_cols,) -> (rows,)."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
-    rb = raw.shape[1] if raw.ndim == 2 else -1
-    n_cols = rb // qt.type_size * qt.block_size
-    flat, stride = _flat(raw, rb if rb % qt.type_size == 0 else -1)
+    flat, stride, n_cols, nb, main = _geometry(qt, raw)
     x = _vec(x, n_cols)
     nrows = raw.shape[0]
     if out is None:
@@ -162,27 +198,22 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
     if nrows:
-        kern = qt.matvec_parallel if nrows * rb >= PAR_MIN_BYTES else qt.matvec_serial
-        if qt.elem_dtype is not None:
-            flat = flat.view(qt.elem_dtype)
-            stride //= flat.itemsize
-        kern(flat, stride, nrows, n_cols, F16_TABLE, x, out)
+        kern = dv.mv_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mv_serial
+        _entry(kern, qt.ggml_type, flat, stride, nrows, nb, qt.gsz, F16_TABLE, x, out)
+        if main < n_cols:
+            it = _FLOAT_ITEM[qt.ggml_type]
+            out += _float_cols(raw[:, main * it:], qt.ggml_type) @ x[main:]
     return out
-
-
-# Rows dequantized per BLAS call in matmul: 8 MiB of float32 tile (fits L3 with X) at 1024 cols.
-_TILE_ELEMS = 2 * 1024 * 1024
 
 
 def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | None = None):
     """X @ W.T for X float32 (T, n_cols), W raw blocks (rows, row_bytes) -> float32 (T, rows).
 
-    Prefill path: dequantize tiles of rows to float32 (bit-exact) and let numpy's sgemm do the
-    T x rows x n_cols product, so the cost is one dequant pass plus near-BLAS speed."""
+    T <= FUSED_MAX_T (continuous-batching decode): fused kernel, each weight row is read and
+    dequantized once and dotted with all T vectors. Larger T (prefill): dequantize L2-sized
+    tiles of rows (bit-exact SIMD dequant) and let numpy's sgemm do the product."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
-    rb = raw.shape[1] if raw.ndim == 2 else -1
-    n_cols = rb // qt.type_size * qt.block_size
-    flat, stride = _flat(raw, rb if rb % qt.type_size == 0 else -1)
+    flat, stride, n_cols, nb, main = _geometry(qt, raw)
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != n_cols:
         raise GGUFError(f"X has shape {X.shape}, expected (T, {n_cols})")
@@ -195,13 +226,33 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         raise GGUFError(f"out must be a float32 array of shape ({T}, {nrows})")
     if T == 0 or nrows == 0:
         return out
+    if T == 1 and out.flags.c_contiguous:
+        matvec(raw, ggml_type, X[0], out[0])
+        return out
+    if T <= FUSED_MAX_T:
+        o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
+        kern = dv.mm_fused_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mm_fused_serial
+        if nb:
+            _entry(kern, qt.ggml_type, flat, stride, nrows, nb, main, F16_TABLE, X, o)
+        else:
+            o[:] = 0
+        if main < n_cols:
+            it = _FLOAT_ITEM[qt.ggml_type]
+            o += X[:, main:] @ _float_cols(raw[:, main * it:], qt.ggml_type).T
+        if o is not out:
+            out[:] = o
+        return out
     tile_rows = max(1, min(nrows, _TILE_ELEMS // n_cols))
     tile = np.empty((tile_rows, n_cols), dtype=np.float32)
     for r0 in range(0, nrows, tile_rows):
         r1 = min(nrows, r0 + tile_rows)
         t = tile[: r1 - r0]
-        dq.dequant_rows(qt.ggml_type, flat[r0 * stride:], stride, r1 - r0, n_cols,
-                        qt.block_size, qt.type_size, F16_TABLE, t)
+        part = raw[r0:r1]
+        if nb:
+            pf, ps = _flat(part, raw.shape[1])
+            _entry(dv.deq_rows, qt.ggml_type, pf, ps, r1 - r0, nb, F16_TABLE, t)
+        if main < n_cols:
+            t[:, main:] = _float_cols(part[:, main * _FLOAT_ITEM[qt.ggml_type]:], qt.ggml_type)
         if r1 - r0 == nrows:
             np.matmul(X, t.T, out=out)
         else:

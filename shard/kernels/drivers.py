@@ -1,0 +1,169 @@
+"""numba drivers over the rows.py row kernels: matvec (serial / parallel), row dequantization,
+and the fused small-batch matmul (T = 2..16 vectors share one dequantization of each row).
+
+Every driver takes the ggml type id `kind` as a compile-time literal (numba.literally): one
+specialisation per type is compiled and cached on first use, and the `if kind == ...` chain is
+pruned to the one branch. Call them through registry._entry(), which looks up the compiled
+entry point once: numba's dispatcher would redo the literal typing on every call (~16 ms).
+
+Shapes: flat = 1-D read-only uint8 raw bytes, row r at flat[r * stride]; nb = blocks per row
+(32-element "blocks" for F32/F16/BF16, whose tail columns are handled by the caller);
+x float32 (ncols,), X float32 (T, ncols) C-order, out (nrows,) or (T, nrows).
+"""
+import numpy as np
+from numba import literally, njit, prange
+
+from .rows import (deq_bf16, deq_f16, deq_f32, dot_f32, deq_q2_k, deq_q3_k, deq_q4_0, deq_q4_1,
+                   deq_q4_k, deq_q5_0, deq_q5_1, deq_q5_k, deq_q6_k, deq_q8_0, dot_bf16, dot_f16, dot_q2_k, dot_q3_k,
+                   dot_q4_0, dot_q4_1, dot_q4_k, dot_q5_0, dot_q5_1, dot_q5_k, dot_q6_k, dot_q8_0)
+
+ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
+
+
+@njit(cache=True, fastmath=True)
+def row_dot(kind, flat, o, nb, tab, x, xs):
+    literally(kind)
+    if kind == 3:
+        return dot_q4_1(flat, o, nb, tab, x, xs)
+    elif kind == 12:
+        return dot_q4_k(flat, o, nb, tab, x, xs)
+    elif kind == 8:
+        return dot_q8_0(flat, o, nb, tab, x, xs)
+    elif kind == 6:
+        return dot_q5_0(flat, o, nb, tab, x, xs)
+    elif kind == 14:
+        return dot_q6_k(flat, o, nb, tab, x, xs)
+    elif kind == 13:
+        return dot_q5_k(flat, o, nb, tab, x, xs)
+    elif kind == 2:
+        return dot_q4_0(flat, o, nb, tab, x, xs)
+    elif kind == 7:
+        return dot_q5_1(flat, o, nb, tab, x, xs)
+    elif kind == 10:
+        return dot_q2_k(flat, o, nb, tab, x, xs)
+    elif kind == 11:
+        return dot_q3_k(flat, o, nb, tab, x, xs)
+    elif kind == 1:
+        return dot_f16(flat, o, nb, tab, x, xs)
+    elif kind == 30:
+        return dot_bf16(flat, o, nb, tab, x, xs)
+    elif kind == 0:
+        return dot_f32(flat, o, nb, tab, x, xs)
+    return np.float32(np.nan)
+
+
+@njit(cache=True)
+def row_deq(kind, flat, o, nb, tab, dst, d0):
+    literally(kind)
+    if kind == 3:
+        return deq_q4_1(flat, o, nb, tab, dst, d0)
+    elif kind == 12:
+        return deq_q4_k(flat, o, nb, tab, dst, d0)
+    elif kind == 8:
+        return deq_q8_0(flat, o, nb, tab, dst, d0)
+    elif kind == 6:
+        return deq_q5_0(flat, o, nb, tab, dst, d0)
+    elif kind == 14:
+        return deq_q6_k(flat, o, nb, tab, dst, d0)
+    elif kind == 13:
+        return deq_q5_k(flat, o, nb, tab, dst, d0)
+    elif kind == 2:
+        return deq_q4_0(flat, o, nb, tab, dst, d0)
+    elif kind == 7:
+        return deq_q5_1(flat, o, nb, tab, dst, d0)
+    elif kind == 10:
+        return deq_q2_k(flat, o, nb, tab, dst, d0)
+    elif kind == 11:
+        return deq_q3_k(flat, o, nb, tab, dst, d0)
+    elif kind == 1:
+        return deq_f16(flat, o, nb, tab, dst, d0)
+    elif kind == 30:
+        return deq_bf16(flat, o, nb, tab, dst, d0)
+    elif kind == 0:
+        return deq_f32(flat, o, nb, tab, dst, d0)
+    return -1
+
+
+@njit(cache=True, fastmath=True)
+def xsums(x, gsz):
+    """Sums of x over consecutive gsz-element groups (the offset terms of Q4_1/Q4_K/Q2_K...)."""
+    n = x.shape[0] // gsz
+    xs = np.empty(n, np.float32)
+    for i in range(n):
+        s = np.float32(0)
+        for j in range(gsz):
+            s += x[gsz * i + j]
+        xs[i] = s
+    return xs
+
+
+@njit(cache=True, fastmath=True)
+def mv_serial(kind, flat, stride, nrows, nb, gsz, tab, x, out):
+    literally(kind)
+    xs = xsums(x, gsz)
+    for r in range(nrows):
+        out[r] = row_dot(kind, flat, r * stride, nb, tab, x, xs)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_parallel(kind, flat, stride, nrows, nb, gsz, tab, x, out):
+    literally(kind)
+    xs = xsums(x, gsz)
+    for r in prange(nrows):  # static schedule: each thread a contiguous range of rows
+        out[r] = row_dot(kind, flat, r * stride, nb, tab, x, xs)
+
+
+@njit(cache=True, parallel=True)
+def deq_rows(kind, flat, stride, nrows, nb, tab, out):
+    """out (nrows, >= nb*bs) float32 C-order <- rows dequantized bit-exactly."""
+    literally(kind)
+    for r in prange(nrows):
+        row_deq(kind, flat, r * stride, nb, tab, out[r], 0)
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _dots(w, X, out, r, n):
+    """out[t, r] = w[:n] . X[t, :n] for all t; four vectors per pass so each w load feeds 4 FMAs."""
+    T = X.shape[0]
+    t = 0
+    while t + 4 <= T:
+        x0, x1, x2, x3 = X[t], X[t + 1], X[t + 2], X[t + 3]
+        a0 = a1 = a2 = a3 = np.float32(0)
+        for j in range(n):
+            wj = w[j]
+            a0 += wj * x0[j]
+            a1 += wj * x1[j]
+            a2 += wj * x2[j]
+            a3 += wj * x3[j]
+        out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+        t += 4
+    while t < T:
+        x0 = X[t]
+        a0 = np.float32(0)
+        for j in range(n):
+            a0 += w[j] * x0[j]
+        out[t, r] = a0
+        t += 1
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_fused_parallel(kind, flat, stride, nrows, nb, n, tab, X, out):
+    """out (T, nrows) = X (T, ncols) @ W.T, each row of W dequantized once into an L1-resident
+    scratch row and reused for all T vectors (small-batch decode: weights read once).
+    n = nb * block elements (< ncols only for F16/BF16 tails, which the caller adds)."""
+    literally(kind)
+    nch = (nrows + ROW_CHUNK - 1) // ROW_CHUNK
+    for c in prange(nch):
+        w = np.empty(n, np.float32)
+        for r in range(c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK)):
+            row_deq(kind, flat, r * stride, nb, tab, w, 0)
+            _dots(w, X, out, r, n)
+
+
+@njit(cache=True, fastmath=True)
+def mm_fused_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
+    literally(kind)
+    w = np.empty(n, np.float32)
+    for r in range(nrows):
+        row_deq(kind, flat, r * stride, nb, tab, w, 0)
+        _dots(w, X, out, r, n)

@@ -1,0 +1,364 @@
+"""Whole-row SIMD kernels emitted as LLVM vector IR, one block *decoder* per GGML type.
+
+Why IR: numba/LLVM unroll the small loops inside a quant block and then emit scalar int->float
+conversions or gathers (1-4 GB/s). Here each type has one decoder that turns a block into
+"groups": (element offset in block, q = <16|32 x float> of small exact integers, scale s,
+offset m) with dequantized w = s * q (+/-) m, exactly the float32 operations gguf-py performs
+(so `deq` rows are bit-exact). Two row drivers are built from every decoder:
+
+  dot_<T>(flat, o, nb, tab, x, xs) -> float32   matvec row: sum_g s_g * (q_g . x_g) on
+      16-lane accumulators carried across the whole row (one horizontal sum per row), offsets
+      folded in as  (+/-) sum_g m_g * xs[g]  with xs = sums of x over groups (gsz elements).
+  deq_<T>(flat, o, nb, tab, dst, d0) -> int64     writes nb * bs float32 to dst[d0:], bit-exact.
+
+flat: 1-D uint8 raw bytes, row starts at flat[o]; nb = blocks in the row; x float32 (ncols,).
+Only generic LLVM vector ops are used: the code compiles for any x86-64 (SSE2 baseline,
+NUMBA_CPU_NAME=generic) and uses AVX2/AVX-512 when the CPU has them; fp16 bulk conversion uses
+`fpext half` only when the target has F16C, else an exact integer bit trick.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+FAST = ("fast",)
+
+
+def V(t, n):
+    return ir.VectorType(t, n)
+
+
+class Emit:
+    """Small helper over an IRBuilder: loads from the raw byte array, vector constants."""
+
+    def __init__(self, context, builder, flat_ty, flat, tab_ty, tab):
+        self.b = builder
+        self.fd = context.make_array(flat_ty)(context, builder, flat).data
+        self.td = context.make_array(tab_ty)(context, builder, tab).data
+        self.f16c = "+f16c" in context.codegen()._tm_features
+
+    def at(self, off, k):
+        return self.b.add(off, ir.Constant(I64, k)) if k else off
+
+    def ld(self, off, n, elem=I8):
+        ty = V(elem, n) if n > 1 else elem
+        v = self.b.load(self.b.bitcast(self.b.gep(self.fd, [off]), ir.PointerType(ty)))
+        v.align = 1
+        return v
+
+    def f16(self, off):
+        """Scalar fp16 at flat[off] via the 65,536-entry table (exact, any CPU)."""
+        return self.b.load(self.b.gep(self.td, [self.b.zext(self.ld(off, 1, I16), I64)]))
+
+    def cv(self, elem, vals):
+        return ir.Constant(V(elem, len(vals)), list(vals))
+
+    def k8(self, v, n):
+        return self.cv(I8, [v] * n)
+
+    def splat(self, v, n):
+        vec = self.b.insert_element(ir.Constant(V(v.type, n), None), v, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(vec, vec, ir.Constant(V(I32, n), [0] * n))
+
+    def shuf(self, a, idx, c=None):
+        return self.b.shuffle_vector(a, a if c is None else c, ir.Constant(V(I32, len(idx)), list(idx)))
+
+    def lo4(self, q):
+        return self.b.and_(q, self.k8(15, q.type.count))
+
+    def hi4(self, q):
+        return self.b.lshr(q, self.k8(4, q.type.count))
+
+    def bits(self, q, sh, mask):
+        n = q.type.count
+        if sh:
+            q = self.b.lshr(q, self.k8(sh, n))
+        return self.b.and_(q, self.k8(mask, n))
+
+    def uf(self, q):
+        return self.b.uitofp(q, V(F32, q.type.count))
+
+    def sf(self, q):
+        return self.b.sitofp(q, V(F32, q.type.count))
+
+    def cat(self, a, c):
+        n = a.type.count
+        return self.shuf(a, range(2 * n), c)
+
+    def half_to_f32(self, h):
+        """<n x i16> fp16 bit patterns -> <n x float>, exact (incl. subnormals, inf, nan)."""
+        n = h.type.count
+        b = self.b
+        if self.f16c:
+            return b.fpext(b.bitcast(h, V(ir.HalfType(), n)), V(F32, n))
+        w = b.zext(h, V(I32, n))
+        em = b.and_(w, self.cv(I32, [0x7FFF] * n))
+        f = b.fmul(b.bitcast(b.shl(em, self.cv(I32, [13] * n)), V(F32, n)),
+                   ir.Constant(V(F32, n), [2.0 ** 112] * n))   # rescale exponent bias 15 -> 127
+        infnan = b.or_(b.shl(em, self.cv(I32, [13] * n)), self.cv(I32, [0x7F800000] * n))
+        isinf = b.icmp_unsigned(">=", em, self.cv(I32, [0x7C00] * n))
+        r = b.select(isinf, infnan, b.bitcast(f, V(I32, n)))
+        sign = b.shl(b.and_(w, self.cv(I32, [0x8000] * n)), self.cv(I32, [16] * n))
+        return b.bitcast(b.or_(r, sign), V(F32, n))
+
+
+class Blk:
+    """Decoded block: groups [(eoff, q, s, m)], w = s*q (+ or - per msign) m; s None = 1,
+    m None = no offset. mvec: the groups' m values as a vector (or scalar) for matvec."""
+
+    def __init__(self, groups, mvec=None, msign=1.0):
+        self.groups, self.mvec, self.msign = groups, mvec, msign
+
+
+# ---------------------------------------------------------------- decoders (e, ob) -> Blk
+# ob = byte offset of the block in flat. Layouts are those of ggml (comments give bytes).
+
+def dec_q4_0(e, ob):  # 18 B: d | qs[16]; elems 0..15 low nibbles, 16..31 high; w = d*(q-8)
+    q = e.ld(e.at(ob, 2), 16)
+    q = e.b.sub(e.cat(e.lo4(q), e.hi4(q)), e.k8(8, 32))
+    return Blk([(0, e.sf(q), e.f16(ob), None)])
+
+
+def dec_q4_1(e, ob):  # 20 B: d | m | qs[16]; w = d*q + m
+    q = e.ld(e.at(ob, 4), 16)
+    m = e.f16(e.at(ob, 2))
+    return Blk([(0, e.uf(e.cat(e.lo4(q), e.hi4(q))), e.f16(ob), m)], m, 1.0)
+
+
+def _q5_high(e, off):
+    """4 bytes (uint32 qh) at flat[off] -> <32 x i8> with 16 where bit j is set, else 0."""
+    qh = e.shuf(e.ld(off, 4), [j // 8 for j in range(32)])
+    hit = e.b.icmp_unsigned("!=", e.b.and_(qh, e.cv(I8, [1 << (j % 8) for j in range(32)])), e.k8(0, 32))
+    return e.b.select(hit, e.k8(16, 32), e.k8(0, 32))
+
+
+def dec_q5_0(e, ob):  # 22 B: d | qh u32 | qs[16]; w = d*((nib | bit<<4) - 16)
+    q = e.ld(e.at(ob, 6), 16)
+    q = e.b.or_(e.cat(e.lo4(q), e.hi4(q)), _q5_high(e, e.at(ob, 2)))
+    return Blk([(0, e.sf(e.b.sub(q, e.k8(16, 32))), e.f16(ob), None)])
+
+
+def dec_q5_1(e, ob):  # 24 B: d | m | qh u32 | qs[16]; w = d*(nib | bit<<4) + m
+    q = e.ld(e.at(ob, 8), 16)
+    q = e.b.or_(e.cat(e.lo4(q), e.hi4(q)), _q5_high(e, e.at(ob, 4)))
+    m = e.f16(e.at(ob, 2))
+    return Blk([(0, e.uf(q), e.f16(ob), m)], m, 1.0)
+
+
+def dec_q8_0(e, ob):  # 34 B: d | int8[32]; w = q*d
+    return Blk([(0, e.sf(e.ld(e.at(ob, 2), 32)), e.f16(ob), None)])
+
+
+def _k_scales(e, ob):
+    """Q4_K/Q5_K: 8 (scale, min) 6-bit pairs in 12 bytes at ob+4 -> (d*sc, dmin*mn) <8 x float>."""
+    sb = e.ld(e.at(ob, 4), 16)  # 12 scale bytes + 4 bytes of what follows (in the block)
+    hi_mask = e.cv(I8, [0] * 4 + [0x30] * 4)
+    low_mask = e.cv(I8, [63] * 4 + [15] * 4)
+    top = e.b.shl(e.b.lshr(e.shuf(sb, [0, 1, 2, 3, 0, 1, 2, 3]), e.k8(6, 8)), e.k8(4, 8))
+    sc = e.b.or_(e.b.and_(e.shuf(sb, [0, 1, 2, 3, 8, 9, 10, 11]), low_mask), e.b.and_(top, hi_mask))
+    top = e.b.shl(e.b.lshr(e.shuf(sb, [4, 5, 6, 7, 4, 5, 6, 7]), e.k8(6, 8)), e.k8(4, 8))
+    mn = e.b.lshr(e.shuf(sb, [4, 5, 6, 7, 8, 9, 10, 11]), e.cv(I8, [0] * 4 + [4] * 4))
+    mn = e.b.or_(e.b.and_(mn, low_mask), e.b.and_(top, hi_mask))
+    d, dmin = e.f16(ob), e.f16(e.at(ob, 2))
+    return e.b.fmul(e.splat(d, 8), e.uf(sc)), e.b.fmul(e.splat(dmin, 8), e.uf(mn))
+
+
+def _ext(e, v, i):
+    return e.b.extract_element(v, ir.Constant(I32, i))
+
+
+def dec_q4_k(e, ob):  # 144 B: d | dmin | scales[12] | qs[128]; w = (d*sc)*q - dmin*mn
+    sv, mv = _k_scales(e, ob)
+    groups = []
+    for c in range(4):  # sub-blocks 2c (low nibbles) and 2c+1 (high) share 32 bytes
+        q = e.ld(e.at(ob, 16 + 32 * c), 32)
+        groups.append((64 * c, e.uf(e.lo4(q)), _ext(e, sv, 2 * c), _ext(e, mv, 2 * c)))
+        groups.append((64 * c + 32, e.uf(e.hi4(q)), _ext(e, sv, 2 * c + 1), _ext(e, mv, 2 * c + 1)))
+    return Blk(groups, mv, -1.0)
+
+
+def dec_q5_k(e, ob):  # 176 B: d | dmin | scales[12] | qh[32] | qs[128]; bit s of qh = sub-block s
+    sv, mv = _k_scales(e, ob)
+    qh = e.ld(e.at(ob, 16), 32)
+    groups = []
+    for c in range(4):
+        q = e.ld(e.at(ob, 48 + 32 * c), 32)
+        for s, nib in ((2 * c, e.lo4(q)), (2 * c + 1, e.hi4(q))):
+            v = e.b.or_(nib, e.b.shl(e.bits(qh, s, 1), e.k8(4, 32)))
+            groups.append((32 * s, e.uf(v), _ext(e, sv, s), _ext(e, mv, s)))
+    return Blk(groups, mv, -1.0)
+
+
+def dec_q6_k(e, ob):  # 210 B: ql[128] | qh[64] | scales int8[16] | d; w = (d*sc)*(q-32)
+    sv = e.b.fmul(e.splat(e.f16(e.at(ob, 208)), 16), e.sf(e.ld(e.at(ob, 192), 16)))
+    groups = []
+    for h in range(2):  # halves of 128 elements
+        ql0, ql1 = e.ld(e.at(ob, 64 * h), 32), e.ld(e.at(ob, 64 * h + 32), 32)
+        qh = e.ld(e.at(ob, 128 + 32 * h), 32)
+        for k, lo in enumerate((e.lo4(ql0), e.lo4(ql1), e.hi4(ql0), e.hi4(ql1))):
+            v = e.b.or_(lo, e.b.shl(e.bits(qh, 2 * k, 3), e.k8(4, 32)))
+            v = e.sf(e.b.sub(v, e.k8(32, 32)))
+            for half in range(2):  # 16-element scale groups
+                g = 8 * h + 2 * k + half
+                groups.append((16 * g, e.shuf(v, range(16 * half, 16 * half + 16)), _ext(e, sv, g), None))
+    return Blk(groups)
+
+
+def dec_q3_k(e, ob):  # 110 B: hmask[32] | qs[64] | scales[12] | d; w = (d*(sc-32))*(ql - 4*!hbit)
+    lo = e.shuf(e.ld(e.at(ob, 96), 8), list(range(8)) * 2)
+    lo = e.b.and_(e.b.lshr(lo, e.cv(I8, [0] * 8 + [4] * 8)), e.k8(15, 16))
+    hi = e.shuf(e.ld(e.at(ob, 104), 4), [0, 1, 2, 3] * 4)
+    hi = e.b.and_(e.b.lshr(hi, e.cv(I8, [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4)), e.k8(3, 16))
+    sc = e.b.sub(e.b.or_(lo, e.b.shl(hi, e.k8(4, 16))), e.k8(32, 16))
+    sv = e.b.fmul(e.splat(e.f16(e.at(ob, 108)), 16), e.sf(sc))
+    hm = e.ld(ob, 32)
+    groups = []
+    for j in range(8):  # 32-element chunks: qs half j//4, bit pair j%4, hmask bit j
+        ql = e.bits(e.ld(e.at(ob, 32 + 32 * (j // 4)), 32), 2 * (j % 4), 3)
+        nb = e.b.shl(e.b.xor(e.bits(hm, j, 1), e.k8(1, 32)), e.k8(2, 32))
+        v = e.sf(e.b.sub(ql, nb))
+        for half in range(2):
+            g = 2 * j + half
+            groups.append((16 * g, e.shuf(v, range(16 * half, 16 * half + 16)), _ext(e, sv, g), None))
+    return Blk(groups)
+
+
+def dec_q2_k(e, ob):  # 84 B: scales[16] (lo: scale, hi: min) | qs[64] | d | dmin; w = dl*q - ml
+    sb = e.ld(ob, 16)
+    dl = e.b.fmul(e.splat(e.f16(e.at(ob, 80)), 16), e.uf(e.lo4(sb)))
+    ml = e.b.fmul(e.splat(e.f16(e.at(ob, 82)), 16), e.uf(e.hi4(sb)))
+    groups = []
+    for j in range(8):
+        v = e.uf(e.bits(e.ld(e.at(ob, 16 + 32 * (j // 4)), 32), 2 * (j % 4), 3))
+        for half in range(2):
+            g = 2 * j + half
+            groups.append((16 * g, e.shuf(v, range(16 * half, 16 * half + 16)), _ext(e, dl, g), _ext(e, ml, g)))
+    return Blk(groups, ml, -1.0)
+
+
+def dec_f16(e, ob):  # 32 fp16 values (64 B) as one "block"
+    return Blk([(0, e.half_to_f32(e.ld(ob, 32, I16)), None, None)])
+
+
+def dec_bf16(e, ob):  # 32 bf16 values: the upper halves of float32
+    w = e.b.shl(e.b.zext(e.ld(ob, 32, I16), V(I32, 32)), e.cv(I32, [16] * 32))
+    return Blk([(0, e.b.bitcast(w, V(F32, 32)), None, None)])
+
+
+def dec_f32(e, ob):  # 32 float32 values (128 B)
+    return Blk([(0, e.ld(ob, 32, F32), None, None)])
+
+
+# ---------------------------------------------------------------- row drivers
+
+def _hsum(e, v):
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        v = e.b.fadd(e.shuf(v, range(h)), e.shuf(v, range(h, n)), flags=FAST)
+        n = h
+    return e.b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _xptr(context, builder, arrty, arr, off, n):
+    a = context.make_array(arrty)(context, builder, arr)
+    ld = builder.load(builder.bitcast(builder.gep(a.data, [off]), ir.PointerType(V(F32, n))))
+    ld.align = 4
+    return ld
+
+
+def make_dot(dec, bs, ts, ng, name):
+    """Matvec row intrinsic for decoder `dec` (bs elements / ts bytes per block; ng groups with
+    an offset per block, 0 = none). Two 16-lane accumulators alternate over groups so the FMA
+    chain latency is hidden; offsets go to a separate accumulator against xs."""
+    def typer(typingctx, flat, o, nb, tab, x, xs):
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xa, xsa = args
+            fty, _, _, tty, xty, xsty = sig.args
+            e = Emit(context, builder, fty, fa, tty, ta)
+            zero16 = ir.Constant(V(F32, 16), [0.0] * 16)
+            accs = [cgutils.alloca_once_value(builder, zero16) for _ in range(2)]
+            mt = F32 if ng <= 1 else V(F32, ng)
+            macc = cgutils.alloca_once_value(builder, ir.Constant(mt, 0.0 if ng <= 1 else [0.0] * ng))
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, ts)))
+                xb = builder.mul(b, ir.Constant(I64, bs))
+                blk = dec(e, ob)
+                for i, (eoff, q, s, _m) in enumerate(blk.groups):
+                    n = q.type.count
+                    t = builder.fmul(q, _xptr(context, builder, xty, xa, e.at(xb, eoff), n), flags=FAST)
+                    while n > 16:
+                        n //= 2
+                        t = builder.fadd(e.shuf(t, range(n)), e.shuf(t, range(n, 2 * n)), flags=FAST)
+                    if n < 16:
+                        t = e.shuf(t, list(range(n)) + [n] * (16 - n), ir.Constant(t.type, [0.0] * n))
+                    if s is not None:
+                        t = builder.fmul(e.splat(s, 16), t, flags=FAST)
+                    a = accs[i % 2]
+                    builder.store(builder.fadd(builder.load(a), t, flags=FAST), a)
+                if ng:
+                    xsv = (_xptr(context, builder, xsty, xsa, builder.mul(b, ir.Constant(I64, ng)), ng)
+                           if ng > 1 else builder.load(builder.gep(context.make_array(xsty)(
+                               context, builder, xsa).data, [b])))
+                    builder.store(builder.fadd(builder.load(macc), builder.fmul(blk.mvec, xsv, flags=FAST),
+                                               flags=FAST), macc)
+            r = _hsum(e, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=FAST))
+            if ng:
+                mv = builder.load(macc)
+                ms = _hsum(e, mv) if ng > 1 else mv
+                r = builder.fadd(r, ms, flags=FAST) if blk.msign > 0 else builder.fsub(r, ms, flags=FAST)
+            return r
+        return types.float32(flat, types.int64, types.int64, tab, x, xs), cg
+    typer.__name__ = "dot_" + name
+    return intrinsic(typer)
+
+
+def make_deq(dec, bs, ts, name):
+    """Row dequant intrinsic: nb blocks at flat[o:] -> dst[d0 : d0 + nb*bs], bit-exact with
+    gguf-py (plain fmul then fadd/fsub, no fast-math flags so nothing is contracted)."""
+    def typer(typingctx, flat, o, nb, tab, dst, d0):
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, da, d0_ = args
+            fty, _, _, tty, dty, _ = sig.args
+            e = Emit(context, builder, fty, fa, tty, ta)
+            dd = context.make_array(dty)(context, builder, da).data
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, ts)))
+                base = builder.add(d0_, builder.mul(b, ir.Constant(I64, bs)))
+                blk = dec(e, ob)
+                for eoff, q, s, m in blk.groups:
+                    n = q.type.count
+                    w = q if s is None else builder.fmul(e.splat(s, n), q)
+                    if m is not None:
+                        w = builder.fadd(w, e.splat(m, n)) if blk.msign > 0 else builder.fsub(w, e.splat(m, n))
+                    p = builder.bitcast(builder.gep(dd, [e.at(base, eoff)]), ir.PointerType(V(F32, n)))
+                    builder.store(w, p).align = 4
+            return ir.Constant(I64, 0)
+        return types.int64(flat, types.int64, types.int64, tab, dst, types.int64), cg
+    typer.__name__ = "deq_" + name
+    return intrinsic(typer)
+
+
+# type id -> (decoder, elements per block, bytes per block, offset groups per block, group size)
+DECODERS = {
+    2: (dec_q4_0, 32, 18, 0, 32), 3: (dec_q4_1, 32, 20, 1, 32), 6: (dec_q5_0, 32, 22, 0, 32),
+    7: (dec_q5_1, 32, 24, 1, 32), 8: (dec_q8_0, 32, 34, 0, 32), 10: (dec_q2_k, 256, 84, 16, 16),
+    11: (dec_q3_k, 256, 110, 0, 16), 12: (dec_q4_k, 256, 144, 8, 32), 13: (dec_q5_k, 256, 176, 8, 32),
+    14: (dec_q6_k, 256, 210, 0, 16), 1: (dec_f16, 32, 64, 0, 32), 30: (dec_bf16, 32, 64, 0, 32),
+    0: (dec_f32, 32, 128, 0, 32),
+}
+_NAMES = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k",
+          13: "q5_k", 14: "q6_k", 1: "f16", 30: "bf16", 0: "f32"}
+DOT = {k: make_dot(d, bs, ts, ng, _NAMES[k]) for k, (d, bs, ts, ng, _) in DECODERS.items()}
+DEQ = {k: make_deq(d, bs, ts, _NAMES[k]) for k, (d, bs, ts, _, _) in DECODERS.items()}
+
+# module-level names so numba code can call them (dicts are not visible inside @njit)
+dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0 = DOT[2], DOT[3], DOT[6], DOT[7], DOT[8]
+dot_q2_k, dot_q3_k, dot_q4_k, dot_q5_k, dot_q6_k = DOT[10], DOT[11], DOT[12], DOT[13], DOT[14]
+dot_f16, dot_bf16, dot_f32 = DOT[1], DOT[30], DOT[0]
+deq_q4_0, deq_q4_1, deq_q5_0, deq_q5_1, deq_q8_0 = DEQ[2], DEQ[3], DEQ[6], DEQ[7], DEQ[8]
+deq_q2_k, deq_q3_k, deq_q4_k, deq_q5_k, deq_q6_k = DEQ[10], DEQ[11], DEQ[12], DEQ[13], DEQ[14]
+deq_f16, deq_bf16, deq_f32 = DEQ[1], DEQ[30], DEQ[0]
