@@ -254,6 +254,7 @@ class _Api:
         self.api_key = api_key
         self.model_name = model_name
         self.model_extra: dict = {}
+        self.info_done = False
         self.max_body = max_body_bytes
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -299,19 +300,30 @@ class _Api:
                 raise too_big
         return parse_json_body(bytes(buf))
 
-    async def name(self) -> str:
-        """The served model's id: model_name if given, else the GGUF file name without .gguf
-        (what llama-server shows too), else the model's general.name."""
-        if self.model_name is None:
+    async def info(self) -> None:
+        """Ask the backend once for the model's file name and context length."""
+        if self.info_done:
+            return
+        try:
             info = await _maybe_await(self.backend.model_info())
+        except Exception:
+            if self.model_name is None:
+                raise
+            return        # the name was given; the context length stays unknown for now
+        self.info_done = True
+        ctx = _field(info, "context_length", "context", "n_ctx", "max_model_len")
+        if isinstance(ctx, int) and not isinstance(ctx, bool):
+            self.model_extra["context_length"] = ctx
+        if self.model_name is None:
             name = os.path.basename(str(_field(info, "path", "model_path", default="")))
             if name.endswith(".gguf"):
                 name = name[:-5]
-            name = name or _field(info, "name", "model", "id", default="dsd")
-            ctx = _field(info, "context_length", "context", "n_ctx", "max_model_len")
-            if isinstance(ctx, int):
-                self.model_extra["context_length"] = ctx
-            self.model_name = str(name)
+            self.model_name = str(name or _field(info, "name", "model", "id", default="dsd"))
+
+    async def name(self) -> str:
+        """The served model's id: model_name if given, else the GGUF file name without .gguf
+        (what llama-server shows too), else the model's general.name."""
+        await self.info()
         return self.model_name
 
     # -- endpoints -------------------------------------------------------------------------------
@@ -385,6 +397,10 @@ class _Api:
     async def generate(self, request: Request, req: ParsedRequest, endpoint: str) -> Response:
         model = await self.name()
         rid = new_id(req.kind)
+        if "max_tokens" not in req.sampling and "context_length" in self.model_extra:
+            # OpenAI semantics: without max_tokens, generate until a stop or the context is full
+            # (the daemon caps the count at context - prompt), not the daemon's short default
+            req.sampling["max_tokens"] = self.model_extra["context_length"]
         try:
             run = await _until_disconnect(request, lambda: self.open_run(req))
         except InvalidRequest as e:
@@ -482,6 +498,7 @@ def create_app(backend, api_key: str | None = None, model_name: str | None = Non
 
 # -- serving -------------------------------------------------------------------------------------
 def _bind(host: str, port: int) -> socket.socket:
+    host = host.strip("[]")    # '[::1]' as written in --http [::1]:8080
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, addr = infos[0]
@@ -526,8 +543,8 @@ class ServerThread:
     def __init__(self, app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "warning"):
         import uvicorn
 
-        self.host = host
-        self.sock = _bind(host, port)
+        self.host = host.strip("[]")
+        self.sock = _bind(host, int(port))
         self.port = self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
                                                     timeout_graceful_shutdown=5))
@@ -571,8 +588,8 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, socket_dir=None,
     """Serve until SIGINT/SIGTERM (in the main thread) or until the process ends."""
     import uvicorn
 
-    _warn_exposure(host, api_key)
-    sock = _bind(host, port)
+    _warn_exposure(host.strip("[]"), api_key)
+    sock = _bind(host, int(port))
     app = create_app(backend if backend is not None else _LazyClient(socket_dir), api_key, model_name)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
                                            timeout_graceful_shutdown=5))

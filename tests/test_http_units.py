@@ -159,6 +159,8 @@ def test_stub_chat_both_call_shapes(mode):
             m = await c.get("/v1/models")
             assert m.json()["data"][0]["context_length"] == 4096
     run(go())
+    # without max_tokens the request may run to the end of the context
+    assert b.calls[1][2] == {"max_tokens": 4096}
     # developer -> system, text parts joined; OpenAI fields mapped to SamplingParams names
     assert b.calls[0][1] == [{"role": "system", "content": "ab"}, {"role": "user", "content": "hi"}]
     assert b.calls[0][2] == {"stop": ["x"], "seed": 2 ** 64 - 1, "top_k": 1, "max_tokens": 9}
@@ -232,3 +234,41 @@ def test_small_body_limit_and_echo():
             r = await c.post("/v1/completions", json={"prompt": "Say: ", "echo": True})
             assert r.json()["choices"][0]["text"] == "Say: Hello!"
     run(go())
+
+
+def test_server_thread_binds_loopback_and_reports_busy_port():
+    from dsd.daemon.http_api import ServerThread
+
+    srv = ServerThread(create_app(StubBackend(), model_name="m"), "127.0.0.1", 0).start()
+    try:
+        assert httpx.get(srv.url + "/health", timeout=30).json() == {"status": "ok"}
+        with pytest.raises(DsdError, match="cannot listen for HTTP on 127.0.0.1"):
+            ServerThread(create_app(StubBackend()), "127.0.0.1", srv.port)
+    finally:
+        srv.stop()
+    assert not srv.thread.is_alive()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(srv.url + "/health", timeout=5)
+
+
+def test_server_thread_ipv6_loopback():
+    import socket
+
+    from dsd.daemon.http_api import ServerThread
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        have_v6 = True
+    except OSError:
+        have_v6 = False
+    if not have_v6:   # no IPv6 loopback here: the error names the address and the fix
+        with pytest.raises(DsdError, match="--http HOST:PORT"):
+            ServerThread(create_app(StubBackend()), "[::1]", 0)
+        return
+    srv = ServerThread(create_app(StubBackend(), model_name="m"), "[::1]", 0).start()
+    try:
+        assert srv.url.startswith("http://[::1]:")
+        assert httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]["id"] == "m"
+    finally:
+        srv.stop()
