@@ -501,8 +501,10 @@ def _bind(host: str, port: int) -> socket.socket:
     host = host.strip("[]")    # '[::1]' as written in --http [::1]:8080
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections
+        # only then, and without it Nagle + delayed ACK add ~40 ms to every response
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(addr)

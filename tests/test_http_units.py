@@ -239,7 +239,12 @@ def test_small_body_limit_and_echo():
 def test_server_thread_binds_loopback_and_reports_busy_port():
     from dsd.daemon.http_api import ServerThread
 
+    import socket
+
     srv = ServerThread(create_app(StubBackend(), model_name="m"), "127.0.0.1", 0).start()
+    # asyncio only sets TCP_NODELAY on connections accepted from an IPPROTO_TCP socket (with
+    # proto 0, every response waited ~40 ms for a delayed ACK)
+    assert srv.sock.proto == socket.IPPROTO_TCP
     try:
         assert httpx.get(srv.url + "/health", timeout=30).json() == {"status": "ok"}
         with pytest.raises(DsdError, match="cannot listen for HTTP on 127.0.0.1"):
