@@ -18,14 +18,22 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """SwiGLU activation: silu(gate) * up, elementwise, float32."""
-    return gate / (1.0 + np.exp(-gate)) * up
+    """SwiGLU activation: silu(gate) * up = gate * up / (1 + exp(-gate)), float32, few temporaries."""
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Softmax along `axis`, computed in place when x is a temporary we own."""
     m = x.max(axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    return e / e.sum(axis=axis, keepdims=True)
+    e = np.subtract(x, m)
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 class RopeTable:
@@ -73,6 +81,9 @@ class RopeTable:
         return out
 
 
+ATTN_CHUNK = 128  # query rows per block in long prefills
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: float) -> np.ndarray:
     """Causal grouped-query attention for one sequence.
 
@@ -83,15 +94,25 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: f
     n, H, _ = q.shape
     Hkv, L, _ = k.shape
     g = H // Hkv
+    if n > ATTN_CHUNK:
+        # Long prefill: query chunks only read the keys they can see (skips the masked half of
+        # the score matrix and bounds its size to [Hkv, g*ATTN_CHUNK, L]).
+        out = np.empty((n, H, v.shape[-1]), dtype=np.float32)
+        for i0 in range(0, n, ATTN_CHUNK):
+            i1 = min(n, i0 + ATTN_CHUNK)
+            end = q_pos0 + i1
+            out[i0:i1] = attention(q[i0:i1], k[:, :end], v[:, :end], q_pos0 + i0, scale)
+        return out
     # [Hkv, g*n, Dh] so each kv head is one batched matmul over its query group; k's last two
     # axes are contiguous, so the transposed view goes to BLAS without a copy.
     qg = q.reshape(n, Hkv, g, -1).transpose(1, 2, 0, 3).reshape(Hkv, g * n, -1)
     scores = np.matmul(qg, k.transpose(0, 2, 1))  # [Hkv, g*n, L]
     scores *= np.float32(scale)
     if n > 1:
-        # query i (absolute q_pos0+i) sees keys 0..q_pos0+i
-        allowed = np.arange(L)[None, :] <= (q_pos0 + np.arange(n))[:, None]  # [n, L]
-        scores = np.where(np.tile(allowed, (g, 1))[None], scores, np.float32(-np.inf))
+        # query i (absolute q_pos0+i) sees keys 0..q_pos0+i: add -inf above the diagonal
+        bias = np.where(np.arange(L)[None, :] <= (q_pos0 + np.arange(n))[:, None],
+                        np.float32(0.0), np.float32(-np.inf))  # [n, L]
+        scores.reshape(Hkv, g, n, L)[...] += bias
     p = softmax(scores)
     out = np.matmul(p, v)  # [Hkv, g*n, Dv]
     return out.reshape(Hkv, g, n, -1).transpose(2, 0, 1, 3).reshape(n, H, -1)
