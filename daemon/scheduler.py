@@ -62,6 +62,8 @@ class Scheduler:
         self.decode_window: deque = deque(maxlen=64)   # (time, tokens) per decode step
         self.completed = 0
         self.failed = 0
+        self.max_decode_batch = 0
+        self.steps = 0
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -180,6 +182,8 @@ class Scheduler:
                 rows.append(len(toks) - 1)
                 owners.append(prefill)
         t0 = time.perf_counter()
+        self.max_decode_batch = max(self.max_decode_batch, len(decode))
+        self.steps += 1
         logits = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows)
         if decode:
             self.decode_window.append((time.perf_counter(), len(decode), time.perf_counter() - t0))
@@ -233,4 +237,5 @@ class Scheduler:
             span = w[-1][0] - w[0][0] + w[0][2]
             tps = sum(n for _, n, _ in w) / span if span > 0 else None
         return {"active": len(self.active), "queued": self.inbox.qsize(),
-                "completed": self.completed, "failed": self.failed, "decode_tok_s": tps}
+                "completed": self.completed, "failed": self.failed, "decode_tok_s": tps,
+                "max_decode_batch": self.max_decode_batch, "steps": self.steps}

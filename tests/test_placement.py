@@ -1,0 +1,127 @@
+"""Placement plans from GGUF tensor tables: every byte held exactly once, block-aligned rows,
+balanced layer ranges, auto's cost model, the program the coordinator runs, and loading a
+worker's slice into node-local memory (only its bytes, right values)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from dsd.daemon.placement import choose_mode, make_plan
+from dsd.errors import DsdError
+from dsd.shard.gguf_file import open_gguf
+from dsd.shard.model_path import default_model_path
+from tests.tiny_moe import write_tiny_deepseek2, write_tiny_mixtral
+
+
+def _coverage(plan, g):
+    """Assert each tensor's bytes are split into disjoint pieces covering it exactly once."""
+    by_name = {}
+    for w, ps in enumerate(plan.pieces):
+        for p in ps:
+            by_name.setdefault(p.name, []).append((w, p))
+    for name, t in g.tensors.items():
+        ps = by_name.get(name, [])
+        if name == "rope_freqs.weight":
+            continue
+        assert ps, f"{name} held by nobody"
+        modes = {p.mode for _, p in ps}
+        if modes == {"whole"}:
+            assert len(ps) == 1, f"{name} held {len(ps)} times"
+        else:
+            spans = sorted((p.a, p.b) for _, p in ps)
+            full = t.shape[0] if modes == {"experts"} else (t.shape[2] if "down" in name else t.shape[1])
+            assert spans[0][0] == 0 and spans[-1][1] == full
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
+            assert len({w for w, _ in ps}) == len(ps)
+
+
+def test_smollm2_layer_pipeline():
+    with open_gguf(default_model_path()) as g:
+        for n in (1, 2, 3):
+            plan = make_plan(g, n, "auto")
+            assert plan.mode == "layers"
+            _coverage(plan, g)
+            own = plan.layer_owner
+            assert own == sorted(own) and set(own) == set(range(n))
+            wb = plan.worker_bytes()
+            assert sum(wb) == g.tensor_nbytes_total()
+            assert max(wb) < 1.3 * sum(wb) / n  # balanced by bytes
+            assert plan.head_owner == own[-1] and plan.embed_owner == own[-1]  # tied embeddings
+        prog = make_plan(g, 2, "auto").program()
+        assert prog[0]["ops"] == [["embed"]] and prog[-1]["ops"][-1] == ["head"]
+        assert [s["worker"] for s in prog] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("mode", ["experts", "rows"])
+def test_moe_plans_cover_every_byte_once(tmp_path, mode):
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=4, E=10, k=3, F=96, qtype=Q.Q8_0)
+    with open_gguf(path) as g:
+        for n in (2, 3):
+            plan = make_plan(g, n, mode)
+            assert plan.mode == mode
+            _coverage(plan, g)
+            assert sum(plan.worker_bytes()) == g.tensor_nbytes_total()
+            for w in range(n):
+                for p in plan.pieces[w]:
+                    if p.mode == "rows":
+                        assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
+            kinds = [s["kind"] for s in plan.program()]
+            assert kinds.count("experts") == len(plan.moe_layers) == 3  # dense lead layer 0
+        if mode == "experts":  # 10 experts over 3 workers: the 4-expert share rotates
+            counts = np.zeros(3)
+            for w in range(3):
+                counts[w] = sum(p.b - p.a for p in plan.pieces[w] if p.mode == "experts")
+            assert counts.max() - counts.min() <= 3  # 3 tensors per layer, one layer's rotation
+
+
+def test_rows_refused_when_blocks_do_not_split(tmp_path):
+    path = write_tiny_mixtral(str(tmp_path / "m.gguf"), F=32, qtype=Q.Q8_0)  # one block per row
+    with open_gguf(path) as g:
+        with pytest.raises(DsdError, match="--placement experts"):
+            make_plan(g, 2, "rows")
+        assert make_plan(g, 2, "auto").mode == "experts"
+
+
+def test_auto_cost_model():
+    mode, cost, why = choose_mode(64, 6, 2, rows_ok=True)
+    assert mode == "rows" and cost["experts"] > cost["rows"] and "uneven routing" in why
+    # expected max of a hypergeometric split of 6 of 64 over 2 halves: about 3.7
+    assert 3.4 < cost["experts"] < 4.0
+    assert choose_mode(64, 6, 2, rows_ok=False)[0] == "experts"
+
+
+def test_slice_weights_load_only_own_values(tmp_path):
+    """A worker's SliceWeights (real numa allocation + load_file_range) equals the file's
+    tensors restricted to its experts / rows, and other workers' tensors are placeholders."""
+    from dsd.daemon.slice_weights import SliceWeights
+
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=64, qtype=Q.Q8_0)
+    with open_gguf(path) as g:
+        for mode in ("experts", "rows"):
+            plan = make_plan(g, 2, mode)
+            for w in range(2):
+                sw = SliceWeights(g, plan.pieces[w], node=0, pages="4k")
+                try:
+                    assert sw.placement().all_on(0)
+                    name = "blk.1.ffn_down_exps.weight"
+                    full = g.tensors[name].raw()
+                    st = sw.experts(name)
+                    p = sw.pieces[name]
+                    if mode == "experts":
+                        assert st.expert_ids == list(range(p.a, p.b))
+                        assert np.array_equal(st.raw, full[p.a:p.b])
+                    else:
+                        b0, b1 = p.a // 32 * 34, p.b // 32 * 34
+                        assert np.array_equal(st.raw, full[:, :, b0:b1]) and st.cols == p.b - p.a
+                        gate = sw.experts("blk.1.ffn_gate_exps.weight")
+                        assert np.array_equal(gate.raw, g.tensors["blk.1.ffn_gate_exps.weight"].raw()[:, p.a:p.b])
+                    for lname in ("blk.0.attn_output.weight", "blk.2.attn_output.weight"):
+                        lin = sw.linear(lname)
+                        if sw.holds(lname):
+                            assert np.array_equal(lin.raw, g.tensors[lname].raw())
+                        else:
+                            with pytest.raises(RuntimeError, match="another worker"):
+                                lin(np.zeros(lin.cols, dtype=np.float32))
+                finally:
+                    sw.free()
