@@ -23,7 +23,8 @@ from numba.core import types as nbtypes
 from ._common import F16_TABLE
 from . import dequant as dq
 from . import drivers as dv
-from .rows import DECODERS
+from .rows import DECODERS, USE_PERM
+from .rows_perm import PERM_DECODERS
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,26 @@ def _entry(fn, kind, *args):
     sig = (nbtypes.literal(kind),) + tuple(typeof(a) for a in args)
     _EP[key] = fn.overloads[sig].entry_point
     return res
+
+
+_PERMS: dict = {}
+
+
+def _perm(kind: int, nb: int, bs: int) -> np.ndarray:
+    """Row permutation of x for the dword-lane matvec decoders (identity where none applies):
+    whole super-blocks permuted, remainder blocks in order. int32 (nb * bs,)."""
+    key = (kind, nb)
+    p = _PERMS.get(key)
+    if p is None:
+        p = np.arange(nb * bs, dtype=np.int32)
+        if kind in PERM_DECODERS and kind in USE_PERM:
+            _, factor, sb, _ = PERM_DECODERS[kind]
+            nsb = nb // factor
+            sbp = np.asarray(sb, dtype=np.int32)
+            p[:nsb * len(sbp)] = (np.arange(nsb, dtype=np.int32)[:, None] * len(sbp) + sbp).reshape(-1)
+        p.flags.writeable = False
+        _PERMS[key] = p
+    return p
 
 
 def _float_cols(raw_part, kind):
@@ -199,7 +220,8 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
     if nrows:
         kern = dv.mv_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mv_serial
-        _entry(kern, qt.ggml_type, flat, stride, nrows, nb, qt.gsz, F16_TABLE, x, out)
+        _entry(kern, qt.ggml_type, flat, stride, nrows, nb, qt.gsz, F16_TABLE,
+               _perm(qt.ggml_type, nb, qt.simd_bs), x, out)
         if main < n_cols:
             it = _FLOAT_ITEM[qt.ggml_type]
             out += _float_cols(raw[:, main * it:], qt.ggml_type) @ x[main:]

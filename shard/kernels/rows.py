@@ -205,13 +205,18 @@ def dec_q6_k(e, ob):  # 210 B: ql[128] | qh[64] | scales int8[16] | d; w = (d*sc
     return Blk(groups)
 
 
-def dec_q3_k(e, ob):  # 110 B: hmask[32] | qs[64] | scales[12] | d; w = (d*(sc-32))*(ql - 4*!hbit)
+def q3k_scales(e, ob):
+    """Q3_K: 16 6-bit scales (+32 offset) in 12 bytes at ob+96 -> d * (sc - 32) <16 x float>."""
     lo = e.shuf(e.ld(e.at(ob, 96), 8), list(range(8)) * 2)
     lo = e.b.and_(e.b.lshr(lo, e.cv(I8, [0] * 8 + [4] * 8)), e.k8(15, 16))
     hi = e.shuf(e.ld(e.at(ob, 104), 4), [0, 1, 2, 3] * 4)
     hi = e.b.and_(e.b.lshr(hi, e.cv(I8, [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4)), e.k8(3, 16))
     sc = e.b.sub(e.b.or_(lo, e.b.shl(hi, e.k8(4, 16))), e.k8(32, 16))
-    sv = e.b.fmul(e.splat(e.f16(e.at(ob, 108)), 16), e.sf(sc))
+    return e.b.fmul(e.splat(e.f16(e.at(ob, 108)), 16), e.sf(sc))
+
+
+def dec_q3_k(e, ob):  # 110 B: hmask[32] | qs[64] | scales[12] | d; w = (d*(sc-32))*(ql - 4*!hbit)
+    sv = q3k_scales(e, ob)
     hm = e.ld(ob, 32)
     groups = []
     for j in range(8):  # 32-element chunks: qs half j//4, bit pair j%4, hmask bit j
@@ -268,47 +273,84 @@ def _xptr(context, builder, arrty, arr, off, n):
     return ld
 
 
-def make_dot(dec, bs, ts, ng, name):
-    """Matvec row intrinsic for decoder `dec` (bs elements / ts bytes per block; ng groups with
-    an offset per block, 0 = none). Two 16-lane accumulators alternate over groups so the FMA
-    chain latency is hidden; offsets go to a separate accumulator against xs."""
+def _emit_blocks(context, builder, e, sig, args, accs, count, first, dec, bs, ts, ng, factor):
+    """Loop over `count` (super-)blocks of `factor` blocks starting at block `first` of the row;
+    accumulate sum_g s_g * (q_g . x_g) into accs; returns the sum of the offset terms
+    (accumulated as an ng-lane vector, reduced once after the loop) or None."""
+    fa, o_, nb_, ta, xa, xsa = args
+    _, _, _, _, xty, xsty = sig.args
+    msign = [1.0]
+    mt = F32 if ng <= 1 else V(F32, ng)
+    macc = cgutils.alloca_once_value(builder, ir.Constant(mt, 0.0 if ng <= 1 else [0.0] * ng))
+    with cgutils.for_range(builder, count) as loop:
+        b = builder.add(builder.mul(loop.index, ir.Constant(I64, factor)), first)  # block index
+        ob = builder.add(o_, builder.mul(b, ir.Constant(I64, ts)))
+        xb = builder.mul(b, ir.Constant(I64, bs))
+        blk = dec(e, ob)
+        msign[0] = blk.msign
+        for i, (eoff, q, s, _m) in enumerate(blk.groups):
+            if not isinstance(q, tuple):  # one vector, or several sharing scale s
+                eoff, q = (eoff,), (q,)
+            t = None
+            for eo, qv in zip(eoff, q):
+                p = builder.fmul(qv, _xptr(context, builder, xty, xa, e.at(xb, eo), qv.type.count), flags=FAST)
+                t = p if t is None else builder.fadd(t, p, flags=FAST)
+            n = t.type.count
+            while n > 16:
+                n //= 2
+                t = builder.fadd(e.shuf(t, range(n)), e.shuf(t, range(n, 2 * n)), flags=FAST)
+            if n < 16:
+                t = e.shuf(t, list(range(n)) + [n] * (16 - n), ir.Constant(t.type, [0.0] * n))
+            if s is not None:
+                sv = s if isinstance(s.type, ir.VectorType) else e.splat(s, 16)
+                t = builder.fmul(sv, t, flags=FAST)
+            a = accs[i % 2]
+            builder.store(builder.fadd(builder.load(a), t, flags=FAST), a)
+        if ng:
+            xsd = context.make_array(xsty)(context, builder, xsa).data
+            # offsets per block: block b's groups are xs[b*ng/factor ...], contiguous
+            xo = builder.mul(b, ir.Constant(I64, ng // factor))
+            if ng > 1:
+                xsv = builder.load(builder.bitcast(builder.gep(xsd, [xo]), ir.PointerType(V(F32, ng))))
+                xsv.align = 4
+            else:
+                xsv = builder.load(builder.gep(xsd, [xo]))
+            builder.store(builder.fadd(builder.load(macc), builder.fmul(blk.mvec, xsv, flags=FAST),
+                                       flags=FAST), macc)
+    if not ng:
+        return None
+    m = builder.load(macc)
+    m = _hsum(e, m) if ng > 1 else m
+    return m if msign[0] > 0 else builder.fsub(ir.Constant(F32, 0.0), m, flags=FAST)
+
+
+def make_dot(dec, bs, ts, ng, name, perm=None):
+    """Matvec row intrinsic (flat, o, nb blocks, tab, x, xs) -> float32 for decoder `dec`
+    (bs elements / ts bytes per block, ng offset groups per block, 0 = none). With
+    perm = (perm decoder, factor, ng per super-block), whole super-blocks of `factor` blocks use
+    the dword-lane decoder (x must be permuted to match), the remaining blocks `dec`.
+    Two 16-lane accumulators alternate over groups so FMA latency is hidden."""
     def typer(typingctx, flat, o, nb, tab, x, xs):
         def cg(context, builder, sig, args):
             fa, o_, nb_, ta, xa, xsa = args
-            fty, _, _, tty, xty, xsty = sig.args
+            fty, _, _, tty, _, _ = sig.args
             e = Emit(context, builder, fty, fa, tty, ta)
             zero16 = ir.Constant(V(F32, 16), [0.0] * 16)
             accs = [cgutils.alloca_once_value(builder, zero16) for _ in range(2)]
-            mt = F32 if ng <= 1 else V(F32, ng)
-            macc = cgutils.alloca_once_value(builder, ir.Constant(mt, 0.0 if ng <= 1 else [0.0] * ng))
-            with cgutils.for_range(builder, nb_) as loop:
-                b = loop.index
-                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, ts)))
-                xb = builder.mul(b, ir.Constant(I64, bs))
-                blk = dec(e, ob)
-                for i, (eoff, q, s, _m) in enumerate(blk.groups):
-                    n = q.type.count
-                    t = builder.fmul(q, _xptr(context, builder, xty, xa, e.at(xb, eoff), n), flags=FAST)
-                    while n > 16:
-                        n //= 2
-                        t = builder.fadd(e.shuf(t, range(n)), e.shuf(t, range(n, 2 * n)), flags=FAST)
-                    if n < 16:
-                        t = e.shuf(t, list(range(n)) + [n] * (16 - n), ir.Constant(t.type, [0.0] * n))
-                    if s is not None:
-                        t = builder.fmul(e.splat(s, 16), t, flags=FAST)
-                    a = accs[i % 2]
-                    builder.store(builder.fadd(builder.load(a), t, flags=FAST), a)
-                if ng:
-                    xsv = (_xptr(context, builder, xsty, xsa, builder.mul(b, ir.Constant(I64, ng)), ng)
-                           if ng > 1 else builder.load(builder.gep(context.make_array(xsty)(
-                               context, builder, xsa).data, [b])))
-                    builder.store(builder.fadd(builder.load(macc), builder.fmul(blk.mvec, xsv, flags=FAST),
-                                               flags=FAST), macc)
+            first = ir.Constant(I64, 0)
+            ms = []
+            if perm is not None:
+                pdec, factor, png = perm
+                nsb = builder.udiv(nb_, ir.Constant(I64, factor))
+                ms.append(_emit_blocks(context, builder, e, sig, args, accs, nsb, first, pdec, bs, ts, png, factor))
+                first = builder.mul(nsb, ir.Constant(I64, factor))
+            if perm is None or perm[1] > 1:  # remainder blocks of a row (none for K-quants)
+                ms.append(_emit_blocks(context, builder, e, sig, args, accs, builder.sub(nb_, first), first,
+                                       dec, bs, ts, ng, 1))
             r = _hsum(e, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=FAST))
-            if ng:
-                mv = builder.load(macc)
-                ms = _hsum(e, mv) if ng > 1 else mv
-                r = builder.fadd(r, ms, flags=FAST) if blk.msign > 0 else builder.fsub(r, ms, flags=FAST)
+            for m in ms:
+                if m is not None:
+                    r = builder.fadd(r, m, flags=FAST)
             return r
         return types.float32(flat, types.int64, types.int64, tab, x, xs), cg
     typer.__name__ = "dot_" + name
@@ -352,7 +394,23 @@ DECODERS = {
 }
 _NAMES = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k",
           13: "q5_k", 14: "q6_k", 1: "f16", 30: "bf16", 0: "f32"}
-DOT = {k: make_dot(d, bs, ts, ng, _NAMES[k]) for k, (d, bs, ts, ng, _) in DECODERS.items()}
+
+from .rows_perm import PERM_DECODERS  # noqa: E402  (needs the helpers above)
+
+
+
+# types whose matvec uses the dword-lane decoders (measured faster; the 5-bit types are not)
+USE_PERM = {2, 3, 12, 14, 10, 11}
+
+
+def _perm_arg(k):
+    if k not in PERM_DECODERS or k not in USE_PERM:
+        return None
+    pdec, factor, _, png = PERM_DECODERS[k]
+    return pdec, factor, png
+
+
+DOT = {k: make_dot(d, bs, ts, ng, _NAMES[k], _perm_arg(k)) for k, (d, bs, ts, ng, _) in DECODERS.items()}
 DEQ = {k: make_deq(d, bs, ts, _NAMES[k]) for k, (d, bs, ts, _, _) in DECODERS.items()}
 
 # module-level names so numba code can call them (dicts are not visible inside @njit)
