@@ -241,6 +241,8 @@ class Daemon:
             self._send_client(ident, status(self))
         elif t == "model_info":
             self._send_client(ident, model_info(self))
+        elif t == "hops":
+            self.scheduler.inbox.put(("hops", (ident, min(int(msg.get("n", 1000)), 100000))))
         elif t == "ping":
             self._send_client(ident, {"type": "pong", "pid": os.getpid(), "state": self.state})
         elif t == "shutdown":

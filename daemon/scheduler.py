@@ -103,6 +103,9 @@ class Scheduler:
                         self._finish(r, None)
             elif kind == "stop":
                 self.stopping = True
+            elif kind == "hops":   # transport benchmark: empty round trips to every worker
+                client, n = val
+                self.send(client, {"type": "hops", "ns": self._hops(n)})
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -199,6 +202,20 @@ class Scheduler:
             tok = r.sampler.sample(logits[row], r.history)
             self._emit(r, tok)
         return True
+
+    def _hops(self, n: int) -> list[list[int]]:
+        if not self.ready.wait(30):
+            return []
+        out = []
+        for w in range(len(self.driver.handles)):
+            ts = []
+            for _ in range(int(n)):
+                t0 = time.perf_counter_ns()
+                self.driver._call(w, {"ops": []}, {})
+                self.driver._wait(w)
+                ts.append(time.perf_counter_ns() - t0)
+            out.append(ts)
+        return out
 
     def fail_all(self, message: str) -> None:
         for r in list(self.active):
