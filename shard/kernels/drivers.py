@@ -98,28 +98,29 @@ def xsums(x, gsz):
 
 
 @njit(cache=True)
-def permute(x, perm):
-    """x_perm[i] = x[perm[i]]: x in the element order the dword-lane decoders read (rows_perm)."""
+def permute(x, perm, fac):
+    """x_perm[i] = x[perm[i]] * fac[i]: x in the element order (and power-of-two scaling) the
+    dword-lane decoders read (rows_perm)."""
     xp = np.empty(perm.shape[0], np.float32)
     for i in range(perm.shape[0]):
-        xp[i] = x[perm[i]]
+        xp[i] = x[perm[i]] * fac[i]
     return xp
 
 
 @njit(cache=True, fastmath=True)
-def mv_serial(kind, flat, stride, nrows, nb, gsz, tab, perm, x, out):
+def mv_serial(kind, flat, stride, nrows, nb, gsz, tab, perm, fac, x, out):
     literally(kind)
     xs = xsums(x, gsz)
-    xp = permute(x, perm)
+    xp = permute(x, perm, fac)
     for r in range(nrows):
         out[r] = row_dot(kind, flat, r * stride, nb, tab, xp, xs)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mv_parallel(kind, flat, stride, nrows, nb, gsz, tab, perm, x, out):
+def mv_parallel(kind, flat, stride, nrows, nb, gsz, tab, perm, fac, x, out):
     literally(kind)
     xs = xsums(x, gsz)
-    xp = permute(x, perm)
+    xp = permute(x, perm, fac)
     for r in prange(nrows):  # static schedule: each thread a contiguous range of rows
         out[r] = row_dot(kind, flat, r * stride, nb, tab, xp, xs)
 

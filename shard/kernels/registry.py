@@ -101,20 +101,23 @@ def _entry(fn, kind, *args):
 _PERMS: dict = {}
 
 
-def _perm(kind: int, nb: int, bs: int) -> np.ndarray:
+def _perm(kind: int, nb: int, bs: int):
     """Row permutation of x for the dword-lane matvec decoders (identity where none applies):
-    whole super-blocks permuted, remainder blocks in order. int32 (nb * bs,)."""
+    whole super-blocks permuted, remainder blocks in order -> (int32 index, float32 factor),
+    x_perm = x[index] * factor (factors are powers of two: exact)."""
     key = (kind, nb)
     p = _PERMS.get(key)
     if p is None:
-        p = np.arange(nb * bs, dtype=np.int32)
+        idx = np.arange(nb * bs, dtype=np.int32)
+        fac = np.ones(nb * bs, dtype=np.float32)
         if kind in PERM_DECODERS and kind in USE_PERM:
-            _, factor, sb, _ = PERM_DECODERS[kind]
+            _, factor, sb, _, exps = PERM_DECODERS[kind]
             nsb = nb // factor
             sbp = np.asarray(sb, dtype=np.int32)
-            p[:nsb * len(sbp)] = (np.arange(nsb, dtype=np.int32)[:, None] * len(sbp) + sbp).reshape(-1)
-        p.flags.writeable = False
-        _PERMS[key] = p
+            idx[:nsb * len(sbp)] = (np.arange(nsb, dtype=np.int32)[:, None] * len(sbp) + sbp).reshape(-1)
+            fac[:nsb * len(sbp)] = np.tile(np.ldexp(np.float32(1), -np.asarray(exps)).astype(np.float32), nsb)
+        idx.flags.writeable = fac.flags.writeable = False
+        p = _PERMS[key] = (idx, fac)
     return p
 
 
@@ -221,7 +224,7 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
     if nrows:
         kern = dv.mv_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mv_serial
         _entry(kern, qt.ggml_type, flat, stride, nrows, nb, qt.gsz, F16_TABLE,
-               _perm(qt.ggml_type, nb, qt.simd_bs), x, out)
+               *_perm(qt.ggml_type, nb, qt.simd_bs), x, out)
         if main < n_cols:
             it = _FLOAT_ITEM[qt.ggml_type]
             out += _float_cols(raw[:, main * it:], qt.ggml_type) @ x[main:]

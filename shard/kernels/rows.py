@@ -400,13 +400,13 @@ from .rows_perm import PERM_DECODERS  # noqa: E402  (needs the helpers above)
 
 
 # types whose matvec uses the dword-lane decoders (measured faster; the 5-bit types are not)
-USE_PERM = {2, 3, 12, 14, 10, 11}
+USE_PERM = {2, 3, 6, 7, 12, 13, 14, 10, 11}
 
 
 def _perm_arg(k):
     if k not in PERM_DECODERS or k not in USE_PERM:
         return None
-    pdec, factor, _, png = PERM_DECODERS[k]
+    pdec, factor, _, png, _ = PERM_DECODERS[k]
     return pdec, factor, png
 
 

@@ -31,6 +31,34 @@ def _field(e, w, shift, mask, place=0):
     return b.and_(w, e.cv(I32, [mask << place] * 16)) if need_and else w
 
 
+def _masked(e, w, pos, bits):
+    """Field of `bits` bits at bit `pos` of each i32 lane, as float, NOT shifted down: returns
+    (float vector = field * 2**k, k). Saves the shift per field; the 2**-k is folded into the
+    permuted x (exact: power-of-two scaling). A field touching the sign bit is shifted by 4."""
+    if pos + bits > 31:
+        w = e.b.lshr(w, e.cv(I32, [4] * 16))
+        pos -= 4
+    q = e.b.and_(w, e.cv(I32, [((1 << bits) - 1) << pos] * 16))
+    return e.b.sitofp(q, V(F32, 16)), pos
+
+
+def _shr(e, w, k):
+    return e.b.lshr(w, e.cv(I32, [k] * 16)) if k > 0 else (e.b.shl(w, e.cv(I32, [-k] * 16)) if k < 0 else w)
+
+
+def _comb(e, a, ash, amask, b, bsh, bmask):
+    """((a >> ash) & amask) | ((b >> bsh) & bmask): one small field per byte of every lane, so
+    each of the 4 bytes is then taken with a single and (_masked with pos 8s)."""
+    ma = e.b.and_(_shr(e, a, ash), e.cv(I32, [amask] * 16))
+    return e.b.or_(ma, e.b.and_(_shr(e, b, bsh), e.cv(I32, [bmask] * 16)))
+
+
+def nib_exp(s, h):
+    """Exponent k of _masked(nibble h of byte s)."""
+    pos = 8 * s + 4 * h
+    return pos - 4 if pos + 4 > 31 else pos
+
+
 def _lanes(e, v, idx):
     return e.shuf(v, idx)
 
@@ -56,21 +84,28 @@ def _sb32(ts, qs, dm, qh, signed_off):
             m4 = e.b.fmul(d4, ir.Constant(V(F32, 4), [-float(signed_off)] * 4))
         else:
             _, m4 = _bcast4(e, [e.f16(e.at(o, dm)) for o in obs])
-        if qh is not None:
+        if qh is not None:  # lane 4i+k needs bits 4k+s (+16h) of block i's qh: spread bit s
             qhv, _ = _bcast4(e, [e.ld(e.at(o, qh), 1, I32) for o in obs])
             qhv = e.b.lshr(qhv, e.cv(I32, [4 * (i % 4) for i in range(16)]))
+            spread = []
+            for h in range(2):  # bits s of a nibble -> bit 8s via *0x204081 (no carries)
+                t = e.b.and_(e.b.lshr(qhv, e.cv(I32, [16 * h] * 16)) if h else qhv, e.cv(I32, [15] * 16))
+                t = e.b.and_(e.b.mul(t, e.cv(I32, [0x204081] * 16)), e.cv(I32, [0x01010101] * 16))
+                # nibble h of byte s at 8s, its 5th bit at 8s + 4: 5-bit fields per byte
+                spread.append(_comb(e, w, 4 * h, 0x0F0F0F0F, t, -4, 0x10101010))
         offs, qs_ = [], []
         for h in range(2):
             for s in range(4):
-                q = _field(e, w, 8 * s + 4 * h, 15)
-                if qh is not None:
-                    q = e.b.or_(q, _field(e, qhv, s + 16 * h, 1, 4))
+                if qh is None:
+                    qs_.append(_masked(e, w, 8 * s + 4 * h, 4)[0])
+                else:
+                    qs_.append(_masked(e, spread[h], 8 * s, 5)[0])
                 offs.append(16 * (4 * h + s))
-                qs_.append(e.b.sitofp(q, V(F32, 16)))
         return Blk([(tuple(offs), tuple(qs_), dvec, None)], m4, 1.0)
     perm = [32 * (lane // 4) + 16 * h + 4 * (lane % 4) + s
             for h in range(2) for s in range(4) for lane in range(16)]
-    return dec, perm
+    exps = [nib_exp(s, h) if qh is None else 8 * s for h in range(2) for s in range(4) for lane in range(16)]
+    return dec, perm, exps
 
 
 def _q4_k(e, ob):
@@ -83,8 +118,7 @@ def _q4_k(e, ob):
         for h in range(2):
             scale = _lanes(e, sv, [4 * p + h] * 8 + [4 * p + 2 + h] * 8)
             offs = tuple(128 * p + 64 * h + 16 * s for s in range(4))
-            groups.append((offs, tuple(e.b.sitofp(_field(e, w, 8 * s + 4 * h, 15), V(F32, 16))
-                                       for s in range(4)), scale, None))
+            groups.append((offs, tuple(_masked(e, w, 8 * s + 4 * h, 4)[0] for s in range(4)), scale, None))
     return Blk(groups, mv, -1.0)
 
 
@@ -95,12 +129,12 @@ def _q5_k(e, ob):
     groups = []
     for p in range(2):
         w = e.ld(e.at(ob, 48 + 64 * p), 16, I32)
-        qhl = e.b.lshr(qhw, e.cv(I32, [4 * p] * 8 + [4 * p + 2] * 8))
+        qhl = e.b.lshr(qhw, e.cv(I32, [4 * p] * 8 + [4 * p + 2] * 8))  # bit (s, h) at 8s + h
         for h in range(2):
             scale = _lanes(e, sv, [4 * p + h] * 8 + [4 * p + 2 + h] * 8)
             offs = tuple(128 * p + 64 * h + 16 * s for s in range(4))
-            qv = tuple(e.b.sitofp(e.b.or_(_field(e, w, 8 * s + 4 * h, 15), _field(e, qhl, 8 * s + h, 1, 4)),
-                                  V(F32, 16)) for s in range(4))
+            comb = _comb(e, w, 4 * h, 0x0F0F0F0F, qhl, h - 4, 0x10101010)  # 5-bit fields at 8s
+            qv = tuple(_masked(e, comb, 8 * s, 5)[0] for s in range(4))
             groups.append((offs, qv, scale, None))
     return Blk(groups, mv, -1.0)
 
@@ -111,6 +145,10 @@ def _perm_k4():
             for p in range(2) for h in range(2) for s in range(4) for lane in range(16)]
 
 
+_EXP_Q4_K = [nib_exp(s, h) for p in range(2) for h in range(2) for s in range(4) for lane in range(16)]
+_EXP_Q5_K = [8 * s for p in range(2) for h in range(2) for s in range(4) for lane in range(16)]
+
+
 def _q6_k(e, ob):
     """Half hh: 64 ql bytes = 16 dwords (lane k, byte s, nibble n -> r = 64n + 4k + s), qh
     bits 2*(r//32) of byte 4(k%8)+s; scale index 8hh + 4n + k//4."""
@@ -119,20 +157,24 @@ def _q6_k(e, ob):
     for hh in range(2):
         w = e.ld(e.at(ob, 64 * hh), 16, I32)
         qhw = _lanes(e, e.ld(e.at(ob, 128 + 32 * hh), 8, I32), list(range(8)) * 2)
+        # qh pair (s, n) at bit 8s + 4n after the per-half shift; nibble n of byte s moved to
+        # 8s (w >> 4 for n = 1) and its pair to 8s + 4 (qhl << 4 for n = 0): 6 bits at 8s
         qhl = e.b.lshr(qhw, e.cv(I32, [0] * 8 + [2] * 8))
         for n in range(2):
             scale = _lanes(e, sv, [8 * hh + 4 * n + k // 4 for k in range(16)])
-            qv = []
-            for s in range(4):
-                q = e.b.or_(_field(e, w, 8 * s + 4 * n, 15), _field(e, qhl, 8 * s + 4 * n, 3, 4))
-                qv.append(e.b.sitofp(e.b.sub(q, e.cv(I32, [32] * 16)), V(F32, 16)))
-            groups.append((tuple(128 * hh + 64 * n + 16 * s for s in range(4)), tuple(qv), scale, None))
-    return Blk(groups)
+            comb = _comb(e, w, 4 * n, 0x0F0F0F0F, qhl, 4 * n - 4, 0x30303030)  # 6-bit fields at 8s
+            qv = tuple(_masked(e, comb, 8 * s, 6)[0] for s in range(4))
+            groups.append((tuple(128 * hh + 64 * n + 16 * s for s in range(4)), qv, scale, None))
+    # the -32 of every 6-bit value: offset -32 * (d * sc) per 16-element group against x sums
+    return Blk(groups, e.b.fmul(sv, ir.Constant(V(F32, 16), [-32.0] * 16)), 1.0)
 
 
 def _perm_q6_k():
     return [128 * hh + 64 * n + 4 * k + s for hh in range(2) for n in range(2)
             for s in range(4) for k in range(16)]
+
+
+_EXP_Q6_K = [8 * s for hh in range(2) for n in range(2) for s in range(4) for k in range(16)]
 
 
 def _q2_q3(q3):
@@ -151,30 +193,36 @@ def _q2_q3(q3):
         groups = []
         for j in range(4):
             scale = _lanes(e, sv, [8 * (k // 8) + 2 * j + (k % 8) // 4 for k in range(16)])
-            qv = []
-            for s in range(4):
-                q = _field(e, w, 8 * s + 2 * j, 3)
-                if q3:  # q = ql - 4 * (1 - hbit) = (ql | hbit << 2) - 4
-                    q = e.b.sub(e.b.or_(q, _field(e, hml, 8 * s + j, 1, 2)), e.cv(I32, [4] * 16))
-                qv.append(e.b.sitofp(q, V(F32, 16)))
-            groups.append((tuple(64 * j + 16 * s for s in range(4)), tuple(qv), scale, None))
-        return Blk(groups) if q3 else Blk(groups, mv, -1.0)
+            if q3:  # q = ql - 4 * (1 - hbit) = (ql | hbit << 2) - 4; the -4 is an offset term
+                comb = _comb(e, w, 2 * j, 0x03030303, hml, j - 2, 0x04040404)  # 3-bit fields at 8s
+                qv = tuple(_masked(e, comb, 8 * s, 3)[0] for s in range(4))
+            else:
+                qv = tuple(_masked(e, w, 8 * s + 2 * j, 2)[0] for s in range(4))
+            groups.append((tuple(64 * j + 16 * s for s in range(4)), qv, scale, None))
+        if q3:
+            return Blk(groups, e.b.fmul(sv, ir.Constant(V(F32, 16), [-4.0] * 16)), 1.0)
+        return Blk(groups, mv, -1.0)
     perm = [128 * (k // 8) + 32 * j + 4 * (k % 8) + s for j in range(4) for s in range(4) for k in range(16)]
-    return dec, perm
+    pos = [8 * s + 2 * j for j in range(4) for s in range(4) for k in range(16)]
+    exps = [8 * s if q3 else (p - 4 if p + 2 > 31 else p)
+            for p, s in zip(pos, [s for j in range(4) for s in range(4) for k in range(16)])]
+    return dec, perm, exps
 
 
-_q4_0, _p32 = _sb32(18, 2, None, None, 8)
-_q4_1, _ = _sb32(20, 4, 2, None, 0)
-_q5_0, _ = _sb32(22, 6, None, 2, 16)
-_q5_1, _ = _sb32(24, 8, 2, 4, 0)
-_q2_k, _p2 = _q2_q3(False)
-_q3_k, _ = _q2_q3(True)
+_q4_0, _p32, _e4 = _sb32(18, 2, None, None, 8)
+_q4_1, _, _ = _sb32(20, 4, 2, None, 0)
+_q5_0, _, _e5 = _sb32(22, 6, None, 2, 16)
+_q5_1, _, _ = _sb32(24, 8, 2, 4, 0)
+_q2_k, _p2, _e2 = _q2_q3(False)
+_q3_k, _, _e3 = _q2_q3(True)
 
-# type id -> (decoder, blocks per super-block, super-block permutation, offset groups per SB)
+# type id -> (decoder, blocks per super-block, super-block permutation, offset groups per SB,
+#             per-position exponent k: x_perm[i] = x[perm[i]] * 2**-k)
 PERM_DECODERS = {
-    2: (_q4_0, 4, _p32, 4), 3: (_q4_1, 4, _p32, 4), 6: (_q5_0, 4, _p32, 4), 7: (_q5_1, 4, _p32, 4),
-    12: (_q4_k, 1, _perm_k4(), 8), 13: (_q5_k, 1, _perm_k4(), 8), 14: (_q6_k, 1, _perm_q6_k(), 0),
-    10: (_q2_k, 1, _p2, 16), 11: (_q3_k, 1, _p2, 0),
+    2: (_q4_0, 4, _p32, 4, _e4), 3: (_q4_1, 4, _p32, 4, _e4), 6: (_q5_0, 4, _p32, 4, _e5),
+    7: (_q5_1, 4, _p32, 4, _e5), 12: (_q4_k, 1, _perm_k4(), 8, _EXP_Q4_K),
+    13: (_q5_k, 1, _perm_k4(), 8, _EXP_Q5_K), 14: (_q6_k, 1, _perm_q6_k(), 16, _EXP_Q6_K),
+    10: (_q2_k, 1, _p2, 16, _e2), 11: (_q3_k, 1, _p2, 16, _e3),
 }
-for _k, (_d, _f, _p, _g) in PERM_DECODERS.items():
-    assert sorted(_p) == list(range(len(_p))), _k
+for _k, (_d, _f, _p, _g, _x) in PERM_DECODERS.items():
+    assert sorted(_p) == list(range(len(_p))) and len(_x) == len(_p), _k
