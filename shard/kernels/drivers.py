@@ -2,8 +2,8 @@
 and the fused small-batch matmul (T = 2..16 vectors share one dequantization of each row).
 
 Every driver takes the ggml type id `kind` as a compile-time literal (numba.literally): one
-specialisation per type is compiled and cached on first use, and the `if kind == ...` chain is
-pruned to the one branch. Call them through registry._entry(), which looks up the compiled
+specialisation per type is compiled and cached on first use; rows.dot_any / deq_any pick that
+type's IR at typing time, so it is inlined into the driver's row loop. Call them through registry._entry(), which looks up the compiled
 entry point once: numba's dispatcher would redo the literal typing on every call (~16 ms).
 
 Shapes: flat = 1-D read-only uint8 raw bytes, row r at flat[r * stride]; nb = blocks per row
@@ -13,75 +13,9 @@ x float32 (ncols,), X float32 (T, ncols) C-order, out (nrows,) or (T, nrows).
 import numpy as np
 from numba import literally, njit, prange
 
-from .rows import (deq_bf16, deq_f16, deq_f32, dot_f32, deq_q2_k, deq_q3_k, deq_q4_0, deq_q4_1,
-                   deq_q4_k, deq_q5_0, deq_q5_1, deq_q5_k, deq_q6_k, deq_q8_0, dot_bf16, dot_f16, dot_q2_k, dot_q3_k,
-                   dot_q4_0, dot_q4_1, dot_q4_k, dot_q5_0, dot_q5_1, dot_q5_k, dot_q6_k, dot_q8_0)
+from .rows import deq_any, dot_any
 
 ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
-
-
-@njit(cache=True, fastmath=True)
-def row_dot(kind, flat, o, nb, tab, x, xs):
-    literally(kind)
-    if kind == 3:
-        return dot_q4_1(flat, o, nb, tab, x, xs)
-    elif kind == 12:
-        return dot_q4_k(flat, o, nb, tab, x, xs)
-    elif kind == 8:
-        return dot_q8_0(flat, o, nb, tab, x, xs)
-    elif kind == 6:
-        return dot_q5_0(flat, o, nb, tab, x, xs)
-    elif kind == 14:
-        return dot_q6_k(flat, o, nb, tab, x, xs)
-    elif kind == 13:
-        return dot_q5_k(flat, o, nb, tab, x, xs)
-    elif kind == 2:
-        return dot_q4_0(flat, o, nb, tab, x, xs)
-    elif kind == 7:
-        return dot_q5_1(flat, o, nb, tab, x, xs)
-    elif kind == 10:
-        return dot_q2_k(flat, o, nb, tab, x, xs)
-    elif kind == 11:
-        return dot_q3_k(flat, o, nb, tab, x, xs)
-    elif kind == 1:
-        return dot_f16(flat, o, nb, tab, x, xs)
-    elif kind == 30:
-        return dot_bf16(flat, o, nb, tab, x, xs)
-    elif kind == 0:
-        return dot_f32(flat, o, nb, tab, x, xs)
-    return np.float32(np.nan)
-
-
-@njit(cache=True)
-def row_deq(kind, flat, o, nb, tab, dst, d0):
-    literally(kind)
-    if kind == 3:
-        return deq_q4_1(flat, o, nb, tab, dst, d0)
-    elif kind == 12:
-        return deq_q4_k(flat, o, nb, tab, dst, d0)
-    elif kind == 8:
-        return deq_q8_0(flat, o, nb, tab, dst, d0)
-    elif kind == 6:
-        return deq_q5_0(flat, o, nb, tab, dst, d0)
-    elif kind == 14:
-        return deq_q6_k(flat, o, nb, tab, dst, d0)
-    elif kind == 13:
-        return deq_q5_k(flat, o, nb, tab, dst, d0)
-    elif kind == 2:
-        return deq_q4_0(flat, o, nb, tab, dst, d0)
-    elif kind == 7:
-        return deq_q5_1(flat, o, nb, tab, dst, d0)
-    elif kind == 10:
-        return deq_q2_k(flat, o, nb, tab, dst, d0)
-    elif kind == 11:
-        return deq_q3_k(flat, o, nb, tab, dst, d0)
-    elif kind == 1:
-        return deq_f16(flat, o, nb, tab, dst, d0)
-    elif kind == 30:
-        return deq_bf16(flat, o, nb, tab, dst, d0)
-    elif kind == 0:
-        return deq_f32(flat, o, nb, tab, dst, d0)
-    return -1
 
 
 @njit(cache=True, fastmath=True)
@@ -113,7 +47,7 @@ def mv_serial(kind, flat, stride, nrows, nb, gsz, tab, perm, fac, x, out):
     xs = xsums(x, gsz)
     xp = permute(x, perm, fac)
     for r in range(nrows):
-        out[r] = row_dot(kind, flat, r * stride, nb, tab, xp, xs)
+        out[r] = dot_any(kind, flat, r * stride, nb, tab, xp, xs)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -122,7 +56,7 @@ def mv_parallel(kind, flat, stride, nrows, nb, gsz, tab, perm, fac, x, out):
     xs = xsums(x, gsz)
     xp = permute(x, perm, fac)
     for r in prange(nrows):  # static schedule: each thread a contiguous range of rows
-        out[r] = row_dot(kind, flat, r * stride, nb, tab, xp, xs)
+        out[r] = dot_any(kind, flat, r * stride, nb, tab, xp, xs)
 
 
 @njit(cache=True, parallel=True)
@@ -130,7 +64,7 @@ def deq_rows(kind, flat, stride, nrows, nb, tab, out):
     """out (nrows, >= nb*bs) float32 C-order <- rows dequantized bit-exactly."""
     literally(kind)
     for r in prange(nrows):
-        row_deq(kind, flat, r * stride, nb, tab, out[r], 0)
+        deq_any(kind, flat, r * stride, nb, tab, out[r], 0)
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -168,7 +102,7 @@ def mm_fused_parallel(kind, flat, stride, nrows, nb, n, tab, X, out):
     for c in prange(nch):
         w = np.empty(n, np.float32)
         for r in range(c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK)):
-            row_deq(kind, flat, r * stride, nb, tab, w, 0)
+            deq_any(kind, flat, r * stride, nb, tab, w, 0)
             _dots(w, X, out, r, n)
 
 
@@ -177,5 +111,5 @@ def mm_fused_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
     literally(kind)
     w = np.empty(n, np.float32)
     for r in range(nrows):
-        row_deq(kind, flat, r * stride, nb, tab, w, 0)
+        deq_any(kind, flat, r * stride, nb, tab, w, 0)
         _dots(w, X, out, r, n)

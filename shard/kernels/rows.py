@@ -354,7 +354,7 @@ def make_dot(dec, bs, ts, ng, name, perm=None):
             return r
         return types.float32(flat, types.int64, types.int64, tab, x, xs), cg
     typer.__name__ = "dot_" + name
-    return intrinsic(typer)
+    return typer
 
 
 def make_deq(dec, bs, ts, name):
@@ -381,7 +381,7 @@ def make_deq(dec, bs, ts, name):
             return ir.Constant(I64, 0)
         return types.int64(flat, types.int64, types.int64, tab, dst, types.int64), cg
     typer.__name__ = "deq_" + name
-    return intrinsic(typer)
+    return typer
 
 
 # type id -> (decoder, elements per block, bytes per block, offset groups per block, group size)
@@ -413,10 +413,24 @@ def _perm_arg(k):
 DOT = {k: make_dot(d, bs, ts, ng, _NAMES[k], _perm_arg(k)) for k, (d, bs, ts, ng, _) in DECODERS.items()}
 DEQ = {k: make_deq(d, bs, ts, _NAMES[k]) for k, (d, bs, ts, _, _) in DECODERS.items()}
 
-# module-level names so numba code can call them (dicts are not visible inside @njit)
-dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0 = DOT[2], DOT[3], DOT[6], DOT[7], DOT[8]
-dot_q2_k, dot_q3_k, dot_q4_k, dot_q5_k, dot_q6_k = DOT[10], DOT[11], DOT[12], DOT[13], DOT[14]
-dot_f16, dot_bf16, dot_f32 = DOT[1], DOT[30], DOT[0]
-deq_q4_0, deq_q4_1, deq_q5_0, deq_q5_1, deq_q8_0 = DEQ[2], DEQ[3], DEQ[6], DEQ[7], DEQ[8]
-deq_q2_k, deq_q3_k, deq_q4_k, deq_q5_k, deq_q6_k = DEQ[10], DEQ[11], DEQ[12], DEQ[13], DEQ[14]
-deq_f16, deq_bf16, deq_f32 = DEQ[1], DEQ[30], DEQ[0]
+
+
+def _by_kind(table, name):
+    """Intrinsic f(kind, ...) whose first argument must be a compile-time literal type id: the
+    typer picks table[kind] (so a driver specialised with numba.literally(kind) contains only
+    that type's code, inlined, without a branch chain)."""
+    def typer(typingctx, kind, flat, o, nb, tab, v, w):
+        if not isinstance(kind, types.IntegerLiteral) or kind.literal_value not in table:
+            return None
+        inner = table[kind.literal_value](typingctx, flat, o, nb, tab, v, w)
+        isig, icg = inner
+
+        def cg(context, builder, sig, a):
+            return icg(context, builder, isig, a[1:])
+        return isig.return_type(kind, *isig.args), cg
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+dot_any = _by_kind(DOT, "dot_any")  # (kind, flat, o, nb, tab, x, xs) -> float32
+deq_any = _by_kind(DEQ, "deq_any")  # (kind, flat, o, nb, tab, dst, d0) -> int64
