@@ -10,9 +10,17 @@ import math
 
 import numpy as np
 
+from dsd.shard.kernels.elementwise import rms_norm_rows, rope_rows
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [..., D] float32 -> x / rms(x) * weight (computed in float32 like llama.cpp)."""
+    if x.dtype == np.float32 and weight.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous:
+        return rms_norm_rows(x, weight, np.float32(eps), np.empty_like(x))
+    return rms_norm_numpy(x, weight, eps)
+
+
+def rms_norm_numpy(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     ms = np.einsum("...i,...i->...", x, x, dtype=np.float32) / np.float32(x.shape[-1])
     return x * (1.0 / np.sqrt(ms + np.float32(eps)))[..., None].astype(np.float32) * weight
 
@@ -63,8 +71,18 @@ class RopeTable:
 
     def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """x [T, heads, Dh] (only the first n_rot dims rotate) -> rotated copy."""
+        self._ensure(positions)
+        if x.dtype == np.float32 and x.flags.c_contiguous:
+            return rope_rows(x, self.cos, self.sin, positions, self.n_rot, self.style == "neox",
+                             np.empty_like(x))
+        return self.apply_numpy(x, positions)
+
+    def _ensure(self, positions: np.ndarray) -> None:
         if positions.size and int(positions.max()) >= self.cos.shape[0]:
             self._grow(max(int(positions.max()) + 1, 2 * self.cos.shape[0]))
+
+    def apply_numpy(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self._ensure(positions)
         c = self.cos[positions][:, None, :]  # [T, 1, n_rot/2]
         s = self.sin[positions][:, None, :]
         out = x.copy()
