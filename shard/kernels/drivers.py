@@ -68,28 +68,53 @@ def deq_rows(kind, flat, stride, nrows, nb, tab, out):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _dots(w, X, out, r, n):
-    """out[t, r] = w[:n] . X[t, :n] for all t; four vectors per pass so each w load feeds 4 FMAs."""
+def _dots2(w, r2, X, out, r, n):
+    """out[t, r + i] = w[i, :n] . X[t, :n] for i < r2 (1 or 2 dequantized rows in w) and all t.
+    Blocks of 2 rows x 4 vectors: each loaded float feeds 2-4 FMAs (a 1x1 dot is load-bound)."""
     T = X.shape[0]
+    w0 = w[0]
+    w1 = w[r2 - 1]  # == w0 for a single row (its results are simply not stored)
     t = 0
     while t + 4 <= T:
         x0, x1, x2, x3 = X[t], X[t + 1], X[t + 2], X[t + 3]
-        a0 = a1 = a2 = a3 = np.float32(0)
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0)
         for j in range(n):
-            wj = w[j]
-            a0 += wj * x0[j]
-            a1 += wj * x1[j]
-            a2 += wj * x2[j]
-            a3 += wj * x3[j]
+            u, v = w0[j], w1[j]
+            y0, y1, y2, y3 = x0[j], x1[j], x2[j], x3[j]
+            a0 += u * y0
+            a1 += u * y1
+            a2 += u * y2
+            a3 += u * y3
+            b0 += v * y0
+            b1 += v * y1
+            b2 += v * y2
+            b3 += v * y3
         out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+        if r2 == 2:
+            out[t, r + 1], out[t + 1, r + 1], out[t + 2, r + 1], out[t + 3, r + 1] = b0, b1, b2, b3
         t += 4
-    while t < T:
-        x0 = X[t]
-        a0 = np.float32(0)
+    while t + 2 <= T:
+        x0, x1 = X[t], X[t + 1]
+        a0 = a1 = b0 = b1 = np.float32(0)
         for j in range(n):
-            a0 += w[j] * x0[j]
+            u, v = w0[j], w1[j]
+            a0 += u * x0[j]
+            a1 += u * x1[j]
+            b0 += v * x0[j]
+            b1 += v * x1[j]
+        out[t, r], out[t + 1, r] = a0, a1
+        if r2 == 2:
+            out[t, r + 1], out[t + 1, r + 1] = b0, b1
+        t += 2
+    if t < T:
+        x0 = X[t]
+        a0 = b0 = np.float32(0)
+        for j in range(n):
+            a0 += w0[j] * x0[j]
+            b0 += w1[j] * x0[j]
         out[t, r] = a0
-        t += 1
+        if r2 == 2:
+            out[t, r + 1] = b0
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -100,16 +125,21 @@ def mm_fused_parallel(kind, flat, stride, nrows, nb, n, tab, X, out):
     literally(kind)
     nch = (nrows + ROW_CHUNK - 1) // ROW_CHUNK
     for c in prange(nch):
-        w = np.empty(n, np.float32)
-        for r in range(c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK)):
-            deq_any(kind, flat, r * stride, nb, tab, w, 0)
-            _dots(w, X, out, r, n)
+        w = np.empty((2, n), np.float32)
+        r1 = min(nrows, (c + 1) * ROW_CHUNK)
+        for r in range(c * ROW_CHUNK, r1, 2):
+            r2 = min(2, r1 - r)
+            for i in range(r2):
+                deq_any(kind, flat, (r + i) * stride, nb, tab, w[i], 0)
+            _dots2(w, r2, X, out, r, n)
 
 
 @njit(cache=True, fastmath=True)
 def mm_fused_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
     literally(kind)
-    w = np.empty(n, np.float32)
-    for r in range(nrows):
-        deq_any(kind, flat, r * stride, nb, tab, w, 0)
-        _dots(w, X, out, r, n)
+    w = np.empty((2, n), np.float32)
+    for r in range(0, nrows, 2):
+        r2 = min(2, nrows - r)
+        for i in range(r2):
+            deq_any(kind, flat, (r + i) * stride, nb, tab, w[i], 0)
+        _dots2(w, r2, X, out, r, n)
