@@ -7,9 +7,13 @@ One boot runs every scenario in sequence, because each Python process that calls
   doctor        `dsd doctor --model SMOL --nodes 2 --apply --json`: per-node 2 MiB pools
   smollm2_2m    SmolLM2 (dense: layer pipeline), `--pages 2m` on the pools doctor reserved
   tiny_2m       a tiny DeepSeek-V2-shaped MoE (experts split between workers), `--pages 2m`
-  reference     ONE process running dsd.shard.engine.Engine (what `dsd generate` runs) on both
   auto_node0    pools on node 0 only, `--pages auto`: worker 1 must fall back on node 1
   strict_node0  pools on node 0 only, `--pages 2m`: start must fail, naming node 1's shortfall
+
+The single-process reference answers (dsd.shard.engine.Engine, what `dsd generate` runs) are
+computed by `warm()` on the HOST with the guest's numba target (NUMBA_CPU_NAME=generic, same
+cache, so the same machine code the guest runs): one SmolLM2 answer costs ~2 minutes under TCG,
+and the 15-minute budget has room for the daemon's answers only.
 
 For each worker the raw /proc views are kept (numa_maps, the smaps lines of big mappings,
 every thread's Cpus_allowed_list), read by this script, not by dsd, so the check of placement
@@ -152,7 +156,7 @@ def daemon_env(instance: str) -> dict:
 
 
 def daemon_scenario(name: str, model: str, pages: str, spec: dict, ask: bool = True,
-                    extra: tuple = ()) -> dict:
+                    status_text: bool = False, extra: tuple = ()) -> dict:
     env = daemon_env(name)
     res: dict = {"model": model, "pages": pages, "pools_before": pools()}
     start = dsd(["start", "--model", model, "--nodes", "2", "--pages", pages, *extra], env)
@@ -171,16 +175,15 @@ def daemon_scenario(name: str, model: str, pages: str, spec: dict, ask: bool = T
         res["after_ready"] = {str(w["index"]): observe(w["pid"]) for w in res["status"]["workers"]}
         res["coordinator"] = {"pid": res["status"]["pid"],
                               "threads": threads(res["status"]["pid"])}
-        res["status_text"] = dsd(["status"], env, timeout=120)
+        if status_text:
+            res["status_text"] = dsd(["status"], env, timeout=120)
         if ask:
             res["answers"] = ask_daemon(name, model, spec, env)
             res["after_answer"] = {str(w["index"]): observe(w["pid"])
                                    for w in res["status"]["workers"]}
-            st2 = dsd(["status", "--json"], env, timeout=120)
-            try:
-                res["status_after"] = json.loads(st2["stdout"])
-            except ValueError:
-                res["status_after"] = {"error": st2}
+            from dsd.client import Client   # same dict as `dsd status --json`, no new process
+
+            res["status_after"] = Client(socket_dir=env["DSD_SOCKET_DIR"], timeout=60).status()
     finally:
         res["stop"] = dsd(["stop", "--timeout", "30"], env, timeout=120)
         time.sleep(0.5)
@@ -199,8 +202,6 @@ def ask_daemon(name: str, model: str, spec: dict, env: dict) -> dict:
     if model == spec["smollm2"]:
         q, n = spec["question"], spec["n_tokens"]
         out["chat_cli"] = dsd(["chat", q, "--temperature", "0", "--max-tokens", str(n)], env)
-        r = c.chat([{"role": "user", "content": q}], temperature=0, max_tokens=n)
-        out["client_chat"] = {"text": r.text, "token_ids": r.token_ids}
     else:
         out["client_ids"] = []
         for ids in spec["tiny_prompts"]:
@@ -272,10 +273,10 @@ def main(spec_path: str, out_path: str) -> int:
     step("doctor", doctor, spec)
     step("smollm2_2m", daemon_scenario, "smollm2_2m", spec["smollm2"], "2m", spec)
     step("tiny_2m", daemon_scenario, "tiny_2m", spec["tiny"], "2m", spec)
-    step("reference", reference, spec)
     # Node 1 loses its pool; node 0 keeps enough for both workers (so only node 1 is short)
     results["pool_node0_only"] = {"node1": set_pool(1, 0), "node0": pools()["0"]["nr"]}
-    step("auto_node0", daemon_scenario, "auto_node0", spec["tiny"], "auto", spec, ask=False)
+    step("auto_node0", daemon_scenario, "auto_node0", spec["tiny"], "auto", spec, ask=False,
+         status_text=True)
     step("strict_node0", daemon_scenario, "strict_node0", spec["tiny"], "2m", spec, ask=False)
     results["timings"]["total"] = now()
     with open(out_path, "w") as f:
