@@ -161,6 +161,7 @@ class Client(_Base):
                     return
         finally:
             if not done:  # the caller stopped early: tell the daemon to stop generating
+                s.setsockopt(zmq.LINGER, 200)
                 try:
                     s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
                 except zmq.ZMQError:
@@ -253,6 +254,7 @@ class AsyncClient(_Base):
                     return
         finally:
             if not done:
+                s.setsockopt(zmq.LINGER, 200)
                 try:
                     s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
                 except zmq.ZMQError:

@@ -51,3 +51,24 @@ def test_multiline_input():
 
 def _eof(prompt):
     raise EOFError
+
+
+def test_one_shot_through_a_pipe_matches_generate(tmp_path):
+    from tests.test_daemon_util import dsd, running_daemon
+
+    with running_daemon(tmp_path, "--nodes", "1") as run:
+        piped = dsd(["chat", "--temperature", "0", "-n", "12"], run.env, input="What is 2+2?\n")
+        arg = dsd(["chat", "What is 2+2?", "--temperature", "0", "-n", "12"], run.env)
+        ref = dsd(["generate", "-c", "What is 2+2?", "--temperature", "0", "-n", "12"], run.env)
+        assert piped.stdout == arg.stdout == ref.stdout
+        assert piped.stdout.strip()
+        st = dsd(["status"], run.env).stdout
+        assert "worker 0: ready" in st and "KV cache" in st and "pages" in st
+        import json
+
+        js = json.loads(dsd(["status", "--json"], run.env).stdout)
+        w = js["workers"][0]
+        assert w["placement"]["bytes_by_node"] == {"0": w["placement"]["total"]}
+        assert js["scheduler"]["completed"] >= 2
+    p = dsd(["chat", "hi"], run.env, check=False)
+    assert p.returncode == 1 and "dsd start" in p.stderr
