@@ -142,6 +142,107 @@ def test_matmul_matches_float64(gt, monkeypatch):
     assert np.all(np.abs(got - ref) <= 1e-5 * bound)
 
 
+def _ncols_variants(gt):
+    """Row lengths that leave remainder blocks after the 4-block super-blocks (32-element
+    types) and tail columns after the 32-element SIMD blocks (float types)."""
+    bs = QUANT_TYPES[int(gt)].block_size
+    if bs == 256:
+        return [256, 768]
+    if bs == 32:
+        return [32, 96, 576]
+    return [7, 100, 576]
+
+
+@pytest.mark.parametrize("gt", ALL, ids=lambda g: g.name)
+def test_matvec_remainders_and_tails(gt, monkeypatch):
+    from dsd.shard.kernels import registry
+    rng = np.random.default_rng(int(gt) + 300)
+    for parallel in (False, True):
+        monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
+        for n_cols in _ncols_variants(gt):
+            raw = random_raw(gt, 9, n_cols, rng, realistic=True)
+            ref = reference(raw, gt, n_cols)
+            np.testing.assert_array_equal(dequantize(raw, int(gt), n_cols).view(np.uint32), ref.view(np.uint32))
+            x = rng.standard_normal(n_cols).astype(np.float32)
+            assert_close_product(matvec(raw, int(gt), x), ref.astype(np.float64), x.astype(np.float64))
+
+
+@pytest.mark.parametrize("gt", [G.Q4_1, G.Q4_K, G.Q5_0, G.Q6_K, G.Q8_0, G.F16, G.Q3_K], ids=lambda g: g.name)
+def test_fused_small_batch_matmul(gt, monkeypatch):
+    """T = 1..17 covers the fused kernel's 4-, 2- and 1-vector passes (and T > FUSED_MAX_T the
+    BLAS path); odd row counts cover its single-row tail; serial and parallel drivers."""
+    from dsd.shard.kernels import registry
+    rng = np.random.default_rng(int(gt) + 400)
+    n_cols = _ncols_variants(gt)[-1]
+    raw = random_raw(gt, 21, n_cols, rng, realistic=True)
+    W64 = reference(raw, gt, n_cols).astype(np.float64)
+    for parallel in (False, True):
+        monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
+        for T in range(1, 18):
+            X = rng.standard_normal((T, n_cols)).astype(np.float32)
+            got = matmul(raw, int(gt), X)
+            assert got.shape == (T, 21)
+            ref = X.astype(np.float64) @ W64.T
+            bound = np.abs(X.astype(np.float64)) @ np.abs(W64).T
+            assert np.all(np.abs(got - ref) <= 1e-5 * bound), (gt, T, parallel)
+    # a non-contiguous out is filled too
+    X = rng.standard_normal((6, n_cols)).astype(np.float32)
+    big = np.zeros((6, 42), np.float32)
+    matmul(raw, int(gt), X, out=big[:, ::2])
+    np.testing.assert_allclose(big[:, ::2], X @ W64.T.astype(np.float32), rtol=1e-4, atol=1e-3)
+
+
+_ISA_PROBE = r"""
+import json, sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_kernels import random_raw, reference, G
+from dsd.shard.kernels import dequantize, matvec, matmul
+from numba.core.registry import cpu_target
+res = {"features": cpu_target.target_context.codegen()._tm_features}
+rng = np.random.default_rng(5)
+for gt in (G.Q4_1, G.Q4_K, G.Q5_0, G.Q6_K, G.Q8_0, G.F16, G.Q3_K):
+    n = 576 if gt not in (G.Q4_K, G.Q6_K, G.Q3_K) else 768
+    raw = random_raw(gt, 13, n, rng, realistic=True)
+    ref = reference(raw, gt, n).astype(np.float64)
+    x = rng.standard_normal(n).astype(np.float32)
+    X = rng.standard_normal((5, n)).astype(np.float32)
+    bound = np.abs(ref) @ np.abs(x)
+    res[gt.name] = {
+        "deq_exact": bool(np.array_equal(dequantize(raw, int(gt), n), ref.astype(np.float32))),
+        "mv_err": float(np.max(np.abs(matvec(raw, int(gt), x) - ref @ x) / bound)),
+        "mm_err": float(np.max(np.abs(matmul(raw, int(gt), X) - X @ ref.T) / (np.abs(X) @ np.abs(ref).T))),
+    }
+print(json.dumps(res))
+"""
+AVX2_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,"
+                 "+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,-avx512f,-avx512bw,"
+                 "-avx512vl,-avx512dq,-avx512cd")
+
+
+@pytest.mark.parametrize("cpu", ["haswell-avx2", "generic"])
+def test_correct_without_avx512(cpu):
+    """The target machines are AVX2 without AVX-512 (this dev host has AVX-512): the kernels
+    must compile and be correct for an AVX2 feature set and for baseline x86-64 (no F16C:
+    the fp16 bit-trick path). NUMBA_CPU_NAME alone keeps the host's features, so the feature
+    list is given explicitly; a private cache dir keeps these builds apart."""
+    import json
+    env = dict(os.environ)
+    if cpu == "generic":
+        env["NUMBA_CPU_NAME"] = "generic"
+    else:
+        env["NUMBA_CPU_NAME"] = "haswell"
+        env["NUMBA_CPU_FEATURES"] = AVX2_FEATURES
+    with tempfile.TemporaryDirectory() as d:
+        env["NUMBA_CACHE_DIR"] = d
+        out = subprocess.run([sys.executable, "-c", _ISA_PROBE, os.path.dirname(__file__)], env=env,
+                             check=True, capture_output=True, text=True).stdout
+    res = json.loads(out)
+    assert "+avx512f" not in res.pop("features")
+    for name, r in res.items():
+        assert r["deq_exact"], name
+        assert r["mv_err"] < 1e-5 and r["mm_err"] < 1e-5, (name, r)
+
+
 def test_errors_name_the_problem():
     with pytest.raises(DsdError, match="IQ2_XXS"):
         quant_type(int(G.IQ2_XXS))

@@ -67,6 +67,15 @@ def deq_rows(kind, flat, stride, nrows, nb, tab, out):
         deq_any(kind, flat, r * stride, nb, tab, out[r], 0)
 
 
+@njit(cache=True)
+def deq_rows_serial(kind, flat, stride, nrows, nb, tab, out):
+    """deq_rows on the calling thread: used next to BLAS calls, whose spinning threads make a
+    numba parallel region right after them take milliseconds on a 2-core machine."""
+    literally(kind)
+    for r in range(nrows):
+        deq_any(kind, flat, r * stride, nb, tab, out[r], 0)
+
+
 @njit(cache=True, inline="always", fastmath=True)
 def _dots2(w, r2, X, out, r, n):
     """out[t, r + i] = w[i, :n] . X[t, :n] for i < r2 (1 or 2 dequantized rows in w) and all t.

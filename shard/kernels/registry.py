@@ -46,15 +46,17 @@ class QuantType:
 
 QUANT_TYPES: dict[int, QuantType] = {}
 
-# Matrices smaller than this many bytes run single-threaded: a numba parallel region costs a
-# fixed launch + join (measured in bench/kernels_bench.py --overhead) that exceeds the work of
-# a small matrix (192x576 Q4_1 is 69 KB = a few us on one core).
-PAR_MIN_BYTES = 256 * 1024
+# Matrices smaller than this many bytes run single-threaded. Measured (bench/kernels_bench.py,
+# 2 threads, omp layer): a parallel region adds ~3 us back to back, ~7 us typical on a busy
+# machine; 192x576 Q4_1 (69 KB) 10.6 us serial vs 13.1 us parallel, 576x576 (207 KB) 21.6 us
+# serial vs 18.2 us parallel.
+PAR_MIN_BYTES = 128 * 1024
 # matmul with at most this many vectors uses the fused kernel (each weight row dequantized once
 # into L1 and dotted with all T vectors); above it, dequantized tiles + BLAS sgemm.
 FUSED_MAX_T = 16
-# Rows dequantized per BLAS call in matmul: tile of ~1 MiB float32 (L2-sized).
-_TILE_ELEMS = 256 * 1024
+# Rows dequantized per BLAS call in matmul (prefill): 4 Mi elements = 16 MiB of float32. Small
+# (L2-sized) tiles measured far slower: OpenBLAS is inefficient for thin (T x 64..128) products.
+_TILE_ELEMS = 4 * 1024 * 1024
 
 
 def _register(gt: G, dequant_block):
@@ -267,19 +269,24 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if o is not out:
             out[:] = o
         return out
+    # Prefill: dequantize a tile of rows (serially: a numba parallel region next to OpenBLAS
+    # calls costs ms while BLAS threads spin), then one sgemm per tile into a contiguous buffer.
     tile_rows = max(1, min(nrows, _TILE_ELEMS // n_cols))
     tile = np.empty((tile_rows, n_cols), dtype=np.float32)
+    res = np.empty((T, tile_rows), dtype=np.float32) if tile_rows < nrows else None
     for r0 in range(0, nrows, tile_rows):
         r1 = min(nrows, r0 + tile_rows)
         t = tile[: r1 - r0]
         part = raw[r0:r1]
         if nb:
             pf, ps = _flat(part, raw.shape[1])
-            _entry(dv.deq_rows, qt.ggml_type, pf, ps, r1 - r0, nb, F16_TABLE, t)
+            _entry(dv.deq_rows_serial, qt.ggml_type, pf, ps, r1 - r0, nb, F16_TABLE, t)
         if main < n_cols:
             t[:, main:] = _float_cols(part[:, main * _FLOAT_ITEM[qt.ggml_type]:], qt.ggml_type)
-        if r1 - r0 == nrows:
+        if res is None:
             np.matmul(X, t.T, out=out)
         else:
-            out[:, r0:r1] = X @ t.T
+            o = res[:, : r1 - r0]
+            np.matmul(X, t.T, out=o)
+            out[:, r0:r1] = o
     return out
