@@ -86,11 +86,12 @@ _FLOAT_ITEM = {int(G.F32): 4, int(G.F16): 2, int(G.BF16): 2}
 _EP: dict = {}
 
 
-def _entry(fn, kind, *args):
+def _entry(fn, kind, variant, *args):
     """Call numba driver fn(kind, *args) with kind as a compile-time literal through its compiled
-    entry point (the dispatcher would redo literal typing on every call, ~16 ms). Argument types
-    only vary in writeability/array class, which is part of the key."""
-    key = (fn, kind) + tuple((a.flags.writeable, type(a)) if isinstance(a, np.ndarray) else 0 for a in args)
+    entry point (the dispatcher would redo literal typing on every call, ~16 ms). `variant` must
+    capture whatever makes the numba argument types differ between calls (array class and
+    writeability of caller-supplied arrays; ours are fixed)."""
+    key = (fn, kind, variant)
     ep = _EP.get(key)
     if ep is not None:
         return ep(kind, *args)
@@ -198,7 +199,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
     out = np.empty((raw.shape[0], n_cols), dtype=np.float32)
     if raw.shape[0]:
         if nb:
-            _entry(dv.deq_rows, qt.ggml_type, flat, stride, raw.shape[0], nb, F16_TABLE, out)
+            _entry(dv.deq_rows, qt.ggml_type, type(flat), flat, stride, raw.shape[0], nb, F16_TABLE, out)
         if main < n_cols:
             it = _FLOAT_ITEM[qt.ggml_type]
             out[:, main:] = _float_cols(raw[:, main * it:], qt.ggml_type)
@@ -225,7 +226,7 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
     if nrows:
         kern = dv.mv_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mv_serial
-        _entry(kern, qt.ggml_type, flat, stride, nrows, nb, qt.gsz, F16_TABLE,
+        _entry(kern, qt.ggml_type, (type(flat), x.flags.writeable), flat, stride, nrows, nb, qt.gsz, F16_TABLE,
                *_perm(qt.ggml_type, nb, qt.simd_bs), x, out)
         if main < n_cols:
             it = _FLOAT_ITEM[qt.ggml_type]
@@ -260,7 +261,8 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         kern = dv.mm_fused_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mm_fused_serial
         if nb:
-            _entry(kern, qt.ggml_type, flat, stride, nrows, nb, main, F16_TABLE, X, o)
+            _entry(kern, qt.ggml_type, (type(flat), X.flags.writeable), flat, stride, nrows, nb, main,
+                   F16_TABLE, X, o)
         else:
             o[:] = 0
         if main < n_cols:
@@ -280,7 +282,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         part = raw[r0:r1]
         if nb:
             pf, ps = _flat(part, raw.shape[1])
-            _entry(dv.deq_rows_serial, qt.ggml_type, pf, ps, r1 - r0, nb, F16_TABLE, t)
+            _entry(dv.deq_rows_serial, qt.ggml_type, type(pf), pf, ps, r1 - r0, nb, F16_TABLE, t)
         if main < n_cols:
             t[:, main:] = _float_cols(part[:, main * _FLOAT_ITEM[qt.ggml_type]:], qt.ggml_type)
         if res is None:
