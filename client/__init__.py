@@ -14,6 +14,8 @@ This module imports only zmq and msgpack (no numpy/numba), so it is cheap to imp
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import uuid
 from dataclasses import dataclass
@@ -166,7 +168,7 @@ class Client(_Base):
                     s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
                 except zmq.ZMQError:
                     pass
-            s.close(0)
+            s.close(0 if done else 200)  # linger 0 would drop the queued cancel
 
     def _run(self, msg: dict, stream: bool):
         if stream:
@@ -259,11 +261,13 @@ class AsyncClient(_Base):
                     s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
                 except zmq.ZMQError:
                     pass
-            s.close(0)
+            s.close(0 if done else 200)  # linger 0 would drop the queued cancel
 
     async def _chunks(self, msg: dict):
-        async for m in self._stream(msg):
-            yield self._to_chunk(m)
+        # aclosing: closing this iterator (client gone) closes _stream now, which sends the cancel
+        async with contextlib.aclosing(self._stream(msg)) as stream:
+            async for m in stream:
+                yield self._to_chunk(m)
 
     async def _result(self, msg: dict) -> Result:
         m = None
