@@ -80,6 +80,9 @@ sys.exit(daemon_scenarios.main("{harness.GUEST_RUN_DIR}/spec.json", "/tmp/dsdvm/
 def vm(tmp_path_factory):
     from tests.tiny_moe import write_tiny_deepseek2
 
+    # no qemu / kernel: fail now with VMSetupError's fix, before minutes of host warm-up
+    harness._tools()
+    harness._kernel()
     tmp = tmp_path_factory.mktemp("numa_vm_daemon")
     # DeepSeek-V2-shaped: MLA, a dense lead layer, shared + 16 routed experts (~7.6 MiB, so
     # each worker fills 2 huge pages)
@@ -95,6 +98,9 @@ def vm(tmp_path_factory):
     assert "scenarios.json" in r.files, (
         f"guest wrote no results (exit {r.returncode})\n{r.stderr[-5000:]}\n{r.console[-2000:]}")
     res = json.loads(r.files["scenarios.json"])
+    for name, data in r.files.items():      # kept for reading after a failure
+        (tmp / "guest" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "guest" / name).write_bytes(data)
     res["_logs"] = {k[:-4]: v.decode(errors="replace") for k, v in r.files.items()
                     if k.endswith(".log")}
     res["_offsets"] = {smol: _data_offset(smol), GUEST_TINY: _data_offset(tiny)}
@@ -332,6 +338,10 @@ def test_strict_2m_fails_before_any_worker_loads(vm):
     (the coordinator can compare the plan's per-node pages with the pools: see the report)."""
     s = ok_scenario(vm, "strict_node0")
     assert s["start"]["rc"] != 0
+    # no node's pool was drawn on while `dsd start` ran (sampled every 0.1 s in the guest):
+    # worker 0 on node 0, whose pool is big enough, must not have allocated its slice either
+    assert s["min_free_during_start"] == {n: p["free"] for n, p in s["pools_before"].items()}, (
+        s["pools_before"], s["min_free_during_start"])
     log = vm["_logs"].get("strict_node0", "")
     loaded = [ln for ln in log.splitlines() if re.search(r"MiB loaded in", ln)]
     assert not loaded, "\n".join(loaded)

@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -159,8 +160,23 @@ def daemon_scenario(name: str, model: str, pages: str, spec: dict, ask: bool = T
                     status_text: bool = False, extra: tuple = ()) -> dict:
     env = daemon_env(name)
     res: dict = {"model": model, "pages": pages, "pools_before": pools()}
+    # The kernel's view of "did any worker take huge pages during start": a worker allocates
+    # its whole buffer before reading a byte, so min free < nr on a node = a worker got that far.
+    low = {n: p["free"] for n, p in res["pools_before"].items()}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            for n, p in pools().items():
+                low[n] = min(low.get(n, p["free"]), p["free"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = dsd(["start", "--model", model, "--nodes", "2", "--pages", pages, *extra], env)
+    done.set()
+    sampler.join()
     res["start"] = start
+    res["min_free_during_start"] = low
     try:
         if start["rc"] != 0:
             return res
