@@ -126,6 +126,101 @@ def _dots2(w, r2, X, out, r, n):
             out[t, r + 1] = b0
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _dots4(w, rk, X, out, r, n):
+    """As _dots2 for up to 4 rows: 4 rows x 4 vectors = 16 accumulators per pass (0.5 loads per
+    FMA). Only for AVX-512 targets (32 vector registers): with 16 AVX2 registers it spills and
+    runs slower than _dots2 (measured 59 vs 70 GFLOP/s), on AVX-512 108 vs 70 GFLOP/s."""
+    T = X.shape[0]
+    w0, w1, w2, w3 = w[0], w[min(1, rk - 1)], w[min(2, rk - 1)], w[rk - 1]
+    t = 0
+    while t + 4 <= T:
+        x0, x1, x2, x3 = X[t], X[t + 1], X[t + 2], X[t + 3]
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0)
+        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0)
+        for j in range(n):
+            y0, y1, y2, y3 = x0[j], x1[j], x2[j], x3[j]
+            u = w0[j]
+            a00 += u * y0
+            a01 += u * y1
+            a02 += u * y2
+            a03 += u * y3
+            u = w1[j]
+            a10 += u * y0
+            a11 += u * y1
+            a12 += u * y2
+            a13 += u * y3
+            u = w2[j]
+            a20 += u * y0
+            a21 += u * y1
+            a22 += u * y2
+            a23 += u * y3
+            u = w3[j]
+            a30 += u * y0
+            a31 += u * y1
+            a32 += u * y2
+            a33 += u * y3
+        res = ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33))
+        for i in range(rk):
+            out[t, r + i], out[t + 1, r + i], out[t + 2, r + i], out[t + 3, r + i] = res[i]
+        t += 4
+    if t + 2 <= T:  # 2 of the remaining vectors
+        x0, x1 = X[t], X[t + 1]
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0)
+        for j in range(n):
+            y, z = x0[j], x1[j]
+            a0 += w0[j] * y
+            a1 += w1[j] * y
+            a2 += w2[j] * y
+            a3 += w3[j] * y
+            b0 += w0[j] * z
+            b1 += w1[j] * z
+            b2 += w2[j] * z
+            b3 += w3[j] * z
+        res2 = ((a0, b0), (a1, b1), (a2, b2), (a3, b3))
+        for i in range(rk):
+            out[t, r + i], out[t + 1, r + i] = res2[i]
+        t += 2
+    if t < T:  # the last vector
+        x0 = X[t]
+        a0 = a1 = a2 = a3 = np.float32(0)
+        for j in range(n):
+            y = x0[j]
+            a0 += w0[j] * y
+            a1 += w1[j] * y
+            a2 += w2[j] * y
+            a3 += w3[j] * y
+        res1 = (a0, a1, a2, a3)
+        for i in range(rk):
+            out[t, r + i] = res1[i]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_fused4_parallel(kind, flat, stride, nrows, nb, n, tab, X, out):
+    """mm_fused_parallel with 4-row passes (_dots4, AVX-512 targets)."""
+    literally(kind)
+    nch = (nrows + ROW_CHUNK - 1) // ROW_CHUNK
+    for c in prange(nch):
+        w = np.empty((4, n), np.float32)
+        r1 = min(nrows, (c + 1) * ROW_CHUNK)
+        for r in range(c * ROW_CHUNK, r1, 4):
+            rk = min(4, r1 - r)
+            for i in range(rk):
+                deq_any(kind, flat, (r + i) * stride, nb, tab, w[i], 0)
+            _dots4(w, rk, X, out, r, n)
+
+
+@njit(cache=True, fastmath=True)
+def mm_fused4_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
+    literally(kind)
+    w = np.empty((4, n), np.float32)
+    for r in range(0, nrows, 4):
+        rk = min(4, nrows - r)
+        for i in range(rk):
+            deq_any(kind, flat, (r + i) * stride, nb, tab, w[i], 0)
+        _dots4(w, rk, X, out, r, n)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def mm_fused_parallel(kind, flat, stride, nrows, nb, n, tab, X, out):
     """out (T, nrows) = X (T, ncols) @ W.T, each row of W dequantized once into an L1-resident

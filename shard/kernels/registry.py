@@ -82,6 +82,14 @@ _register(G.Q4_K, dq.deq_q4_k)
 _register(G.Q5_K, dq.deq_q5_k)
 _register(G.Q6_K, dq.deq_q6_k)
 
+def _wide_vectors() -> bool:
+    """True when numba compiles for AVX-512 (32 vector registers): the fused small-batch matmul
+    then uses 4-row passes; AVX2 targets (the project's machines) use 2-row passes."""
+    from numba.core.registry import cpu_target
+    return "+avx512f" in cpu_target.target_context.codegen()._tm_features
+
+
+_WIDE = _wide_vectors()
 _FLOAT_ITEM = {int(G.F32): 4, int(G.F16): 2, int(G.BF16): 2}
 _EP: dict = {}
 
@@ -259,7 +267,11 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         return out
     if T <= FUSED_MAX_T:
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
-        kern = dv.mm_fused_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mm_fused_serial
+        par = nrows * raw.shape[1] >= PAR_MIN_BYTES
+        if _WIDE:
+            kern = dv.mm_fused4_parallel if par else dv.mm_fused4_serial
+        else:
+            kern = dv.mm_fused_parallel if par else dv.mm_fused_serial
         if nb:
             _entry(kern, qt.ggml_type, (type(flat), X.flags.writeable), flat, stride, nrows, nb, main,
                    F16_TABLE, X, o)
