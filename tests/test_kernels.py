@@ -170,24 +170,26 @@ def test_matvec_remainders_and_tails(gt, monkeypatch):
 @pytest.mark.parametrize("gt", [G.Q4_1, G.Q4_K, G.Q5_0, G.Q6_K, G.Q8_0, G.F16, G.Q3_K], ids=lambda g: g.name)
 def test_fused_small_batch_matmul(gt, monkeypatch):
     """T = 1..17 covers the fused kernel's 4-, 2- and 1-vector passes (and T > FUSED_MAX_T the
-    BLAS path); odd row counts cover its single-row tail; serial and parallel drivers."""
+    BLAS path); 21..23 rows cover the 1..3-row tails; serial and parallel, 2- and 4-row drivers."""
     from dsd.shard.kernels import registry
     rng = np.random.default_rng(int(gt) + 400)
     n_cols = _ncols_variants(gt)[-1]
-    raw = random_raw(gt, 21, n_cols, rng, realistic=True)
+    raw = random_raw(gt, 23, n_cols, rng, realistic=True)
     W64 = reference(raw, gt, n_cols).astype(np.float64)
-    for parallel in (False, True):
+    for parallel, wide in ((False, False), (True, False), (False, True), (True, True)):
         monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
-        for T in range(1, 18):
-            X = rng.standard_normal((T, n_cols)).astype(np.float32)
-            got = matmul(raw, int(gt), X)
-            assert got.shape == (T, 21)
-            ref = X.astype(np.float64) @ W64.T
-            bound = np.abs(X.astype(np.float64)) @ np.abs(W64).T
-            assert np.all(np.abs(got - ref) <= 1e-5 * bound), (gt, T, parallel)
+        monkeypatch.setattr(registry, "_WIDE", wide)  # 4-row (AVX-512) and 2-row passes
+        for nr, Ts in ((23, range(1, 18)), (22, (2, 5, 8)), (21, (3, 16))):
+            for T in Ts:
+                X = rng.standard_normal((T, n_cols)).astype(np.float32)
+                got = matmul(raw[:nr], int(gt), X)
+                assert got.shape == (T, nr)
+                ref = X.astype(np.float64) @ W64[:nr].T
+                bound = np.abs(X.astype(np.float64)) @ np.abs(W64[:nr]).T
+                assert np.all(np.abs(got - ref) <= 1e-5 * bound), (gt, T, nr, parallel, wide)
     # a non-contiguous out is filled too
     X = rng.standard_normal((6, n_cols)).astype(np.float32)
-    big = np.zeros((6, 42), np.float32)
+    big = np.zeros((6, 46), np.float32)
     matmul(raw, int(gt), X, out=big[:, ::2])
     np.testing.assert_allclose(big[:, ::2], X @ W64.T.astype(np.float32), rtol=1e-4, atol=1e-3)
 
