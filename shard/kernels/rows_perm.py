@@ -15,7 +15,7 @@ permutation inside the super-block would break, so they are computed from the un
 """
 from llvmlite import ir
 
-from .rows import F32, I32, V, Blk, _k_scales, q3k_scales
+from .rows import F32, I8, I32, V, Blk, _k_scales, q3k_scales
 
 
 def _field(e, w, shift, mask, place=0):
@@ -84,15 +84,17 @@ def _sb32(ts, qs, dm, qh, signed_off):
             m4 = e.b.fmul(d4, ir.Constant(V(F32, 4), [-float(signed_off)] * 4))
         else:
             _, m4 = _bcast4(e, [e.f16(e.at(o, dm)) for o in obs])
-        if qh is not None:  # lane 4i+k needs bits 4k+s (+16h) of block i's qh: spread bit s
+        if qh is not None:  # byte s of lane 4i+k needs bit 4k+s+16h of block i's qh, as 0/16
             qhv, _ = _bcast4(e, [e.ld(e.at(o, qh), 1, I32) for o in obs])
-            qhv = e.b.lshr(qhv, e.cv(I32, [4 * (i % 4) for i in range(16)]))
+            qb = e.b.bitcast(qhv, V(I8, 64))  # 16-byte group i = 4 copies of qh_i
             spread = []
-            for h in range(2):  # bits s of a nibble -> bit 8s via *0x204081 (no carries)
-                t = e.b.and_(e.b.lshr(qhv, e.cv(I32, [16 * h] * 16)) if h else qhv, e.cv(I32, [15] * 16))
-                t = e.b.and_(e.b.mul(t, e.cv(I32, [0x204081] * 16)), e.cv(I32, [0x01010101] * 16))
+            for h in range(2):  # in-group byte shuffle (pshufb) to qh byte (k//2 + 2h), test bit
+                src = [16 * (L // 16) + ((L % 16) // 4) // 2 + 2 * h for L in range(64)]
+                bit = e.cv(I8, [1 << (4 * (((L % 16) // 4) % 2) + L % 4) for L in range(64)])
+                hit = e.b.icmp_unsigned("!=", e.b.and_(e.shuf(qb, src), bit), e.k8(0, 64))
+                hb = e.b.bitcast(e.b.select(hit, e.k8(16, 64), e.k8(0, 64)), V(I32, 16))
                 # nibble h of byte s at 8s, its 5th bit at 8s + 4: 5-bit fields per byte
-                spread.append(_comb(e, w, 4 * h, 0x0F0F0F0F, t, -4, 0x10101010))
+                spread.append(e.b.or_(e.b.and_(_shr(e, w, 4 * h), e.cv(I32, [0x0F0F0F0F] * 16)), hb))
         offs, qs_ = [], []
         for h in range(2):
             for s in range(4):
