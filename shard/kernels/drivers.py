@@ -13,7 +13,7 @@ x float32 (ncols,), X float32 (T, ncols) C-order, out (nrows,) or (T, nrows).
 import numpy as np
 from numba import literally, njit, prange
 
-from .rows import deq_any, dot_any
+from .rows import deq_any, dot_any, dotm2_any, dotm3_any
 
 ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
 
@@ -247,3 +247,31 @@ def mm_fused_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
         for i in range(r2):
             deq_any(kind, flat, (r + i) * stride, nb, tab, w[i], 0)
         _dots2(w, r2, X, out, r, n)
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _direct_row(kind, flat, o, nb, tab, X, out, r):
+    if X.shape[0] == 2:
+        a0, a1 = dotm2_any(kind, flat, o, nb, tab, X, 0)
+        out[0, r], out[1, r] = a0, a1
+    else:
+        a0, a1, a2 = dotm3_any(kind, flat, o, nb, tab, X, 0)
+        out[0, r], out[1, r], out[2, r] = a0, a1, a2
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_direct_parallel(kind, flat, stride, nrows, nb, n, tab, X, out):
+    """T = X.shape[0] in (2, 3): each block decoded once into registers and dotted with all T
+    vectors (rows.make_dot_multi), no scratch row: measured 1.4-2.1x one matvec for T=2 vs
+    1.65-2.5x with the scratch-row kernel; from T=4 on the scratch-row kernel is faster.
+    Covers nb blocks of every row (float-type tails are added by the caller)."""
+    literally(kind)
+    for r in prange(nrows):
+        _direct_row(kind, flat, r * stride, nb, tab, X, out, r)
+
+
+@njit(cache=True, fastmath=True)
+def mm_direct_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
+    literally(kind)
+    for r in range(nrows):
+        _direct_row(kind, flat, r * stride, nb, tab, X, out, r)

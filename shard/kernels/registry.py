@@ -268,7 +268,9 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
     if T <= FUSED_MAX_T:
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         par = nrows * raw.shape[1] >= PAR_MIN_BYTES
-        if _WIDE:
+        if T <= 3:
+            kern = dv.mm_direct_parallel if par else dv.mm_direct_serial
+        elif _WIDE:
             kern = dv.mm_fused4_parallel if par else dv.mm_fused4_serial
         else:
             kern = dv.mm_fused_parallel if par else dv.mm_fused_serial

@@ -384,6 +384,49 @@ def make_deq(dec, bs, ts, name):
     return typer
 
 
+def make_dot_multi(dec, bs, ts, tb, name):
+    """Row intrinsic (flat, o, nb, tab, X, t0) -> UniTuple(float32, tb): the row dotted with
+    X[t0 : t0 + tb] (X float32 (T, ncols) C-order). Each block is decoded once to w = s*q +/- m
+    in registers and used for all tb vectors (small-batch decode without a scratch row)."""
+    def typer(typingctx, flat, o, nb, tab, X, t0):
+        rty = types.UniTuple(types.float32, tb)
+
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xa, t0_ = args
+            fty, _, _, tty, xty, _ = sig.args
+            e = Emit(context, builder, fty, fa, tty, ta)
+            xarr = context.make_array(xty)(context, builder, xa)
+            ncols = builder.extract_value(xarr.shape, 1)
+            rows = [builder.gep(xarr.data, [builder.mul(builder.add(t0_, ir.Constant(I64, t)), ncols)])
+                    for t in range(tb)]
+            zero16 = ir.Constant(V(F32, 16), [0.0] * 16)
+            accs = [cgutils.alloca_once_value(builder, zero16) for _ in range(tb)]
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, ts)))
+                xb = builder.mul(b, ir.Constant(I64, bs))
+                blk = dec(e, ob)
+                for eoff, q, s, m in blk.groups:
+                    n = q.type.count
+                    w = q if s is None else builder.fmul(e.splat(s, n), q, flags=FAST)
+                    if m is not None:
+                        w = (builder.fadd if blk.msign > 0 else builder.fsub)(w, e.splat(m, n), flags=FAST)
+                    for t in range(tb):
+                        xp = builder.bitcast(builder.gep(rows[t], [e.at(xb, eoff)]), ir.PointerType(V(F32, n)))
+                        xv = builder.load(xp)
+                        xv.align = 4
+                        p = builder.fmul(w, xv, flags=FAST)
+                        k = n
+                        while k > 16:
+                            k //= 2
+                            p = builder.fadd(e.shuf(p, range(k)), e.shuf(p, range(k, 2 * k)), flags=FAST)
+                        builder.store(builder.fadd(builder.load(accs[t]), p, flags=FAST), accs[t])
+            return context.make_tuple(builder, rty, [_hsum(e, builder.load(a)) for a in accs])
+        return rty(flat, types.int64, types.int64, tab, X, types.int64), cg
+    typer.__name__ = "dotm%d_%s" % (tb, name)
+    return typer
+
+
 # type id -> (decoder, elements per block, bytes per block, offset groups per block, group size)
 DECODERS = {
     2: (dec_q4_0, 32, 18, 0, 32), 3: (dec_q4_1, 32, 20, 1, 32), 6: (dec_q5_0, 32, 22, 0, 32),
@@ -432,5 +475,9 @@ def _by_kind(table, name):
     return intrinsic(typer)
 
 
+dotm2_any = _by_kind({k: make_dot_multi(d, bs, ts, 2, _NAMES[k]) for k, (d, bs, ts, _, _) in DECODERS.items()},
+                     "dotm2_any")  # (kind, flat, o, nb, tab, X, t0) -> 2 x float32
+dotm3_any = _by_kind({k: make_dot_multi(d, bs, ts, 3, _NAMES[k]) for k, (d, bs, ts, _, _) in DECODERS.items()},
+                     "dotm3_any")
 dot_any = _by_kind(DOT, "dot_any")  # (kind, flat, o, nb, tab, x, xs) -> float32
 deq_any = _by_kind(DEQ, "deq_any")  # (kind, flat, o, nb, tab, dst, d0) -> int64
