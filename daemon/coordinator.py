@@ -52,6 +52,31 @@ class Daemon:
         print(f"[dsd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     # -- setup -------------------------------------------------------------------------------
+    def _check_strict_pools(self, vnodes, topo) -> None:
+        """With --pages 1g/2m, fail before any worker loads if a node's pool cannot hold its slices."""
+        kind = self.cfg["pages"]
+        if kind not in ("1g", "2m"):
+            return
+        from dsd.daemon.slice_weights import SliceWeights
+        from dsd.errors import HugePagePoolError
+        from dsd.numa.topology import PAGE_BYTES, node_pool_path
+
+        page = PAGE_BYTES[kind]
+        need: dict[int, int] = {}
+        for v, pieces in zip(vnodes, self.plan.pieces):
+            nbytes = SliceWeights(self.gguf, pieces, allocate=False).nbytes
+            need[v.node] = need.get(v.node, 0) + -(-max(nbytes, 4096) // page)
+        short = []
+        for node, n_pages in sorted(need.items()):
+            pool = topo.node(node).pool(kind)
+            if pool.free < n_pages:
+                path = node_pool_path(node, kind, "/", topo.numa_kernel)
+                short.append(f"node {node} needs {n_pages} {kind} page(s) but its pool has {pool.free} "
+                             f"free of {pool.total}: `echo {pool.total + n_pages - pool.free} > {path}`")
+        if short:
+            raise HugePagePoolError(f"--pages {kind}: " + "; ".join(short) +
+                                    " (or `dsd doctor --model PATH --nodes N --apply`, or --pages auto)")
+
     def _setup(self) -> None:
         from dsd.errors import DsdError
         from dsd.numa import read_topology, virtual_nodes
@@ -78,10 +103,12 @@ class Daemon:
         self.plan = make_plan(self.gguf, n, self.cfg["placement"])
         for line in self.plan.describe():
             self.log(line)
-        vnodes, note = virtual_nodes(n, read_topology())
+        topo = read_topology()
+        vnodes, note = virtual_nodes(n, topo)
         self.numa_note = note
         if note:
             self.log(note)
+        self._check_strict_pools(vnodes, topo)
         g = self.gguf
         self.d_model = int(g.arch_get("embedding_length"))
         self.vocab = int(g.tensors["token_embd.weight"].shape[0])

@@ -141,6 +141,12 @@ def run(args) -> int:
         time.sleep(0.25)
     for line in st.get("plan", []):
         print(f"dsd: {line}", file=sys.stderr)
+    for w in st.get("workers", []):  # say where a hugepage pool fell short (auto fallback)
+        small = {k: v for k, v in (w.get("page_kinds") or {}).items() if k in ("thp", "4k")}
+        if small and cfg["pages"] == "auto":
+            print(f"dsd: worker {w['index']} on node {w['node']}: {sum(small.values()) / 2**20:.1f} MiB "
+                  f"in {'/'.join(small)} pages (node {w['node']}'s hugepage pool is short; "
+                  f"`dsd doctor --model PATH --nodes N --apply` reserves it)", file=sys.stderr)
     print(f"dsd: ready (pid {st['pid']}, {len(st['workers'])} worker(s), socket dir {sock_dir})",
           file=sys.stderr)
     return 0
