@@ -23,10 +23,22 @@ def _gib(n: int) -> str:
     return human(n)
 
 
+def bytes_per_worker(model_path: str, n: int, placement: str = "auto") -> list[int]:
+    """Exact weight-buffer bytes of each worker under the daemon's placement plan (what
+    `dsd start --nodes n` allocates), so reserved pools fit uneven splits too."""
+    from dsd.daemon.placement import make_plan
+    from dsd.daemon.slice_weights import SliceWeights
+    from dsd.shard.gguf_file import open_gguf
+
+    with open_gguf(model_path) as g:
+        plan = make_plan(g, n, placement)
+        return [max(SliceWeights(g, pieces, allocate=False).nbytes, 4096) for pieces in plan.pieces]
+
+
 def build_report(args) -> dict:
     from dsd.errors import NumaError
     from dsd.numa import _sys
-    from dsd.numa.plan import apply_plan, hugepage_plan, model_bytes_per_node
+    from dsd.numa.plan import apply_plan, hugepage_plan
     from dsd.numa.topology import format_cpulist, read_topology, virtual_nodes
 
     topo = read_topology(args.sysfs_root)
@@ -39,7 +51,7 @@ def build_report(args) -> dict:
                           for v in vnodes]
         rep["workers_message"] = msg
     if args.model:
-        per_worker = model_bytes_per_node(args.model, n)
+        per_worker = bytes_per_worker(args.model, n)
         needs, _ = hugepage_plan(per_worker, topo)
         rep["model"] = {"path": str(args.model), "bytes": sum(per_worker),
                         "bytes_per_worker": per_worker}
