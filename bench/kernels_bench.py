@@ -154,10 +154,14 @@ def main():
     ap.add_argument("--types", default="Q4_1,Q8_0,Q4_K,Q6_K,Q5_0,Q4_0,Q5_1,Q5_K,Q2_K,Q3_K,F16,BF16,F32")
     ap.add_argument("--sections", default="mv,smol,fused,prefill,overhead")
     ap.add_argument("--par-min-bytes", type=int, default=None)
+    ap.add_argument("--backoff", action="store_true",
+                    help="keep the contention back-off (default: off, so parallel kernels are what is timed)")
     a = ap.parse_args()
     numba.set_num_threads(a.threads)
     if a.par_min_bytes is not None:
         registry.PAR_MIN_BYTES = a.par_min_bytes
+    if not a.backoff:
+        registry.PAR_BACKOFF_S = 0.0
     rng = np.random.default_rng(0)
     print(f"numba threads={numba.get_num_threads()} par_min_bytes={registry.PAR_MIN_BYTES}")
     for s in a.sections.split(","):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -243,6 +244,25 @@ def test_correct_without_avx512(cpu):
     for name, r in res.items():
         assert r["deq_exact"], name
         assert r["mv_err"] < 1e-5 and r["mm_err"] < 1e-5, (name, r)
+
+
+def test_parallel_backs_off_after_a_stalled_call(monkeypatch):
+    """A parallel call far slower than the single-thread estimate (another process holding a
+    core) switches kernels to serial for PAR_BACKOFF_S; afterwards parallel is tried again."""
+    from dsd.shard.kernels import registry
+    monkeypatch.setattr(registry, "_par_off_until", 0.0)
+    monkeypatch.setattr(registry, "_serial_rate", 8e9)
+    nbytes = 1 << 20
+    assert registry._par_ok(nbytes) and not registry._par_ok(1024)
+    registry._note(True, nbytes, 0.2e-3)   # 0.2 ms for 1 MiB: fine
+    assert registry._par_ok(nbytes)
+    registry._note(True, nbytes, 4e-3)     # a 4 ms scheduler-slice stall
+    assert not registry._par_ok(nbytes)
+    monkeypatch.setattr(registry, "_par_off_until", time.monotonic() - 1)
+    assert registry._par_ok(nbytes)
+    # serial calls refine the rate estimate
+    registry._note(False, nbytes, nbytes / 4e9)
+    assert 4e9 < registry._serial_rate < 8e9
 
 
 def test_errors_name_the_problem():

@@ -8,6 +8,7 @@ starting at flat[r * stride], so one compiled specialisation serves every case.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,6 +52,28 @@ QUANT_TYPES: dict[int, QuantType] = {}
 # machine; 192x576 Q4_1 (69 KB) 10.6 us serial vs 13.1 us parallel, 576x576 (207 KB) 21.6 us
 # serial vs 18.2 us parallel.
 PAR_MIN_BYTES = 128 * 1024
+
+# Contention back-off. A numba parallel region ends at a barrier, so when another process keeps
+# one of the 2 cores busy (measured: a qemu VM at 100% of a core) every parallel call waits for
+# a scheduler slice, ~4 ms instead of ~0.1 ms. After a parallel call that took far longer than
+# the single-thread estimate, kernels stay serial for PAR_BACKOFF_S seconds, then retry.
+PAR_BACKOFF_S = 1.0
+_serial_rate = 8e9      # bytes/s of serial kernels, running estimate (EWMA of large-ish calls)
+_par_off_until = 0.0
+
+
+def _par_ok(nbytes: int) -> bool:
+    return nbytes >= PAR_MIN_BYTES and (not _par_off_until or time.monotonic() >= _par_off_until)
+
+
+def _note(parallel: bool, nbytes: int, dt: float) -> None:
+    """Record one kernel call's duration (see PAR_BACKOFF_S)."""
+    global _serial_rate, _par_off_until
+    if parallel:
+        if dt > 4.0 * nbytes / _serial_rate + 5e-4:
+            _par_off_until = time.monotonic() + PAR_BACKOFF_S
+    elif nbytes >= 32 * 1024 and dt > 0:
+        _serial_rate = 0.9 * _serial_rate + 0.1 * (nbytes / dt)
 # matmul with at most this many vectors uses the fused kernel (each weight row dequantized once
 # into L1 and dotted with all T vectors); above it, dequantized tiles + BLAS sgemm.
 FUSED_MAX_T = 16
@@ -233,9 +256,12 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
     if nrows:
-        kern = dv.mv_parallel if nrows * raw.shape[1] >= PAR_MIN_BYTES else dv.mv_serial
-        _entry(kern, qt.ggml_type, (type(flat), x.flags.writeable), flat, stride, nrows, nb, qt.gsz, F16_TABLE,
-               *_perm(qt.ggml_type, nb, qt.simd_bs), x, out)
+        nbytes = nrows * raw.shape[1]
+        par = _par_ok(nbytes)
+        t0 = time.perf_counter()
+        _entry(dv.mv_parallel if par else dv.mv_serial, qt.ggml_type, (type(flat), x.flags.writeable),
+               flat, stride, nrows, nb, qt.gsz, F16_TABLE, *_perm(qt.ggml_type, nb, qt.simd_bs), x, out)
+        _note(par, nbytes, time.perf_counter() - t0)
         if main < n_cols:
             it = _FLOAT_ITEM[qt.ggml_type]
             out += _float_cols(raw[:, main * it:], qt.ggml_type) @ x[main:]
@@ -267,7 +293,9 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         return out
     if T <= FUSED_MAX_T:
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
-        par = nrows * raw.shape[1] >= PAR_MIN_BYTES
+        nbytes = nrows * raw.shape[1]
+        par = _par_ok(nbytes)
+        t0 = time.perf_counter()
         if T <= 3:
             kern = dv.mm_direct_parallel if par else dv.mm_direct_serial
         elif _WIDE:
@@ -277,6 +305,8 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if nb:
             _entry(kern, qt.ggml_type, (type(flat), X.flags.writeable), flat, stride, nrows, nb, main,
                    F16_TABLE, X, o)
+            if par:  # T vectors cost at most T matvecs: a generous single-thread estimate
+                _note(True, T * nbytes, time.perf_counter() - t0)
         else:
             o[:] = 0
         if main < n_cols:
