@@ -97,24 +97,31 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int = 512, decode_to
             "decode_tok_s": decode_tokens / t_decode}
 
 
-def profile_decode(engine, decode_tokens: int = 64) -> dict:
-    """Where decode time goes: time inside weight products vs everything else (Python, numpy)."""
-    from dsd.shard import weights
+def profile_decode(engine, decode_tokens: int = 64, context: int = 512) -> dict:
+    """Where decode time goes at `context` cached tokens: weight products (kernels), attention
+    over the KV cache, and everything else (norms, RoPE, sampling-free Python glue)."""
+    from dsd.shard import ops, weights
     from dsd.shard.batch import Batch
 
     model = engine.model
-    cache = model.new_cache(decode_tokens + 16)
-    model.forward(Batch.single(cache, synthetic_prompt(model.args.vocab_size, 8)))
-    spent = [0.0]
-    orig = weights.Linear.__call__
+    cache = model.new_cache(context + decode_tokens + 16)
+    model.forward(Batch.single(cache, synthetic_prompt(model.args.vocab_size, context)))
+    spent = {"w": 0.0, "a": 0.0}
+    orig_lin, orig_att = weights.Linear.__call__, ops.attention
 
-    def timed(self, x):
+    def timed_lin(self, x):
         t = time.perf_counter()
-        r = orig(self, x)
-        spent[0] += time.perf_counter() - t
+        r = orig_lin(self, x)
+        spent["w"] += time.perf_counter() - t
         return r
 
-    weights.Linear.__call__ = timed
+    def timed_att(*a, **k):
+        t = time.perf_counter()
+        r = orig_att(*a, **k)
+        spent["a"] += time.perf_counter() - t
+        return r
+
+    weights.Linear.__call__, ops.attention = timed_lin, timed_att
     try:
         tok = 100
         t0 = time.perf_counter()
@@ -122,7 +129,9 @@ def profile_decode(engine, decode_tokens: int = 64) -> dict:
             tok = int(np.argmax(model.forward(Batch.single(cache, [tok]))[-1]))
         total = time.perf_counter() - t0
     finally:
-        weights.Linear.__call__ = orig
-    return {"ms_per_token": 1000 * total / decode_tokens,
-            "ms_in_weight_products": 1000 * spent[0] / decode_tokens,
-            "ms_other": 1000 * (total - spent[0]) / decode_tokens}
+        weights.Linear.__call__, ops.attention = orig_lin, orig_att
+    n = decode_tokens
+    return {"context": context, "ms_per_token": 1000 * total / n,
+            "ms_in_weight_products": 1000 * spent["w"] / n,
+            "ms_in_attention": 1000 * spent["a"] / n,
+            "ms_other": 1000 * (total - spent["w"] - spent["a"]) / n}

@@ -28,7 +28,7 @@ def run(args) -> int:
     res["roofline_tok_s"] = res["read_gb_s"] * 1e9 / res["bytes_per_token"]
     res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
     if args.profile:
-        res["decode_profile"] = bench.profile_decode(engine)
+        res["decode_profile"] = bench.profile_decode(engine, min(64, args.decode_tokens), args.prompt_tokens)
     if args.llama_cpp:
         try:
             res["llama_cpp"] = bench.bench_llama_cpp(engine.path, engine.threads, args.prompt_tokens,
@@ -53,8 +53,9 @@ def run(args) -> int:
           f"{res['roofline_tok_s']:.0f} tok/s, decode at {100 * res['roofline_fraction']:.0f}%")
     if "decode_profile" in res:
         p = res["decode_profile"]
-        print(f"decode profile  {p['ms_per_token']:.2f} ms/token = {p['ms_in_weight_products']:.2f} ms in "
-              f"weight products + {p['ms_other']:.2f} ms other (attention, norms, Python)")
+        print(f"decode profile  {p['ms_per_token']:.2f} ms/token at {p['context']} cached tokens = "
+              f"{p['ms_in_weight_products']:.2f} ms weight products + {p['ms_in_attention']:.2f} ms "
+              f"attention + {p['ms_other']:.2f} ms other (norms, RoPE, Python)")
     if "llama_cpp" in res:
         lc = res["llama_cpp"]
         print(f"llama.cpp       prefill {lc['prefill_tok_s']:.1f} tok/s, decode {lc['decode_tok_s']:.1f} tok/s "
