@@ -15,8 +15,9 @@ from dsd.shard.kernels.elementwise import rms_norm_rows, rope_rows
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [..., D] float32 -> x / rms(x) * weight (computed in float32 like llama.cpp)."""
-    if x.dtype == np.float32 and weight.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous:
-        return rms_norm_rows(x, weight, np.float32(eps), np.empty_like(x))
+    if x.dtype == np.float32 and weight.dtype == np.float32 and x.flags.c_contiguous and x.ndim >= 2:
+        rows = x.reshape(-1, x.shape[-1])  # per-head norms: [T, H, Dh] -> [T*H, Dh]
+        return rms_norm_rows(rows, weight, np.float32(eps), np.empty_like(rows)).reshape(x.shape)
     return rms_norm_numpy(x, weight, eps)
 
 

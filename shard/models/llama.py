@@ -90,12 +90,18 @@ class Attention:
         self.args, self.rope = args, rope
         self.scale = ops.default_attn_scale(args.head_dim)
 
+    def qkv(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x [T, D] -> q [T, H, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh] (before RoPE)."""
+        a = self.args
+        T = x.shape[0]
+        return (self.wq(x).reshape(T, a.n_heads, a.head_dim),
+                self.wk(x).reshape(T, a.n_kv_heads, a.head_dim),
+                self.wv(x).reshape(T, a.n_kv_heads, a.head_dim))
+
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
         a = self.args
         T = x.shape[0]
-        q = self.wq(x).reshape(T, a.n_heads, a.head_dim)
-        k = self.wk(x).reshape(T, a.n_kv_heads, a.head_dim)
-        v = self.wv(x).reshape(T, a.n_kv_heads, a.head_dim)
+        q, k, v = self.qkv(x)
         q = self.rope.apply(q, batch.positions)
         k = self.rope.apply(k, batch.positions)
         out = np.empty((T, a.n_heads, a.head_dim), dtype=np.float32)

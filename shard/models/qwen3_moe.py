@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from dsd.shard import ops
-from dsd.shard.batch import Batch
 from dsd.shard.models.llama import Attention, Model, ModelArgs
-from dsd.shard.moe import GATING_SOFTMAX, Rowwise, moe_ffn_from_weights, rowwise
+from dsd.shard.moe import GATING_SOFTMAX, Rowwise, moe_ffn_from_weights
 from dsd.shard.weights import Embedding
 
 
@@ -24,20 +23,10 @@ class QKNormAttention(Attention):
         self.q_norm = w.vector(f"blk.{i}.attn_q_norm.weight")  # [head_dim]
         self.k_norm = w.vector(f"blk.{i}.attn_k_norm.weight")
 
-    def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
-        a = self.args
-        T = x.shape[0]
-        q = ops.rms_norm(rowwise(self.wq, x).reshape(T, a.n_heads, a.head_dim), self.q_norm, a.norm_eps)
-        k = ops.rms_norm(rowwise(self.wk, x).reshape(T, a.n_kv_heads, a.head_dim), self.k_norm, a.norm_eps)
-        v = rowwise(self.wv, x).reshape(T, a.n_kv_heads, a.head_dim)
-        q = self.rope.apply(q, batch.positions)
-        k = self.rope.apply(k, batch.positions)
-        out = np.empty((T, a.n_heads, a.head_dim), dtype=np.float32)
-        for s in batch.segments:
-            sl = slice(s.start, s.start + s.n)
-            kv = s.cache.append(self.layer, s.pos0, heads_first=True, k=k[sl], v=v[sl])
-            out[sl] = ops.attention(q[sl], kv["k"], kv["v"], s.pos0, self.scale)
-        return rowwise(self.wo, out.reshape(T, a.n_heads * a.head_dim))
+    def qkv(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q, k, v = super().qkv(x)
+        eps = self.args.norm_eps
+        return ops.rms_norm(q, self.q_norm, eps), ops.rms_norm(k, self.k_norm, eps), v
 
 
 class Qwen3MoeModel(Model):
