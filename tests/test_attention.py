@@ -1,0 +1,90 @@
+"""Decode attention kernel (shard/kernels/attention.py) against a float64 reference written from
+the definition softmax(q k^T * scale) v, and against ops.attention's numpy (matmul) path."""
+import numpy as np
+import pytest
+
+from dsd.shard import ops
+from dsd.shard.kernels import attention as A
+
+
+def ref_decode(q, k, v, scale):
+    """float64: q [H, Dk], k [Hkv, L, Dk], v [Hkv, L, Dv] -> [H, Dv]; head h uses kv h // g."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    H, Hkv = q.shape[0], k.shape[0]
+    g = H // Hkv
+    out = np.empty((H, v.shape[2]))
+    for h in range(H):
+        s = k[h // g] @ q[h] * scale
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v[h // g]
+    return out
+
+
+def cache_views(rng, Hkv, L, Dk, Dv, cap):
+    """k, v as SequenceCache hands them out: [Hkv, L, D] views of [Hkv, cap, D] buffers."""
+    kb = rng.standard_normal((Hkv, cap, Dk), dtype=np.float32)
+    vb = rng.standard_normal((Hkv, cap, Dv), dtype=np.float32)
+    return kb[:, :L], vb[:, :L]
+
+
+@pytest.mark.parametrize("g", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 63, 64, 65, 129, 600, 2000])
+def test_decode_matches_float64(g, D, L):
+    rng = np.random.default_rng(L * 31 + g * 7 + D)
+    Hkv = 2
+    k, v = cache_views(rng, Hkv, L, D, D, cap=L + 37)  # head stride != L * D
+    assert not k.flags.c_contiguous or L + 37 == L
+    q = rng.standard_normal((Hkv * g, D), dtype=np.float32) * 2.0
+    scale = 1.0 / np.sqrt(D)
+    assert A.supported(q, k, v)
+    got = A.decode(q, k, v, scale)
+    want = ref_decode(q, k, v, scale)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    # and through ops.attention (n == 1 takes the kernel)
+    np.testing.assert_allclose(ops.attention(q[None], k, v, L - 1, scale)[0], want, rtol=0, atol=2e-5)
+
+
+def test_peaked_and_flat_softmax():
+    """Large score range (exp clamp, underflow to 0) and all-equal scores."""
+    rng = np.random.default_rng(1)
+    Hkv, g, D, L = 3, 3, 64, 300
+    k, v = cache_views(rng, Hkv, L, D, D, cap=512)
+    q = rng.standard_normal((Hkv * g, D), dtype=np.float32) * 30.0  # scores spread over ~1000
+    got = A.decode(q, k, v, 0.125)
+    np.testing.assert_allclose(got, ref_decode(q, k, v, 0.125), rtol=0, atol=1e-4)
+    q0 = np.zeros_like(q)  # uniform weights: mean of V
+    np.testing.assert_allclose(A.decode(q0, k, v, 0.125), np.repeat(v.mean(axis=1), g, axis=0), atol=1e-5)
+
+
+def test_matches_numpy_path():
+    """Kernel result == the matmul path (reached with n = 2 queries; its last row sees all L)."""
+    rng = np.random.default_rng(2)
+    Hkv, g, D, L = 3, 3, 64, 611
+    k, v = cache_views(rng, Hkv, L, D, D, cap=1024)
+    q2 = rng.standard_normal((2, Hkv * g, D), dtype=np.float32)
+    numpy_path = ops.attention(q2, k, v, L - 2, 0.125)[1]
+    kernel = ops.attention(q2[1:], k, v, L - 1, 0.125)[0]
+    np.testing.assert_allclose(kernel, numpy_path, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("L", [1, 40, 700])
+def test_deepseek_mla_views(L):
+    """DeepSeek MLA: k [1, L, 576] and v [1, L, 512] are views of one latent array, g = 16."""
+    rng = np.random.default_rng(L)
+    lat = rng.standard_normal((L + 5, 576), dtype=np.float32) * 0.3
+    k, v = lat[None, :L], lat[None, :L, :512]
+    q = rng.standard_normal((16, 576), dtype=np.float32)
+    assert A.supported(q, k, v)
+    got = ops.attention(q[None], k, v, L - 1, 0.07)[0]
+    np.testing.assert_allclose(got, ref_decode(q, k, v, 0.07), rtol=0, atol=2e-5)
+
+
+def test_unsupported_shapes_fall_back():
+    """Head dim not a multiple of 16 (and float64 inputs): numpy path, still correct."""
+    rng = np.random.default_rng(3)
+    k, v = cache_views(rng, 2, 50, 40, 40, cap=64)
+    q = rng.standard_normal((4, 40), dtype=np.float32)
+    assert not A.supported(q, k, v)
+    np.testing.assert_allclose(ops.attention(q[None], k, v, 49, 0.2)[0], ref_decode(q, k, v, 0.2), atol=2e-5)
+    assert not A.supported(q.astype(np.float64), k, v)
