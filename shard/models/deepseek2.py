@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dsd.errors import UnsupportedModelError
-from dsd.shard import ops
+from dsd.shard import kernels, ops
 from dsd.shard.batch import Batch
 from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
 from dsd.shard.moe import Rowwise, moe_ffn_from_weights, rowwise
-from dsd.shard.weights import Embedding
+from dsd.shard.weights import Embedding, ReadCounter
 
 
 @dataclass
@@ -158,6 +158,10 @@ class MLAttention:
         q_nope = np.ascontiguousarray(q[:, :, :nope].transpose(1, 0, 2))  # [H, T, nope]
         if self.k_b_f32 is not None:
             qf[:, :, :kvl] = np.matmul(q_nope, self.k_b_f32).transpose(1, 0, 2)
+        elif T == 1:  # decode: write each head's product straight into qf (no wrappers, no copies)
+            for h, lin in enumerate(self.k_b):
+                ReadCounter.bytes += lin.nbytes
+                kernels.matvec(lin.raw, lin.ggml_type, q_nope[h, 0], out=qf[0, h, :kvl])
         else:
             for h in range(H):
                 qf[:, h, :kvl] = rowwise(self.k_b[h], q_nope[h])
@@ -167,6 +171,11 @@ class MLAttention:
             kv = s.cache.append(self.layer, s.pos0, mla=lat[sl])["mla"]  # [L, kv_lora + rope]
             o_lat[sl] = ops.attention(qf[sl], kv[None], kv[None, :, :kvl], s.pos0, self.scale)
         o = np.empty((T, H, a.v_head), dtype=np.float32)
+        if T == 1:
+            for h, lin in enumerate(self.v_b):
+                ReadCounter.bytes += lin.nbytes
+                kernels.matvec(lin.raw, lin.ggml_type, o_lat[0, h], out=o[0, h])
+            return rowwise(self.wo, o.reshape(T, H * a.v_head))
         for h in range(H):
             xh = np.ascontiguousarray(o_lat[:, h])
             o[:, h] = rowwise(self.v_b[h], xh)
