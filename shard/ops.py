@@ -126,6 +126,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: f
             end = q_pos0 + i1
             out[i0:i1] = attention(q[i0:i1], k[:, :end], v[:, :end], q_pos0 + i0, scale)
         return out
+    if k.dtype != np.float32:  # float16 KV cache (kv_cache.py): matmul in float32
+        k = k.astype(np.float32)
+    if v.dtype != np.float32:
+        v = v.astype(np.float32)
     # [Hkv, g*n, Dh] so each kv head is one batched matmul over its query group; k's last two
     # axes are contiguous, so the transposed view goes to BLAS without a copy.
     qg = q.reshape(n, Hkv, g, -1).transpose(1, 2, 0, 3).reshape(Hkv, g * n, -1)

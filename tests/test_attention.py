@@ -88,3 +88,34 @@ def test_unsupported_shapes_fall_back():
     assert not A.supported(q, k, v)
     np.testing.assert_allclose(ops.attention(q[None], k, v, 49, 0.2)[0], ref_decode(q, k, v, 0.2), atol=2e-5)
     assert not A.supported(q.astype(np.float64), k, v)
+
+
+@pytest.mark.parametrize("g,D,L", [(3, 64, 1), (3, 64, 600), (4, 128, 77), (1, 64, 2000)])
+def test_float16_cache(g, D, L):
+    """float16 K/V (SequenceCache(kv_dtype=np.float16)): kernel == float64 math on the fp16 values, and ==
+    the numpy path (which converts to float32)."""
+    rng = np.random.default_rng(g + L)
+    k, v = cache_views(rng, 2, L, D, D, cap=L + 9)
+    k, v = k.astype(np.float16), v.astype(np.float16)
+    q = rng.standard_normal((2 * g, D), dtype=np.float32)
+    assert A.supported(q, k, v)
+    want = ref_decode(q, k, v, 0.1)
+    np.testing.assert_allclose(A.decode(q, k, v, 0.1), want, rtol=0, atol=2e-5)
+    if L > 1:
+        q2 = np.concatenate([q[None], q[None]])
+        np.testing.assert_allclose(ops.attention(q2, k, v, L - 2, 0.1)[1], want, rtol=0, atol=2e-5)
+
+
+def test_sequence_cache_dtype_and_views():
+    """heads_first buffers are float32 by default, float16 on request, and round-trip rows."""
+    from dsd.shard.kv_cache import SequenceCache
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((300, 3, 64), dtype=np.float32)
+    for dt in (np.float16, np.float32):
+        c = SequenceCache(1, 1000, initial=8, kv_dtype=dt)
+        c.append(0, 0, heads_first=True, k=rows[:5])
+        kv = c.append(0, 5, heads_first=True, k=rows[5:])  # grows the buffer (copy path)
+        assert kv["k"].dtype == dt and kv["k"].shape == (3, 300, 64)
+        np.testing.assert_array_equal(kv["k"], rows.astype(dt).swapaxes(0, 1))
+    assert SequenceCache(1, 10).append(0, 0, heads_first=True, x=rows[:2])["x"].dtype == np.float32
+    assert SequenceCache(1, 10, kv_dtype=np.float16).append(0, 0, x=rows[:2])["x"].dtype == np.float32

@@ -17,6 +17,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .rows import Emit
+
 F32, I32, I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
 FAST = ("fast",)
 V16 = ir.VectorType(F32, 16)
@@ -33,6 +35,19 @@ def _ld16(builder, p, i):
                                       builder.bitcast(p, p.type), ir.PointerType(V16)))
     ld.align = 4
     return ld
+
+
+def _ld16k(context, builder, aty, p):
+    """16 K/V elements at p -> <16 x float>: float32 arrays load directly, uint16 arrays hold
+    fp16 bit patterns (a float16 cache viewed as uint16; numba has no float16) and convert
+    exactly (fpext half with F16C, else rows.Emit's integer bit trick)."""
+    if aty.dtype == types.float32:
+        return _ld16(builder, p, 0)
+    ld = builder.load(builder.bitcast(p, ir.PointerType(ir.VectorType(ir.IntType(16), 16))))
+    ld.align = 2
+    e = object.__new__(Emit)
+    e.b, e.f16c = builder, "+f16c" in context.codegen()._tm_features
+    return e.half_to_f32(ld)
 
 
 def _hsum(builder, v):
@@ -121,7 +136,8 @@ def make_pv(G):
                         builder.store(x, accs[i])
                     with cgutils.for_range(builder, nl) as ll:
                         l = builder.add(l0, ll.index)
-                        vv = _ld16(builder, builder.gep(pv, [builder.add(builder.mul(l, vs1_), c)]), 0)
+                        vv = _ld16k(context, builder, sig.args[2],
+                                    builder.gep(pv, [builder.add(builder.mul(l, vs1_), c)]))
                         for i in range(G):
                             p = builder.load(builder.gep(psrc, [builder.add(builder.mul(ir.Constant(I64, i), ss_), l)]))
                             builder.store(builder.fadd(builder.load(accs[i]), builder.fmul(_splat(builder, p), vv,
@@ -153,7 +169,7 @@ def make_qk(G):
                     builder.store(_c16(0.0), accs[i])
                 with cgutils.for_range(builder, builder.udiv(Dk_, ir.Constant(I64, 16))) as cl:
                     c = builder.mul(cl.index, ir.Constant(I64, 16))
-                    kv = _ld16(builder, builder.gep(krow, [c]), 0)
+                    kv = _ld16k(context, builder, sig.args[0], builder.gep(krow, [c]))
                     for i in range(G):
                         qv = _ld16(builder, builder.gep(pq, [builder.add(builder.mul(ir.Constant(I64, i), Dk_), c)]), 0)
                         builder.store(builder.fadd(builder.load(accs[i]), builder.fmul(kv, qv, flags=FAST),
@@ -177,8 +193,8 @@ def _head(q, k, v, scale, out, j, g, s):
     """kv head j: scores s [g, L] scratch (C-order); adds into out[j*g : (j+1)*g] (zeroed by
     the caller). Query heads go in groups of up to 4 (the register-resident accumulators)."""
     L, Dk, Dv = k.shape[1], k.shape[2], v.shape[2]
-    ks0, ks1 = k.strides[0] // 4, k.strides[1] // 4
-    vs0, vs1 = v.strides[0] // 4, v.strides[1] // 4
+    ks0, ks1 = k.strides[0] // k.itemsize, k.strides[1] // k.itemsize
+    vs0, vs1 = v.strides[0] // v.itemsize, v.strides[1] // v.itemsize
     for l0 in range(0, L, LBLOCK):  # position blocks outer: a block of K rows stays in L1/L2
         nl = min(LBLOCK, L - l0)                  # while every head group of this kv head reads it
         ko = j * ks0 + l0 * ks1
@@ -236,19 +252,26 @@ def decode_serial(q, k, v, scale, out):
 
 
 def supported(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> bool:
-    """Shapes/layouts the kernels handle (else use the numpy path)."""
-    return (q.dtype == np.float32 and k.dtype == np.float32 and v.dtype == np.float32
-            and k.shape[2] % 16 == 0 and v.shape[2] % 16 == 0 and q.shape[-1] == k.shape[2]
-            and k.strides[2] == 4 and v.strides[2] == 4 and k.shape[1] > 0
-            and k.strides[0] % 4 == 0 and k.strides[1] % 4 == 0
-            and v.strides[0] % 4 == 0 and v.strides[1] % 4 == 0
+    """Shapes/layouts the kernels handle (else use the numpy path): q float32 [H, Dk]; k, v
+    both float32 or both float16, inner axis contiguous, head dims multiples of 16."""
+    if not (q.dtype == np.float32 and q.ndim == 2 and k.ndim == 3 and v.ndim == 3
+            and k.dtype == v.dtype and k.dtype in (np.float32, np.float16)):
+        return False
+    it = k.itemsize
+    return (k.shape[2] % 16 == 0 and v.shape[2] % 16 == 0 and q.shape[-1] == k.shape[2]
+            and k.strides[2] == it and v.strides[2] == it and k.shape[1] > 0
+            and k.strides[0] % it == 0 and k.strides[1] % it == 0
+            and v.strides[0] % it == 0 and v.strides[1] % it == 0
             and v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1]
-            and q.ndim == 2 and q.shape[0] % k.shape[0] == 0)
+            and q.shape[0] % k.shape[0] == 0)
 
 
 def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """One query token: q [H, Dk] -> [H, Dv] (softmax(q k^T * scale) v per head)."""
+    """One query token: q [H, Dk] -> [H, Dv] (softmax(q k^T * scale) v per head).
+    k, v float32 or float16 (read as uint16 bit patterns)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
+    if k.dtype == np.float16:
+        k, v = k.view(np.uint16), v.view(np.uint16)
     decode_serial(q, k, v, np.float32(scale), out)
     return out
