@@ -219,7 +219,8 @@ def qemu_command(run_dir: Path, console: Path, *, memory_mb: int = 2048,
     half = memory_mb // 2
     cmdline = (f"console=ttyS0 loglevel=4 panic=-1 numa_balancing=disable mitigations=off "
                f"rdinit=/init numarun={GUEST_RUN_DIR}/run.sh "
-               f"dsdvm_pyroot={pyroot} dsdvm_ncache={NUMBA_CACHE} {cmdline_extra}").strip()
+               f"dsdvm_pyroot={pyroot} dsdvm_ncache={NUMBA_CACHE} dsdvm_repo={REPO} "
+               f"{cmdline_extra}").strip()
 
     def share(tag: str, path: Path | str, ro: bool) -> list[str]:
         opts = f"local,id={tag},path={path},security_model=none,multidevs=remap"
@@ -237,6 +238,9 @@ def qemu_command(run_dir: Path, console: Path, *, memory_mb: int = 2048,
         "-kernel", str(_pvh_kernel(vmlinuz)), "-initrd", str(initrd), "-append", cmdline,
         *share("hostroot", "/", True), *share("run", run_dir, False),
         *share("pyroot", pyroot, True), *share("ncache", NUMBA_CACHE, False),
+        # the checkout gets its own share: it may live under /tmp (a CI clone), which the
+        # guest covers with a fresh tmpfs
+        *share("repo", REPO, True),
     ]
 
 

@@ -43,6 +43,10 @@ if [ -n "$dsdvm_pyroot" ]; then
     # cache=loose: imports were 2x slower with cache=mmap.
     mount -t 9p -o $P9,cache=loose,ro pyroot "/newroot$dsdvm_pyroot" || die "mount pyroot"
 fi
+if [ -n "$dsdvm_repo" ]; then
+    mkdir -p "/newroot$dsdvm_repo" 2>/dev/null
+    mount -t 9p -o $P9,cache=loose,ro repo "/newroot$dsdvm_repo" || die "mount repo"
+fi
 if [ -n "$dsdvm_ncache" ]; then
     mount -t 9p -o $P9,cache=mmap ncache "/newroot$dsdvm_ncache" || die "mount numba cache"
 fi
