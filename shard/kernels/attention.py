@@ -211,7 +211,8 @@ def _head(q, k, v, scale, out, j, g, s):
             else:
                 qk1(k, ko, ks1, q, h * Dk, s, so, L, nl, Dk, scale)
     n16 = L - L % 16
-    for i in range(g):  # softmax over positions, in place
+    tot = np.empty(g, np.float32)
+    for i in range(g):  # unnormalised softmax over positions, in place: exp(s - max)
         m = s[i, 0]
         for l in range(1, L):
             m = max(m, s[i, l])
@@ -220,9 +221,7 @@ def _head(q, k, v, scale, out, j, g, s):
             e = np.exp(s[i, l] - m)
             s[i, l] = e
             t += e
-        inv = np.float32(1.0) / t
-        for l in range(L):
-            s[i, l] *= inv
+        tot[i] = t
     for l0 in range(0, L, LBLOCK):
         nl = min(LBLOCK, L - l0)
         vo = j * vs0 + l0 * vs1
@@ -238,6 +237,10 @@ def _head(q, k, v, scale, out, j, g, s):
                 pv2(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
             else:
                 pv1(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
+    for i in range(g):  # normalise the g output rows (Dv values) instead of g*L weights
+        inv = np.float32(1.0) / tot[i]
+        for d in range(Dv):
+            out[j * g + i, d] *= inv
 
 
 @njit(cache=True, fastmath=True)
