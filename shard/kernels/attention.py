@@ -1,12 +1,17 @@
-"""Single-token (decode) grouped-query attention over a heads-first float32 KV cache.
+"""Single-token (decode) grouped-query attention over a heads-first float32/float16 KV cache.
 
 Why not numpy: for one query the work is g*L dot products of length Dh plus g*L axpys; numpy's
 batched matmul + softmax spends most of its ~100-200 us per layer in call overhead, temporaries
 and a non-fused softmax. Why IR: a plain numba loop over d did not vectorise the Dh=64
 reductions (measured 310 us); here the dot product is emitted as explicit <16 x float> LLVM
 vector code (the rows.py technique), so it is SIMD on any x86-64 (SSE2 .. AVX-512).
+Per kv head: QK over blocks of LBLOCK positions (each K chunk loaded once for up to 4 query
+heads), a vector exp (Cephes expf) softmax left unnormalised, PV with register accumulators,
+then the g output rows are scaled by 1/sum. Measured (SmolLM2 shapes, L=600, 2-core AVX2):
+24-28 us hot vs ~100 us numpy; with 30 layers' caches cold 50-58 us float32, 28 us float16.
 
-Shapes: q [H, Dk] float32 C-order; k [Hkv, L, Dk], v [Hkv, L, Dv] float32 with contiguous inner
+Shapes: q [H, Dk] float32 C-order; k [Hkv, L, Dk], v [Hkv, L, Dv] float32 (or float16, passed
+to the numba functions as uint16 bit patterns) with contiguous inner
 axis (any head/position stride, e.g. views of SequenceCache buffers [Hkv, cap, D], or two views
 of one latent array for DeepSeek MLA); out [H, Dv]. Query head h uses kv head h // (H // Hkv).
 Dk must be a multiple of 16 (callers fall back to numpy otherwise).
