@@ -301,9 +301,9 @@ t1 = time.perf_counter()
 raw = np.zeros((1024, 360), np.uint8)
 matvec(raw, 3, np.ones(576, np.float32))        # parallel Q4_1 kernel
 matvec(raw[:8], 3, np.ones(576, np.float32))    # serial Q4_1 kernel
-dequantize(raw[:8], 3, 576)
+dequantize(raw[:8], 3, 576)                     # serial row dequantization (few rows)
 t2 = time.perf_counter()
-fns = [dv.mv_parallel, dv.mv_serial, dv.deq_rows]
+fns = [dv.mv_parallel, dv.mv_serial, dv.deq_rows_serial]
 # drivers specialise on the type id as a literal: count only those signatures (numba first
 # tries, and counts as a miss, the plain int64 typing that literally() then rejects)
 lit = lambda c: sum(v for k, v in c.items() if "Literal" in str(k[0]))

@@ -230,7 +230,10 @@ def dequantize(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
     out = np.empty((raw.shape[0], n_cols), dtype=np.float32)
     if raw.shape[0]:
         if nb:
-            _entry(dv.deq_rows, qt.ggml_type, type(flat), flat, stride, raw.shape[0], nb, F16_TABLE, out)
+            # a few rows (an embedding lookup per decoded token) run on the calling thread: a
+            # parallel region costs more than the work and stalls when a core is busy
+            fn = dv.deq_rows if _par_ok(raw.shape[0] * raw.shape[1]) else dv.deq_rows_serial
+            _entry(fn, qt.ggml_type, type(flat), flat, stride, raw.shape[0], nb, F16_TABLE, out)
         if main < n_cols:
             it = _FLOAT_ITEM[qt.ggml_type]
             out[:, main:] = _float_cols(raw[:, main * it:], qt.ggml_type)

@@ -183,34 +183,13 @@ class MLAttention:
         return rowwise(self.wo, o.reshape(T, H * a.v_head))
 
 
-class FewRowEmbedding(Embedding):
-    """Embedding whose lookups of a few rows (decode) dequantize on the calling thread.
-
-    kernels.dequantize runs a numba parallel region even for one row; on this 2-core machine
-    that region alone took 6-10 ms per decode step whenever another process held a core
-    (measured: 10.6 ms vs 58 us for gguf.quants.dequantize of one Q4_K row, bit-identical).
-    Larger lookups (prefill) keep the kernel path."""
-
-    FEW = 4
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        t = self.table
-        if ids.shape[0] <= self.FEW:
-            try:
-                return gguf_quants.dequantize(t.raw[ids], t.ggml_type).reshape(ids.shape[0], t.cols)
-            except NotImplementedError:  # a type gguf-py cannot dequantize: the kernels can
-                pass
-        return super().__call__(ids)
-
-
 class DeepSeek2Model(Model):
     """llama.Model's embed/block/head/forward over MLA attention and DeepSeekMoE FFNs."""
 
     def __init__(self, args: DeepSeek2Args, weights):
         self.args = a = args
         w = weights
-        self.tok_embd = FewRowEmbedding(w.linear("token_embd.weight"))
+        self.tok_embd = Embedding(w.linear("token_embd.weight"))
         self.output_norm = w.vector("output_norm.weight")
         out = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
         self.output = Rowwise(out)  # llama.Model.head calls self.output on [rows, D]
