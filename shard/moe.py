@@ -36,26 +36,6 @@ GATING_SIGMOID = 2  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (DeepSeek V3/R1)
 _NORM_MIN = 6.103515625e-5  # llama.cpp clamps the weight sum from below by 2^-14
 
 
-def rowwise(f, x: np.ndarray) -> np.ndarray:
-    """f(x) for x [T, n]; a single row goes through f's 1-D (matrix-vector) path.
-
-    Linear dispatches on x.ndim, so a decode step's [1, n] input would otherwise take the
-    prefill path (dequantize the whole matrix, then BLAS), which is many times slower."""
-    if x.shape[0] == 1:
-        return f(x[0])[None]
-    return f(x)
-
-
-class Rowwise:
-    """Wrap a callable on [T, n] inputs (Linear, DenseFFN) so T == 1 uses the matvec path."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return rowwise(self.f, x)
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
@@ -91,7 +71,7 @@ class Router:
         self.n_groups_used = int(n_groups_used or self.n_groups)
 
     def probs(self, x: np.ndarray) -> np.ndarray:
-        logits = rowwise(self.gate_inp, x)  # [T, E]
+        logits = self.gate_inp(x)  # [T, E]
         return ops.softmax(logits) if self.gating == GATING_SOFTMAX else sigmoid(logits)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +248,7 @@ class MoEFFN:
         ids, w = self.router(x)
         out = self.experts(x, ids, w)
         if self.shared is not None:
-            out += rowwise(self.shared, x)
+            out += self.shared(x)
         return out
 
 

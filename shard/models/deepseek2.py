@@ -22,14 +22,13 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from gguf import quants as gguf_quants
 
 from dsd.errors import UnsupportedModelError
 from dsd.shard import kernels, ops
 from dsd.shard.batch import Batch
 from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
-from dsd.shard.moe import Rowwise, moe_ffn_from_weights, rowwise
-from dsd.shard.weights import Embedding, ReadCounter
+from dsd.shard.moe import moe_ffn_from_weights
+from dsd.shard.weights import ReadCounter
 
 
 @dataclass
@@ -146,11 +145,11 @@ class MLAttention:
         a = self.a
         T, H, nope, kvl = x.shape[0], a.n_heads, a.qk_nope, a.kv_lora_rank
         if self.wq is not None:
-            q = rowwise(self.wq, x)
+            q = self.wq(x)
         else:
-            q = rowwise(self.wq_b, ops.rms_norm(rowwise(self.wq_a, x), self.q_a_norm, a.norm_eps))
+            q = self.wq_b(ops.rms_norm(self.wq_a(x), self.q_a_norm, a.norm_eps))
         q = q.reshape(T, H, nope + a.qk_rope)
-        ckv = rowwise(self.wkv_a, x)                                     # [T, kv_lora + rope]
+        ckv = self.wkv_a(x)                                     # [T, kv_lora + rope]
         lat = np.empty((T, kvl + a.qk_rope), dtype=np.float32)   # cached row: [rms(c) ; rope(k_pe)]
         lat[:, :kvl] = ops.rms_norm(ckv[:, :kvl], self.kv_norm, a.norm_eps)
         lat[:, kvl:] = self.rope.apply(ckv[:, None, kvl:], batch.positions)[:, 0]
@@ -165,7 +164,7 @@ class MLAttention:
                 kernels.matvec(lin.raw, lin.ggml_type, q_nope[h, 0], out=qf[0, h, :kvl])
         else:
             for h in range(H):
-                qf[:, h, :kvl] = rowwise(self.k_b[h], q_nope[h])
+                qf[:, h, :kvl] = self.k_b[h](q_nope[h])
         o_lat = np.empty((T, H, kvl), dtype=np.float32)
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
@@ -176,11 +175,11 @@ class MLAttention:
             for h, lin in enumerate(self.v_b):
                 ReadCounter.bytes += lin.nbytes
                 kernels.matvec(lin.raw, lin.ggml_type, o_lat[0, h], out=o[0, h])
-            return rowwise(self.wo, o.reshape(T, H * a.v_head))
+            return self.wo(o.reshape(T, H * a.v_head))
         for h in range(H):
             xh = np.ascontiguousarray(o_lat[:, h])
-            o[:, h] = rowwise(self.v_b[h], xh)
-        return rowwise(self.wo, o.reshape(T, H * a.v_head))
+            o[:, h] = self.v_b[h](xh)
+        return self.wo(o.reshape(T, H * a.v_head))
 
 
 class DeepSeek2Model(Model):
@@ -189,10 +188,7 @@ class DeepSeek2Model(Model):
     def __init__(self, args: DeepSeek2Args, weights):
         self.args = a = args
         w = weights
-        self.tok_embd = Embedding(w.linear("token_embd.weight"))
-        self.output_norm = w.vector("output_norm.weight")
-        out = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
-        self.output = Rowwise(out)  # llama.Model.head calls self.output on [rows, D]
+        self.init_embeddings(w)
         freqs, mag, scale_mul = yarn_rope(a)
         self.rope = ops.RopeTable(a.qk_rope, a.rope_base, "norm", max_pos=min(a.context_length, 4096),
                                   freqs=freqs, mscale=mag)
@@ -204,8 +200,8 @@ class DeepSeek2Model(Model):
             self.ffn_norm.append(w.vector(p + "ffn_norm.weight"))
             self.attn.append(MLAttention(a, w, i, self.rope, scale))
             if i < a.dense_lead or not w.has(p + "ffn_gate_inp.weight"):
-                self.ffn.append(Rowwise(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
-                                                 w.linear(p + "ffn_down.weight"))))
+                self.ffn.append(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
+                                        w.linear(p + "ffn_down.weight")))
             else:
                 self.ffn.append(moe_ffn_from_weights(
                     w, i, a.n_experts_used, gating=a.gating, norm=a.weights_norm, scale=a.weights_scale,

@@ -118,10 +118,7 @@ class Model:
     def __init__(self, args: ModelArgs, weights, ffn_factory=None):
         self.args = args
         w = weights
-        self.tok_embd = Embedding(w.linear("token_embd.weight"))
-        self.output_norm = w.vector("output_norm.weight")
-        # Tied embeddings: the output projection reuses token_embd when output.weight is absent.
-        self.output = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
+        self.init_embeddings(w)
         freqs = None
         if w.has("rope_freqs.weight"):  # llama3-style per-frequency divisors
             base = 1.0 / (args.rope_base ** (np.arange(0, args.rope_dim, 2) / args.rope_dim))
@@ -143,6 +140,12 @@ class Model:
             else:
                 self.ffn.append(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
                                          w.linear(p + "ffn_down.weight")))
+
+    def init_embeddings(self, w) -> None:
+        """token_embd, output_norm and output (tied to token_embd when output.weight is absent)."""
+        self.tok_embd = Embedding(w.linear("token_embd.weight"))
+        self.output_norm = w.vector("output_norm.weight")
+        self.output = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
 
     @property
     def n_layers(self) -> int:

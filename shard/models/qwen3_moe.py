@@ -11,8 +11,7 @@ import numpy as np
 
 from dsd.shard import ops
 from dsd.shard.models.llama import Attention, Model, ModelArgs
-from dsd.shard.moe import GATING_SOFTMAX, Rowwise, moe_ffn_from_weights
-from dsd.shard.weights import Embedding
+from dsd.shard.moe import GATING_SOFTMAX, moe_ffn_from_weights
 
 
 class QKNormAttention(Attention):
@@ -33,10 +32,7 @@ class Qwen3MoeModel(Model):
     def __init__(self, args: ModelArgs, weights, norm_topk: bool = True):
         self.args = a = args
         w = weights
-        self.tok_embd = Embedding(w.linear("token_embd.weight"))
-        self.output_norm = w.vector("output_norm.weight")
-        out = w.linear("output.weight") if w.has("output.weight") else w.linear("token_embd.weight")
-        self.output = Rowwise(out)  # decode: matvec path
+        self.init_embeddings(w)
         self.rope = ops.RopeTable(a.rope_dim, a.rope_base, "neox", max_pos=min(a.context_length, 4096))
         self.attn_norm, self.ffn_norm, self.attn, self.ffn = [], [], [], []
         for i in range(a.n_layers):
