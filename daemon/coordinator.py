@@ -211,6 +211,9 @@ class Daemon:
         was = h.state
         h.state = "dead"
         self.log(f"worker {h.index} (pid {h.pid}) exited with code {code} while {was}")
+        if hasattr(self, "scheduler"):
+            self.scheduler.worker_died(f"worker {h.index} (pid {h.pid}) died (exit code {code}) while "
+                                       f"serving this request; the daemon is restarting it, retry the request")
         if was == "failed" or not self.ever_ready:
             self.fail(h.error or f"worker {h.index} exited with code {code} while {was}; see the log")
             return

@@ -43,6 +43,7 @@ class Request:
     unsent: list[int] = field(default_factory=list)   # token ids not yet sent to the client
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
+    t_admit: float = 0.0         # monotonic time the scheduler took it (worker deaths fail older ones)
 
 
 class Scheduler:
@@ -72,6 +73,12 @@ class Scheduler:
     def cancel(self, rid: str, client: bytes) -> None:
         self.inbox.put(("cancel", (rid, client)))
 
+    def worker_died(self, message: str) -> None:
+        """A worker's KV caches are gone: fail every request admitted before now, even if the
+        death fell between two steps (then no step sees WorkerDied, and the restarted worker
+        would otherwise continue those sequences from empty caches)."""
+        self.inbox.put(("worker_died", (time.monotonic(), message)))
+
     def _admit(self, req: Request) -> None:
         from dsd.shard.sampling import Sampler, StopStrings
 
@@ -85,6 +92,7 @@ class Scheduler:
         req.decoder = self.tok.decoder()
         req.history = list(req.prompt_ids)
         req.max_new = min(req.params.max_tokens, self.context - n)
+        req.t_admit = time.monotonic()
         self.active.append(req)
 
     def _drain_inbox(self, block: bool) -> None:
@@ -101,6 +109,13 @@ class Scheduler:
                 for r in list(self.active):
                     if r.rid == rid and r.client == client:
                         self._finish(r, None)
+            elif kind == "worker_died":
+                t_death, message = val
+                doomed = [r for r in self.active if r.t_admit <= t_death]
+                self.log(f"a worker died: failing {len(doomed)} in-flight request(s)")
+                for r in doomed:
+                    self.failed += 1
+                    self._finish(r, {"type": "error", "id": r.rid, "kind": P.FAILED, "message": message})
             elif kind == "stop":
                 self.stopping = True
             elif kind == "hops":   # transport benchmark: empty round trips to every worker

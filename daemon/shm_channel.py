@@ -64,6 +64,7 @@ class Channel:
         self.to_coord = _open_fifo(os.path.join(fifo_dir, self.name + ".w2c"))
         self.spin = spin_us * 1e-6
         self.peer_fd: int | None = None   # pidfd of the peer process
+        self.peer_at_send: int | None = None  # peer_fd when the pending command was sent
         self.seq = int(self.ctl[_CMD])
         self.wait_stats = [0, 0]  # [spins that succeeded, blocking waits]
 
@@ -154,6 +155,10 @@ class Channel:
         ctl[sleep_slot] = 1
         try:
             while ctl[slot] < want:
+                if self.side == "coord" and self.peer_fd != self.peer_at_send:
+                    # the worker was replaced (died and respawned) after our command went out:
+                    # nobody will answer it
+                    raise PeerDied(self.name)
                 r, _, _ = select.select(fds, [], [], 0.02)
                 if fifo in r:
                     try:
@@ -178,6 +183,7 @@ class Channel:
 
     # coordinator side
     def send(self, header: dict, arrays: dict) -> None:
+        self.peer_at_send = self.peer_fd
         self._write(header, arrays)
         self.seq += 1
         self.ctl[_CMD] = self.seq
