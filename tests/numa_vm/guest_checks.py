@@ -17,6 +17,7 @@ import traceback
 SYS_MBIND = 237           # x86_64
 MPOL_BIND = 2
 MAP_HUGETLB = 0x40000
+MAP_NORESERVE = 0x4000  # not exported by Python 3.11 mmap
 PAGE = mmap.PAGESIZE
 HUGE = 2 << 20
 NODE_SYS = "/sys/devices/system/node"
@@ -92,7 +93,9 @@ def check_first_touch_cpu1() -> dict:
     os.sched_setaffinity(0, {1})
     try:
         n = 1024 * PAGE
-        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # MAP_NORESERVE gives the mapping its own VMA flags, so the kernel cannot merge it with
+        # a neighbouring anonymous VMA whose pages sit on node 0 (numa_maps reports per VMA)
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         for off in range(0, n, PAGE):
             m[off] = 1
         line = numa_maps_line(_addr(m))
