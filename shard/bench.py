@@ -100,28 +100,29 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int = 512, decode_to
 def profile_decode(engine, decode_tokens: int = 64, context: int = 512) -> dict:
     """Where decode time goes at `context` cached tokens: weight products (kernels), attention
     over the KV cache, and everything else (norms, RoPE, sampling-free Python glue)."""
-    from dsd.shard import ops, weights
+    from dsd.shard import kernels, ops
     from dsd.shard.batch import Batch
 
     model = engine.model
     cache = model.new_cache(context + decode_tokens + 16)
     model.forward(Batch.single(cache, synthetic_prompt(model.args.vocab_size, context)))
     spent = {"w": 0.0, "a": 0.0}
-    orig_lin, orig_att = weights.Linear.__call__, ops.attention
+    # every weight product goes through these kernels-package entry points (Linear, ExpertStack)
+    names = ("matvec", "matmul", "matvec_gather")
+    orig = {n: getattr(kernels, n) for n in names}
+    orig_att = ops.attention
 
-    def timed_lin(self, x):
-        t = time.perf_counter()
-        r = orig_lin(self, x)
-        spent["w"] += time.perf_counter() - t
-        return r
+    def timed(fn, key):
+        def call(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            spent[key] += time.perf_counter() - t
+            return r
+        return call
 
-    def timed_att(*a, **k):
-        t = time.perf_counter()
-        r = orig_att(*a, **k)
-        spent["a"] += time.perf_counter() - t
-        return r
-
-    weights.Linear.__call__, ops.attention = timed_lin, timed_att
+    for n in names:
+        setattr(kernels, n, timed(orig[n], "w"))
+    ops.attention = timed(orig_att, "a")
     try:
         tok = 100
         t0 = time.perf_counter()
@@ -129,7 +130,9 @@ def profile_decode(engine, decode_tokens: int = 64, context: int = 512) -> dict:
             tok = int(np.argmax(model.forward(Batch.single(cache, [tok]))[-1]))
         total = time.perf_counter() - t0
     finally:
-        weights.Linear.__call__, ops.attention = orig_lin, orig_att
+        for n in names:
+            setattr(kernels, n, orig[n])
+        ops.attention = orig_att
     n = decode_tokens
     return {"context": context, "ms_per_token": 1000 * total / n,
             "ms_in_weight_products": 1000 * spent["w"] / n,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from dsd.shard import ops
-from dsd.shard.weights import ExpertStack, Linear
+from dsd.shard.weights import SMALL_BATCH_MAX, ExpertStack, Linear
 
 GATING_SOFTMAX = 1  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX (also the default when absent)
 GATING_SIGMOID = 2  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (DeepSeek V3/R1)
@@ -141,6 +141,15 @@ class RoutedExperts:
                                  f"{down_exps.name or 'ffn_down_exps'}); use aligned_row_ranges()")
         self.rows = (r0, r1)
         self.full_rows = (r0, r1) == (0, F)
+        # this object's share of every held expert as stacks (views, no copy) for the gathered
+        # small-batch path: gate/up rows r0:r1 [E, r1-r0, D], down columns r0:r1 [E, D, r1-r0]
+        self._gate_s, self._up_s, self._down_s = gate_exps, up_exps, down_exps
+        if not self.full_rows:
+            b0, b1 = (down_exps.raw.shape[2] * r // F for r in (r0, r1))
+            self._gate_s, self._up_s = (ExpertStack(st.raw[:, r0:r1], st.ggml_type, st.cols, st.name,
+                                                    st.expert_ids) for st in (gate_exps, up_exps))
+            self._down_s = ExpertStack(down_exps.raw[:, :, b0:b1], down_exps.ggml_type, r1 - r0,
+                                       down_exps.name, down_exps.expert_ids)
         self._views: dict[int, tuple[Linear, Linear, Linear]] = {}
         self.bytes_read = 0
         self.calls = 0
@@ -165,8 +174,8 @@ class RoutedExperts:
 
     def __call__(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         T = x.shape[0]
-        if T == 1:
-            return self._decode(x, ids, weights)
+        if T <= SMALL_BATCH_MAX:
+            return self._gathered(x, ids, weights)
         out = np.zeros((T, self.down_exps.rows), dtype=np.float32)
         ids = np.asarray(ids).reshape(T, -1)
         weights = np.asarray(weights, dtype=np.float32).reshape(T, -1)
@@ -197,28 +206,33 @@ class RoutedExperts:
         return out
 
 
-    def _decode(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """One token (x [1, D]): matrix-vector kernels per chosen expert, no grouping machinery.
-        Duplicate ids (not produced by Router) are summed like the general path would."""
-        xt = x[0]
-        out = None
-        w = np.asarray(weights, dtype=np.float32).reshape(-1)
+    def _gathered(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Decode-sized T: every owned (token, chosen expert) pair in three kernel calls (gate,
+        up, down over all pairs) instead of three per expert.  An expert chosen by several tokens
+        is read once from memory, then from cache."""
+        T = x.shape[0]
+        D = self.down_exps.rows
+        ids = np.asarray(ids).reshape(T, -1)
+        k = ids.shape[1]
+        flat = ids.reshape(-1).tolist()
+        own = [i for i, e in enumerate(flat) if e in self.experts]
         self.calls += 1
-        for j, e in enumerate(np.asarray(ids).reshape(-1).tolist()):
-            if e not in self.experts:
-                continue
-            gate, up, down = self.views(e)
-            y = down(ops.silu_mul(gate(xt), up(xt)))
-            y *= w[j]
-            if out is None:
-                out = y
-            else:
-                out += y
-            self.bytes_read += gate.nbytes + up.nbytes + down.nbytes
-            self.expert_evals += 1
-        if out is None:
-            return np.zeros((1, self.down_exps.rows), dtype=np.float32)
-        return out[None]
+        if not own:
+            return np.zeros((T, D), dtype=np.float32)
+        pe = [flat[i] for i in own]                       # expert of each owned pair
+        tok = np.asarray(own, dtype=np.int64) // k        # its token
+        xs = np.ascontiguousarray(x, dtype=np.float32)
+        h = ops.silu_mul(self._gate_s.gather(pe, xs, tok), self._up_s.gather(pe, xs, tok))  # [P, F']
+        y = self._down_s.gather(pe, h)                                                         # [P, D]
+        y *= np.asarray(weights, dtype=np.float32).reshape(-1)[own][:, None]
+        distinct = set(pe)
+        self.bytes_read += sum(self.expert_nbytes(e) for e in distinct)
+        self.expert_evals += len(distinct)
+        if T == 1:
+            return y.sum(axis=0, keepdims=True)
+        out = np.zeros((T, D), dtype=np.float32)
+        np.add.at(out, tok, y)
+        return out
 
 
 def _block_size(ggml_type: int) -> int:

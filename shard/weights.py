@@ -13,6 +13,12 @@ from dsd.errors import UnsupportedModelError
 from dsd.shard import kernels
 
 
+# Up to this many rows of activations (decode steps of a batch), products run as matrix-vector
+# style kernels that read each weight row once from memory; above it (prefill), dequantized
+# tiles and BLAS.
+SMALL_BATCH_MAX = kernels.FUSED_MAX_T
+
+
 class ReadCounter:
     """Bytes of weights read by matrix products, for `dsd bench` (one int add per product)."""
 
@@ -101,6 +107,29 @@ class ExpertStack:
 
     def expert(self, e: int) -> Linear:
         return Linear(self.raw[self._local[e]], self.ggml_type, self.cols, f"{self.name}[{e}]")
+
+
+    def gather(self, ids, X: np.ndarray, xi=None) -> np.ndarray:
+        """out[i] = expert(ids[i]) @ X[xi[i]] -> [len(ids), rows], one kernel call for all pairs
+        (X [n, cols]; xi defaults to one row of X per id, or row 0 for all when n == 1).
+        Counts each distinct matrix's bytes once: repeated ones are re-read from cache."""
+        loc = [self._local[int(e)] for e in np.asarray(ids).reshape(-1)]
+        ReadCounter.bytes += len(set(loc)) * self.raw.shape[1] * self.raw.shape[2]
+        return kernels.matvec_gather(self.raw, self.ggml_type, loc, X, xi)
+
+    def per_matrix(self, X: np.ndarray) -> np.ndarray:
+        """X [T, E, cols] -> [T, E, rows]: matrix e applied to X[:, e] for every e the stack holds
+        (MLA's per-head k_b / v_b).  Decode-sized T: one gathered call over all (token, matrix)
+        pairs; prefill: one matrix product per matrix over all T rows."""
+        T, E = X.shape[0], X.shape[1]
+        if T > SMALL_BATCH_MAX:
+            out = np.empty((T, E, self.rows), dtype=np.float32)
+            for e in range(E):
+                out[:, e] = self.expert(self.expert_ids[e])(np.ascontiguousarray(X[:, e]))
+            return out
+        ReadCounter.bytes += E * self.raw.shape[1] * self.raw.shape[2]
+        flat = np.ascontiguousarray(X, dtype=np.float32).reshape(T * E, -1)
+        return kernels.matvec_gather(self.raw, self.ggml_type, np.tile(np.arange(E), T), flat).reshape(T, E, -1)
 
 
 class GGUFWeights:

@@ -97,6 +97,38 @@ def test_matvec_matches_float64(gt, realistic, parallel, monkeypatch):
         assert_close_product(out, W64, x.astype(np.float64))
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("gt", ALL, ids=lambda g: g.name)
+def test_matvec_gather_matches_float64(gt, parallel, monkeypatch):
+    """One call over chosen matrices of a stack (experts, MLA heads): every (matrix, vector)
+    pair equals its own float64 product, also on row ranges and block-aligned column slices."""
+    from dsd.shard.kernels import matvec_gather, registry
+    monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
+    rng = np.random.default_rng(int(gt) * 13 + 1)
+    bs = QUANT_TYPES[int(gt)].block_size
+    n_cols, rows, E = cols_for(gt) * 2, 40, 6
+    stack = np.stack([random_raw(gt, rows, n_cols, rng, True) for _ in range(E)])
+    W = np.stack([reference(stack[e], gt, n_cols) for e in range(E)]).astype(np.float64)
+    ids = np.array([4, 1, 4, 5])
+    X = rng.standard_normal((4, n_cols)).astype(np.float32)
+    got = matvec_gather(stack, int(gt), ids, X)
+    assert got.shape == (4, rows)
+    for i, e in enumerate(ids):
+        assert_close_product(got[i], W[e], X[i].astype(np.float64))
+    shared = matvec_gather(stack, int(gt), ids[:3], X[2:3])  # one x for all chosen matrices
+    for i, e in enumerate(ids[:3]):
+        assert_close_product(shared[i], W[e], X[2].astype(np.float64))
+    # a worker's share: rows 8:24 of every matrix, and the second half of the columns
+    half = n_cols // 2 // bs * bs
+    rb0 = half // bs * QUANT_TYPES[int(gt)].type_size
+    sub = stack[:, 8:24, rb0:]
+    got = matvec_gather(sub, int(gt), [0, 3], X[:2, half:])
+    for i, e in enumerate([0, 3]):
+        assert_close_product(got[i], W[e, 8:24, half:], X[i, half:].astype(np.float64))
+    with pytest.raises(DsdError, match="matrix ids"):
+        matvec_gather(stack, int(gt), [E], X[:1])
+
+
 @pytest.mark.parametrize("gt", ALL, ids=lambda g: g.name)
 def test_column_slice_and_readonly_memmap(gt, tmp_path):
     """raw[:, c0:c1] of a wider matrix (row stride > row_bytes) stored in a read-only memmap."""

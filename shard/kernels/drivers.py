@@ -278,3 +278,47 @@ def mm_direct_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
     literally(kind)
     for r in range(nrows):
         _direct_row(kind, flat, r * stride, nb, tab, X, out, r)
+
+
+@njit(cache=True, fastmath=True)
+def _prep_vectors(X, gsz, perm, fac):
+    """Per input vector X[j]: the permuted/scaled copy and the group sums mv_* build for one x."""
+    n = X.shape[0]
+    ng = X.shape[1] // gsz
+    XP = np.empty((n, perm.shape[0]), np.float32)
+    XS = np.empty((n, ng), np.float32)
+    for j in range(n):
+        for i in range(perm.shape[0]):
+            XP[j, i] = X[j, perm[i]] * fac[i]
+        for g in range(ng):
+            s = np.float32(0)
+            for q in range(gsz):
+                s += X[j, g * gsz + q]
+            XS[j, g] = s
+    return XP, XS
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_gather_parallel(kind, flat, offs, stride, nrows, nb, gsz, tab, perm, fac, X, xi, out):
+    """out[i, r] = (row r of the matrix starting at flat[offs[i]]) . X[xi[i]]  for all i, r.
+
+    Many small matrix-vector products (the chosen experts of a token, the heads of MLA's k_b/v_b)
+    in ONE parallel region: one (i, r) range per thread instead of one region per matrix."""
+    literally(kind)
+    XP, XS = _prep_vectors(X, gsz, perm, fac)
+    nrows_all = offs.shape[0] * nrows
+    for t in prange(nrows_all):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_any(kind, flat, offs[i] + r * stride, nb, tab, XP[j], XS[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_gather_serial(kind, flat, offs, stride, nrows, nb, gsz, tab, perm, fac, X, xi, out):
+    literally(kind)
+    XP, XS = _prep_vectors(X, gsz, perm, fac)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_any(kind, flat, offs[i] + r * stride, nb, tab, XP[j], XS[j])

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dsd.errors import UnsupportedModelError
-from dsd.shard import kernels, ops
+from dsd.shard import ops
 from dsd.shard.batch import Batch
 from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
 from dsd.shard.moe import moe_ffn_from_weights
-from dsd.shard.weights import ReadCounter
+from dsd.shard.weights import ExpertStack
 
 
 @dataclass
@@ -128,16 +128,16 @@ class MLAttention:
         self.wkv_a = w.linear(p + "attn_kv_a_mqa.weight")       # [kv_lora + rope, D]
         self.kv_norm = w.vector(p + "attn_kv_a_norm.weight")     # [kv_lora]
         self.wo = w.linear(p + "attn_output.weight")             # [D, H*v]
-        self.k_b_f32 = None
+        self.k_b_f32 = self.k_b = None
         if w.has(p + "attn_k_b.weight"):
-            kb, vb = w.experts(p + "attn_k_b.weight"), w.experts(p + "attn_v_b.weight")
-            self.k_b = [kb.expert(h) for h in range(H)]          # Linear [kv_lora, nope] = W_uk,h^T
-            self.v_b = [vb.expert(h) for h in range(H)]          # Linear [v, kv_lora]    = W_uv,h
+            self.k_b = w.experts(p + "attn_k_b.weight")         # [H, kv_lora, nope]: W_uk,h^T per head
+            self.v_b = w.experts(p + "attn_v_b.weight")         # [H, v, kv_lora]:    W_uv,h per head
         elif w.has(p + "attn_kv_b.weight"):
             kvb = w.linear(p + "attn_kv_b.weight")               # [H*(nope+v), kv_lora]
             # absorbing q needs x @ W_uk,h (not W.T): keep the small K half as float32 [H, nope, kv_lora]
             self.k_b_f32 = np.ascontiguousarray(kvb.dequantize().reshape(H, nope + dv, kvl)[:, :nope])
-            self.v_b = [kvb.row_slice(h * (nope + dv) + nope, (h + 1) * (nope + dv)) for h in range(H)]
+            self.v_b = ExpertStack(kvb.raw.reshape(H, nope + dv, -1)[:, nope:], kvb.ggml_type, kvl,
+                                   p + "attn_kv_b.weight[v]")    # [H, v, kv_lora] view, no copy
         else:
             raise UnsupportedModelError(f"layer {i}: neither attn_k_b/attn_v_b nor attn_kv_b is present")
 
@@ -155,30 +155,17 @@ class MLAttention:
         lat[:, kvl:] = self.rope.apply(ckv[:, None, kvl:], batch.positions)[:, 0]
         qf = np.empty((T, H, kvl + a.qk_rope), dtype=np.float32)  # [W_uk^T q_nope ; rope(q_pe)]
         qf[:, :, kvl:] = self.rope.apply(np.ascontiguousarray(q[:, :, nope:]), batch.positions)
-        q_nope = np.ascontiguousarray(q[:, :, :nope].transpose(1, 0, 2))  # [H, T, nope]
         if self.k_b_f32 is not None:
+            q_nope = np.ascontiguousarray(q[:, :, :nope].transpose(1, 0, 2))  # [H, T, nope]
             qf[:, :, :kvl] = np.matmul(q_nope, self.k_b_f32).transpose(1, 0, 2)
-        elif T == 1:  # decode: write each head's product straight into qf (no wrappers, no copies)
-            for h, lin in enumerate(self.k_b):
-                ReadCounter.bytes += lin.nbytes
-                kernels.matvec(lin.raw, lin.ggml_type, q_nope[h, 0], out=qf[0, h, :kvl])
         else:
-            for h in range(H):
-                qf[:, h, :kvl] = self.k_b[h](q_nope[h])
+            qf[:, :, :kvl] = self.k_b.per_matrix(q[:, :, :nope])
         o_lat = np.empty((T, H, kvl), dtype=np.float32)
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
             kv = s.cache.append(self.layer, s.pos0, mla=lat[sl])["mla"]  # [L, kv_lora + rope]
             o_lat[sl] = ops.attention(qf[sl], kv[None], kv[None, :, :kvl], s.pos0, self.scale)
-        o = np.empty((T, H, a.v_head), dtype=np.float32)
-        if T == 1:
-            for h, lin in enumerate(self.v_b):
-                ReadCounter.bytes += lin.nbytes
-                kernels.matvec(lin.raw, lin.ggml_type, o_lat[0, h], out=o[0, h])
-            return self.wo(o.reshape(T, H * a.v_head))
-        for h in range(H):
-            xh = np.ascontiguousarray(o_lat[:, h])
-            o[:, h] = self.v_b[h](xh)
+        o = self.v_b.per_matrix(o_lat)                     # [T, H, v]
         return self.wo(o.reshape(T, H * a.v_head))
 
 
