@@ -152,7 +152,12 @@ class Daemon:
     def _spawn(self, h: WorkerHandle) -> None:
         cmd = [sys.executable, "-m", "dsd.cli", "worker", "--socket-dir", self.sock_dir,
                "--index", str(h.index)]
-        h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        env = dict(os.environ)
+        # numba's OpenMP pool threads spin ~300k iterations after every parallel region before
+        # sleeping; between stages that spin takes a core from the coordinator and the other
+        # workers (2 cores here). A short spin keeps back-to-back kernel calls cheap.
+        env.setdefault("GOMP_SPINCOUNT", "1000")
+        h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         h.pid = h.proc.pid
         if h.pidfd is not None:
             h.old_fds.append(h.pidfd)
@@ -165,6 +170,7 @@ class Daemon:
     def _assign(self, h: WorkerHandle) -> dict:
         return {"type": "assign", "v": P.VERSION, "plan": self.plan.to_dict(), "node": h.vnode.node,
                 "cpus": list(h.vnode.cpus), "threads": h.threads, "pages": self.cfg["pages"],
+                "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 else None,
                 "channel": h.channel.name, "spin_us": self.cfg["spin_us"], "context": self.context,
                 "coordinator_pid": os.getpid()}
 

@@ -7,11 +7,19 @@ WorkerDied at once (its pidfd wakes the waiting select).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import numpy as np
 
 from dsd.daemon.shm_channel import PeerDied
+
+
+_TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log each forward's time and its waits
+# A wait expected to last long blocks until this long before its expected end, then spins (up
+# to twice this, then blocks again): timed wake-ups overshoot ~30 us here.
+NAP_MARGIN = 50e-6
 
 
 class WorkerDied(Exception):
@@ -32,23 +40,55 @@ class Driver:
         self.pending_free: list[list[int]] = [[] for _ in handles]
         self.hop_ns: list[int] = []       # send->reply latency of tiny stages (bench)
         self.steps = 0
+        # duration (s) of each (stage, worker, batch rows) last time: a wait expected to outlast
+        # the channel's spin budget first sleeps through most of it, so the coordinator does not
+        # take CPU time from the workers (2 cores here; measured: a process spinning 20% of a
+        # core slowed a 2-thread decode step by 17-60%)
+        self._expect: dict[tuple, float] = {}
+        self._idle: dict[tuple, float] = {}   # (stage, worker, rows) -> idle time after it, last time
+        self._seen: dict[int, tuple] = {}     # worker -> (key, time) of its last reply
+        self._waited = 0.0
+        self._t_end = 0.0
+        self._stage_w: list[str] = []
 
     def free(self, seq_ids) -> None:
         for q in self.pending_free:
             q.extend(seq_ids)
 
-    def _call(self, w: int, hdr: dict, arrays: dict) -> None:
+    def _call(self, w: int, hdr: dict, arrays: dict, key: tuple | None = None) -> None:
         h = self.handles[w]
         hdr = dict(hdr)
+        now = time.perf_counter()
+        prev = self._seen.pop(w, None)
+        if prev is not None:  # how long w sat idle after its previous reply
+            self._idle[prev[0]] = now - prev[1]
+        if key is not None and key in self._idle:
+            hdr["idle"] = self._idle[key]  # expected wait for w's next command after this one
+        if _TRACE:
+            hdr["t_sent"] = time.perf_counter()
         if self.pending_free[w]:
             hdr["free"], self.pending_free[w] = self.pending_free[w], []
         h.channel.send(hdr, arrays)
         h.outstanding = True
 
-    def _wait(self, w: int) -> dict:
+    def _wait(self, w: int, key: tuple | None = None, t_sent: float = 0.0) -> dict:
         h = self.handles[w]
+        t_w = time.perf_counter()
+        nap = spin = 0.0
+        exp = self._expect.get(key, 0.0) if key is not None else 0.0
+        if exp > 4 * h.channel.spin:  # long stage: block through most of it, then spin
+            nap = exp - (time.perf_counter() - t_sent) - NAP_MARGIN
+            spin = 2 * NAP_MARGIN
         try:
-            rh, arr = h.channel.reply_wait()
+            rh, arr = h.channel.reply_wait(nap=nap, spin=spin or None)
+            if key is not None:
+                self._seen[w] = (key, time.perf_counter())
+                self._expect[key] = time.perf_counter() - t_sent
+                if _TRACE:
+                    self._waited += time.perf_counter() - t_w
+                    late = (time.perf_counter() - rh["t_done"]) * 1e3 if "t_done" in rh else -1
+                    self._stage_w.append(f"{key[0]}.{w}:{(time.perf_counter() - t_sent) * 1e3:.2f}"
+                                         f"(seen+{late:.2f},nap {nap * 1e3:.2f})")
         except PeerDied:
             raise WorkerDied(w, h.pid) from None
         finally:
@@ -81,19 +121,29 @@ class Driver:
         tokens = np.asarray(tokens, dtype=np.int64)
         h = None
         route = None
-        for st in self.program:
+        t_fwd = time.perf_counter()
+        for si, st in enumerate(self.program):
             if st["kind"] == "seq":
                 w = st["worker"]
                 arrays = {"tokens": tokens}
                 if h is not None:
                     arrays["h"] = h
                 t0 = time.perf_counter_ns()
-                self._call(w, dict(base, ops=st["ops"]), arrays)
-                out = self._wait(w)
+                key = (si, w, len(tokens))
+                self._call(w, dict(base, ops=st["ops"]), arrays, key)
+                out = self._wait(w, key, t0 * 1e-9)
                 if len(tokens) == 1 and st["ops"] == [["embed"]]:
                     self.hop_ns.append(time.perf_counter_ns() - t0)
                 if "logits" in out:
                     self.steps += 1
+                    if _TRACE:
+                        print(f"[dsd driver] T={len(tokens)} forward {(time.perf_counter() - t_fwd) * 1e3:.2f} ms, "
+                              f"waits {self._waited * 1e3:.2f} ms, gap before "
+                              f"{(t_fwd - self._t_end) * 1e3:.2f} ms; " + " ".join(self._stage_w),
+                              file=sys.stderr, flush=True)
+                        self._stage_w = []
+                        self._t_end = time.perf_counter()
+                        self._waited = 0.0
                     return out["logits"]
                 h = out["h"]
                 if "xn" in out:
@@ -101,9 +151,10 @@ class Driver:
             else:  # every worker's share of the routed experts, then the sum
                 i = st["layer"]
                 arrays = {"tokens": tokens, "xn": route["xn"], "ids": route["ids"], "w": route["w"]}
+                t0 = time.perf_counter()
                 for w in range(len(self.handles)):
-                    self._call(w, dict(base, ops=[["experts", i]]), arrays)
-                parts = [self._wait(w)["p"] for w in range(len(self.handles))]
+                    self._call(w, dict(base, ops=[["experts", i]]), arrays, (si, w, len(tokens)))
+                parts = [self._wait(w, (si, w, len(tokens)), t0)["p"] for w in range(len(self.handles))]
                 total = parts[0]
                 for p in parts[1:]:
                     total = total + p

@@ -11,12 +11,15 @@ the layers through `Plan.program()`.  Modes:
            layer ranges.
   rows     MoE: every routed expert's intermediate dim F split between all workers
            (block-aligned), so each worker does an equal share of every chosen expert.
+  In both split modes the shared experts (blk.N.ffn_*_shexp, DeepSeek/Qwen) are split by rows
+  too: they run in the same stage as the routed experts, and a whole shared expert on one
+  worker would make that worker the slowest of the stage every layer.
   auto     the cheaper of experts/rows under the cost model in `choose_mode`.
 
 Ownership rules (no weight is held twice): token_embd / output / output_norm belong to the
 worker of the last layer (token_embd to the first layer's worker if output.weight exists, i.e.
-embeddings are not tied); blk.N.* to layer N's owner except blk.N.ffn_{gate,up,down}_exps which
-are split.  Tensors outside blk.* that are neither (rope_freqs: a constant frequency table of a
+embeddings are not tied); blk.N.* to layer N's owner except blk.N.ffn_{gate,up,down}_exps and
+(split modes) blk.N.ffn_{gate,up,down}_shexp, which are split.  Tensors outside blk.* that are neither (rope_freqs: a constant frequency table of a
 few hundred bytes) are given to every worker.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from dsd.errors import DsdError
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_SHEXP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
 _BLK = re.compile(r"^blk\.(\d+)\.")
 HEAD = ("output.weight", "output_norm.weight")
 
@@ -252,6 +256,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     last = owner[-1] if owner else 0
     embed_owner = last if tied else owner[0]
     pieces: list[list[Piece]] = [[] for _ in range(n_workers)]
+    moe = set(moe_layers)
     for name, t in tensors.items():
         m = _EXPS.match(name)
         if m and mode in ("experts", "rows"):
@@ -267,6 +272,16 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
                 for w, (a, b) in enumerate(_split_even(F // bs, n_workers, 0)):
                     frac = (b - a) * bs / F
                     pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * frac)))
+            continue
+        ms = _SHEXP.match(name)
+        if ms and mode in ("experts", "rows") and int(ms.group(1)) in moe:
+            i = int(ms.group(1))
+            F = t.shape[0] if ms.group(2) != "down" else t.shape[1]
+            bs = quant_type(tensors[f"blk.{i}.ffn_down_shexp.weight"].ggml_type).block_size
+            spans = _split_even(F // bs, n_workers, i) if F % bs == 0 else [(0, F // bs)]
+            for w, (a, b) in enumerate(spans):
+                if b > a:
+                    pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * (b - a) * bs / F)))
             continue
         if name == "token_embd.weight":
             ws = [embed_owner]

@@ -55,6 +55,8 @@ def status(d) -> dict:
         workers.append({
             "index": h.index, "pid": h.pid, "state": h.state, "node": h.vnode.node,
             "cpus": list(h.vnode.cpus), "threads": h.threads, "progress": list(h.progress),
+            "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 else None,
+            "stage_threads": s.get("stage_threads", h.threads),
             "weight_bytes": s.get("weight_bytes"), "placement": s.get("placement"),
             "page_kinds": s.get("page_kinds"), "kv_bytes": s.get("kv_bytes", 0),
             "sequences": s.get("sequences", 0), "tokens": s.get("tokens", 0),

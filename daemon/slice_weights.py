@@ -36,6 +36,11 @@ def _piece_layout(t, p) -> tuple[tuple[int, ...], int, int]:
     if p.mode == "experts":
         shape = (p.b - p.a,) + tuple(t.shape[1:-1]) + (rb,)
         return shape, t.shape[-1], int(np.prod(shape))
+    if len(t.shape) == 2:       # shared expert: gate/up [F, D] rows a:b, down [D, F] columns a:b
+        if "down" in t.name:
+            shape = (t.shape[0], (p.b - p.a) // qt.block_size * qt.type_size)
+            return shape, p.b - p.a, int(np.prod(shape))
+        return (p.b - p.a, rb), t.shape[-1], (p.b - p.a) * rb
     if "down_exps" in t.name:   # [E, D, F]: columns a:b of F
         cb = (p.b - p.a) // qt.block_size * qt.type_size
         shape = (t.shape[0], t.shape[1], cb)
@@ -94,6 +99,17 @@ class SliceWeights:
 
         if p.mode == "whole":
             load_file_range(t.file, t.offset, nbytes, self.buffer, off)
+            return
+        if len(t.shape) == 2:  # a row share of a shared expert (small: a few MB)
+            rb = t.row_bytes
+            if "down" not in t.name:
+                load_file_range(t.file, t.offset + p.a * rb, nbytes, self.buffer, off)
+                return
+            qt = kernels.quant_type(t.ggml_type)
+            b0, b1 = (x // qt.block_size * qt.type_size for x in (p.a, p.b))
+            scratch = np.empty(t.nbytes, dtype=np.uint8)
+            load_file_range(t.file, t.offset, t.nbytes, scratch)
+            self.buffer.array("uint8", (t.shape[0], b1 - b0), off)[:] = scratch.reshape(t.shape[0], rb)[:, b0:b1]
             return
         E = t.shape[0]
         per = t.nbytes // E

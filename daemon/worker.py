@@ -25,6 +25,8 @@ import time
 
 from dsd.daemon import protocol as P
 
+_TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log every command's batch size and duration
+
 
 def _die_with_parent() -> None:
     # PR_SET_PDEATHSIG: the kernel sends SIGKILL if the coordinator dies, even by SIGKILL
@@ -77,12 +79,18 @@ class Worker:
         self.assign = a
         from dsd.numa import pin_to_node
 
-        pin = pin_to_node(a["node"], cpus=a["cpus"])
-        self.cpus = list(pin.cpus)
-        import numba  # noqa: F401  (after pinning: the pool gets one thread per pinned CPU)
+        # Workers sharing a real node (more --nodes than nodes) are pinned to all of its CPUs:
+        # a stage only this worker runs uses them all (the siblings are blocked waiting), the
+        # experts stage that every worker runs at once uses this worker's share (a["threads"]).
+        own = list(a["cpus"])
+        pin = pin_to_node(a["node"], cpus=a.get("node_cpus") or own)
+        self.cpus = own
+        import numba  # (after pinning: the pool gets one thread per pinned CPU)
         from dsd.shard.engine import set_threads
 
-        self.threads = set_threads(a.get("threads") or len(self.cpus))
+        self.stage_threads = set_threads(len(pin.cpus) if a.get("node_cpus") else (a.get("threads") or len(own)))
+        self.threads = min(self.stage_threads, a.get("threads") or len(own))
+        self._set_threads = numba.set_num_threads
         from dsd.shard.gguf_file import open_gguf
         from dsd.shard.models import build_model
         from dsd.daemon.slice_weights import SliceWeights
@@ -124,7 +132,8 @@ class Worker:
     def stats(self) -> dict:
         pl = self.placement
         return {"index": self.index, "pid": os.getpid(), "node": self.assign["node"],
-                "cpus": self.cpus, "threads": self.threads, "weight_bytes": self.weights.nbytes,
+                "cpus": self.cpus, "threads": self.threads, "stage_threads": self.stage_threads,
+                "weight_bytes": self.weights.nbytes,
                 "placement": pl.to_dict() if pl is not None else None,
                 "page_kinds": self.weights.buffer.bytes_by_kind() if self.weights.buffer else {},
                 "kv_bytes": sum(c.nbytes for c in list(self.caches.values())),
@@ -176,6 +185,8 @@ class Worker:
             self.caches.pop(sid, None)
         if not hdr.get("ops"):
             return {}
+        if self.threads != self.stage_threads:
+            self._set_threads(self.stage_threads)
         m = self.model
         batch = self.batch(hdr, arr["tokens"])
         h = arr.get("h")
@@ -199,10 +210,12 @@ class Worker:
                 attn_ran = True
             elif kind == "experts":
                 i = op[1]
+                if self.threads != self.stage_threads:
+                    self._set_threads(self.threads)
                 f = m.ffn[i]
                 p = f.experts(arr["xn"], arr["ids"], arr["w"])
-                if f.shared is not None and self.plan.layer_owner[i] == self.index:
-                    p += f.shared(arr["xn"])
+                if f.shared is not None and self.weights.holds(f"blk.{i}.ffn_gate_shexp.weight"):
+                    p += f.shared(arr["xn"])  # this worker's rows of the shared experts
                 out["p"] = p
                 h = None
             elif kind == "head":
@@ -223,15 +236,28 @@ class Worker:
 
         io = threading.Thread(target=self.io_loop, name="dsd-worker-io", daemon=True)
         io.start()
+        from dsd.daemon.driver import NAP_MARGIN
+
+        idle = 0.0
         while not self.stop:
             try:
-                hdr, arr = self.ch.wait_command()
+                # the coordinator's hint of this idle gap: block through it, spin at its end
+                nap = idle - NAP_MARGIN if idle > 4 * self.ch.spin else 0.0
+                hdr, arr = self.ch.wait_command(nap, 2 * NAP_MARGIN if nap > 0 else None)
+                idle = float(hdr.get("idle", 0.0))
             except PeerDied:
                 break
             t0 = time.perf_counter()
             try:
                 out = self.execute(hdr, arr)
-                self.ch.reply({"ok": True}, out)
+                if _TRACE:
+                    t1 = time.perf_counter()
+                    self.ch.reply({"ok": True, "t_done": t1}, out)
+                    log(self.index, f"T={len(arr.get('tokens', ()))} ops={hdr.get('ops')} "
+                                    f"{(t1 - t0) * 1e3:.2f} ms (woke {(t0 - hdr.get('t_sent', t0)) * 1e3:.2f} ms "
+                                    f"after the send)")
+                else:
+                    self.ch.reply({"ok": True}, out)
             except Exception as exc:  # report, keep serving: one bad batch must not kill us
                 import traceback
 

@@ -223,6 +223,7 @@ class VirtualNode:
     node: int
     cpus: tuple[int, ...]
     shared: int = 1  # how many workers share the real node (1 = node to itself)
+    node_cpus: tuple[int, ...] = ()  # all CPUs of the real node when shared (see virtual_nodes)
 
 
 def _split(cpus: tuple[int, ...], parts: int, cores=()) -> list[tuple[int, ...]]:
@@ -253,7 +254,8 @@ def virtual_nodes(n: int, topo: Topology) -> tuple[list[VirtualNode], str]:
 
     Nodes without CPUs (memory-only, e.g. CXL) are never given a worker. With more real nodes
     than workers, the first N nodes (by id) are used. With fewer, workers are spread as evenly
-    as possible (node k gets ceil or floor of N/R workers) and the node's CPUs are split.
+    as possible (node k gets ceil or floor of N/R workers) and the node's CPUs are split; such
+    VirtualNodes also carry node_cpus, which a worker uses for the stages it runs alone.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise NumaError(f"the number of NUMA nodes/workers must be a positive integer, got {n!r}")
@@ -273,12 +275,14 @@ def virtual_nodes(n: int, topo: Topology) -> tuple[list[VirtualNode], str]:
         count = q + (1 if k < rem else 0)
         groups = _split(nd.cpus, count, nd.cores)
         for g in groups:
-            out.append(VirtualNode(len(out), nd.id, g, count))
+            out.append(VirtualNode(len(out), nd.id, g, count, tuple(nd.cpus) if count > 1 else ()))
         if count > len(nd.cpus):
             msgs.append(f"node {nd.id} has {len(nd.cpus)} CPU(s) for {count} workers: "
                         f"they share CPUs")
     plan = ", ".join(f"worker {v.index}: node {v.node} CPUs {format_cpulist(v.cpus)}" for v in out)
     head = (f"this machine has {r} NUMA node(s) with CPUs but {n} were requested: "
-            f"workers share nodes and split their CPUs ({plan}); memory is not separated "
-            f"between workers on the same node, so expect no NUMA speedup from the extra workers")
+            f"workers share nodes and split their CPUs ({plan}); a stage only one of them runs "
+            f"(attention, dense layers, the output head) may use all of its node's CPUs, since "
+            f"the others are idle then; memory is not separated between workers on the same "
+            f"node, so expect no NUMA speedup from the extra workers")
     return out, "; ".join([head] + msgs)

@@ -30,7 +30,12 @@ def _coverage(plan, g):
             assert len(ps) == 1, f"{name} held {len(ps)} times"
         else:
             spans = sorted((p.a, p.b) for _, p in ps)
-            full = t.shape[0] if modes == {"experts"} else (t.shape[2] if "down" in name else t.shape[1])
+            if modes == {"experts"}:
+                full = t.shape[0]
+            elif "shexp" in name:  # shared experts: rows of F ([F, D] gate/up, [D, F] down)
+                full = t.shape[1] if "down" in name else t.shape[0]
+            else:
+                full = t.shape[2] if "down" in name else t.shape[1]
             assert spans[0][0] == 0 and spans[-1][1] == full
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
             assert len({w for w, _ in ps}) == len(ps)
@@ -68,6 +73,10 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
                         assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
             kinds = [s["kind"] for s in plan.program()]
             assert kinds.count("experts") == len(plan.moe_layers) == 3  # dense lead layer 0
+            # shared experts run in the experts stage: every worker holds a row share of them
+            for name in ("blk.1.ffn_gate_shexp.weight", "blk.1.ffn_down_shexp.weight"):
+                held = [p for ps in plan.pieces for p in ps if p.name == name]
+                assert len(held) == n and {p.mode for p in held} == {"rows"}, name
         if mode == "experts":  # 10 experts over 3 workers: the 4-expert share rotates
             counts = np.zeros(3)
             for w in range(3):

@@ -29,7 +29,9 @@ def format_status(st: dict) -> str:
         pages = ", ".join(f"{k}: {_mib(v)}" for k, v in (pl.get("bytes_by_page") or {}).items()) or "-"
         rate = w.get("busy_tok_s")
         out.append(f"worker {w['index']}: {w['state']}, pid {w['pid']}, node {w['node']}, CPUs "
-                   f"{','.join(map(str, w['cpus']))} ({w['threads']} threads)")
+                   f"{','.join(map(str, w['cpus']))} ({w['threads']} threads)"
+                   + (f"; stages it runs alone use node CPUs {','.join(map(str, w['node_cpus']))} "
+                      f"({w.get('stage_threads')} threads)" if w.get("node_cpus") else ""))
         out.append(f"    weights {_mib(w.get('weight_bytes'))}; on {nodes}; pages {pages}")
         out.append(f"    KV cache {_mib(w.get('kv_bytes'))} for {w.get('sequences', 0)} sequence(s); "
                    f"{w.get('tokens', 0)} tokens, "

@@ -8,6 +8,7 @@ starting at flat[r * stride], so one compiled specialisation serves every case.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -57,7 +58,7 @@ PAR_MIN_BYTES = 128 * 1024
 # one of the 2 cores busy (measured: a qemu VM at 100% of a core) every parallel call waits for
 # a scheduler slice, ~4 ms instead of ~0.1 ms. After a parallel call that took far longer than
 # the single-thread estimate, kernels stay serial for PAR_BACKOFF_S seconds, then retry.
-PAR_BACKOFF_S = 0.05  # measured: 1.0 s kept SmolLM2 decode serial after any hiccup (13.9 vs 12.0 ms/token)
+PAR_BACKOFF_S = float(os.environ.get("DSD_PAR_BACKOFF_S", "0.05"))  # measured: 1.0 s kept SmolLM2 decode serial after any hiccup (13.9 vs 12.0 ms/token)
 _serial_rate = 8e9      # bytes/s of serial kernels, running estimate (EWMA of large-ish calls)
 _par_off_until = 0.0
 
