@@ -178,8 +178,16 @@ class Scheduler:
     def step(self) -> bool:
         """One forward pass over what is ready; False if there was nothing to do."""
         decode = [r for r in self.active if r.next_token is not None][: self.max_batch]
-        prefill = next((r for r in self.active if r.next_token is None), None)
-        if not decode and prefill is None:
+        # prompts share a budget of `chunk` tokens per step (vLLM's token budget): several short
+        # prompts that arrive together are prefilled in one step (one weight pass), a long one
+        # in chunks; at least one prompt advances even when the decode batch is full
+        prefills, budget = [], self.chunk
+        for r in self.active:
+            if r.next_token is None and budget > 0 and (
+                    not prefills or len(decode) + len(prefills) < self.max_batch):
+                prefills.append(r)
+                budget -= len(r.prompt_ids) - r.pos
+        if not decode and not prefills:
             return False
         toks, seqs, ns, pos0, rows, owners = [], [], [], [], [], []
         for r in decode:
@@ -189,16 +197,20 @@ class Scheduler:
             pos0.append(r.pos)
             rows.append(len(toks) - 1)
             owners.append(r)
-        if prefill is not None:
-            a = prefill.pos
-            b = min(len(prefill.prompt_ids), a + self.chunk)
-            toks.extend(prefill.prompt_ids[a:b])
-            seqs.append(prefill.seq)
+        budget = self.chunk
+        ends = []
+        for r in prefills:
+            a = r.pos
+            b = min(len(r.prompt_ids), a + budget)
+            budget -= b - a
+            toks.extend(r.prompt_ids[a:b])
+            seqs.append(r.seq)
             ns.append(b - a)
             pos0.append(a)
-            if b == len(prefill.prompt_ids):
+            ends.append(b)
+            if b == len(r.prompt_ids):
                 rows.append(len(toks) - 1)
-                owners.append(prefill)
+                owners.append(r)
         t0 = time.perf_counter()
         self.max_decode_batch = max(self.max_decode_batch, len(decode))
         self.steps += 1
@@ -207,8 +219,8 @@ class Scheduler:
             self.decode_window.append((time.perf_counter(), len(decode), time.perf_counter() - t0))
         for r in decode:
             r.pos += 1
-        if prefill is not None:
-            prefill.pos = pos0[-1] + ns[-1]
+        for r, b in zip(prefills, ends):
+            r.pos = b
         for row, r in enumerate(owners):
             if r not in self.active:
                 continue
