@@ -116,8 +116,9 @@ class Worker:
                 self.model.attn[i] = None
                 if not plan.split:
                     self.model.ffn[i] = None
-        self.load_s = time.perf_counter() - t0
         self.context = int(a["context"])
+        self.warm_up()
+        self.load_s = time.perf_counter() - t0
         from dsd.daemon.shm_channel import Channel
 
         self.ch = Channel.attach(a["channel"], self.sock_dir, a.get("spin_us", 300))
@@ -128,6 +129,32 @@ class Worker:
                         + (f" ({self.weights.buffer.report()})" if self.weights.buffer else ""))
         self.send({"type": "ready", "v": P.VERSION, "index": self.index, "pid": os.getpid(),
                    "stats": self.stats()})
+
+    def warm_up(self) -> None:
+        """Run this worker's stages once on zeros (one decode token, then a 5-token prefill) for
+        a throwaway sequence: numba loads every kernel now instead of during the first request
+        (which took ~1 s longer otherwise)."""
+        import numpy as np
+
+        from dsd.shard import kernels
+
+        kernels.warm_up({self.gguf.tensors[p.name].ggml_type for p in self.plan.pieces[self.index]})
+        D, k = self.model.args.d_model, max(1, self.model.args.n_experts_used)
+        sid = -1
+        pos = 0
+        for T in (1, 5):
+            base = {"seqs": [sid], "n": [T], "pos0": [pos], "logit_rows": [T - 1]}
+            arrays = {"tokens": np.zeros(T, np.int64), "h": np.zeros((T, D), np.float32),
+                      "xn": np.zeros((T, D), np.float32), "ids": np.tile(np.arange(k), (T, 1)),
+                      "w": np.full((T, k), 1.0 / k, np.float32)}
+            for st in self.plan.program():
+                if st["kind"] == "seq" and st["worker"] == self.index:
+                    self.execute(dict(base, ops=st["ops"]), dict(arrays))
+                elif st["kind"] == "experts":
+                    self.execute(dict(base, ops=[["experts", st["layer"]]]), dict(arrays))
+            pos += T
+        self.caches.pop(sid, None)
+        self.tokens = 0
 
     def stats(self) -> dict:
         pl = self.placement

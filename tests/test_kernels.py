@@ -359,3 +359,17 @@ def test_second_process_loads_kernels_from_cache():
     assert cached, "numba wrote no cache files"
     assert runs[0]["misses"] == 3 and runs[0]["hits"] == 0, runs
     assert runs[1]["misses"] == 0 and runs[1]["hits"] == 3, runs
+
+
+def test_warm_up_loads_every_product_kernel():
+    """warm_up (a daemon worker calls it before reporting ready) leaves the compiled entry point
+    of every product driver, serial and parallel, in the lookup cache for each type."""
+    from dsd.shard.kernels import drivers as dv
+    from dsd.shard.kernels import registry, warm_up
+
+    assert warm_up([int(G.Q5_1)]) >= 0.0
+    kinds = {(fn, kind) for fn, kind, _ in registry._EP}
+    for fn in (dv.mv_serial, dv.mv_parallel, dv.mv_gather_serial, dv.mv_gather_parallel,
+               dv.mm_direct_serial, dv.mm_direct_parallel, dv.deq_rows_serial):
+        assert (fn, int(G.Q5_1)) in kinds, fn.__name__
+    assert registry._par_off_until == 0.0  # the loading calls did not leave the back-off on

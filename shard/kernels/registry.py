@@ -395,3 +395,27 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
             np.matmul(X, t.T, out=o)
             out[:, r0:r1] = o
     return out
+
+
+def warm_up(ggml_types) -> float:
+    """Load (or compile) every kernel specialisation the products of these types use, serial and
+    parallel, on tiny all-zero matrices -> seconds spent.  A daemon worker calls this before it
+    reports ready, so the first request does not pay ~1 s of numba cache loading."""
+    global PAR_MIN_BYTES, _par_off_until
+    t0 = time.perf_counter()
+    saved = PAR_MIN_BYTES
+    try:
+        for gt in sorted({int(t) for t in ggml_types}):
+            qt = quant_type(gt)
+            cols = max(qt.block_size, qt.simd_bs or qt.block_size)
+            raw = np.zeros((2, 4, row_bytes(gt, cols)), dtype=np.uint8)
+            for PAR_MIN_BYTES in (1 << 62, 0):
+                matvec(raw[0], gt, np.zeros(cols, np.float32))
+                matvec_gather(raw, gt, [1, 0], np.zeros((2, cols), np.float32))
+                for T in (2, 4, FUSED_MAX_T + 1):
+                    matmul(raw[0], gt, np.zeros((T, cols), np.float32))
+                dequantize(raw[0], gt, cols)
+    finally:
+        PAR_MIN_BYTES = saved
+        _par_off_until = 0.0  # the first (loading) calls looked like stalls to the back-off
+    return time.perf_counter() - t0
