@@ -409,12 +409,15 @@ def warm_up(ggml_types) -> float:
             qt = quant_type(gt)
             cols = max(qt.block_size, qt.simd_bs or qt.block_size)
             raw = np.zeros((2, 4, row_bytes(gt, cols)), dtype=np.uint8)
+            calls = [lambda: matvec(raw[0], gt, np.zeros(cols, np.float32)),
+                     lambda: matvec_gather(raw, gt, [1, 0], np.zeros((2, cols), np.float32)),
+                     lambda: dequantize(raw[0], gt, cols)]
+            calls += [lambda T=T: matmul(raw[0], gt, np.zeros((T, cols), np.float32))
+                      for T in (2, 4, FUSED_MAX_T + 1)]
             for PAR_MIN_BYTES in (1 << 62, 0):
-                matvec(raw[0], gt, np.zeros(cols, np.float32))
-                matvec_gather(raw, gt, [1, 0], np.zeros((2, cols), np.float32))
-                for T in (2, 4, FUSED_MAX_T + 1):
-                    matmul(raw[0], gt, np.zeros((T, cols), np.float32))
-                dequantize(raw[0], gt, cols)
+                for call in calls:
+                    _par_off_until = 0.0  # a loading call looks like a stall to the back-off
+                    call()
     finally:
         PAR_MIN_BYTES = saved
         _par_off_until = 0.0  # the first (loading) calls looked like stalls to the back-off
