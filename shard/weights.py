@@ -97,6 +97,7 @@ class ExpertStack:
         self.name = name
         ids = list(range(raw.shape[0])) if expert_ids is None else list(expert_ids)
         self._local = {g: i for i, g in enumerate(ids)}
+        self._view = None  # kernels.stack_view(raw), made on the first gather
 
     @property
     def expert_ids(self) -> list[int]:
@@ -115,7 +116,9 @@ class ExpertStack:
         Counts each distinct matrix's bytes once: repeated ones are re-read from cache."""
         loc = [self._local[int(e)] for e in np.asarray(ids).reshape(-1)]
         ReadCounter.bytes += len(set(loc)) * self.raw.shape[1] * self.raw.shape[2]
-        return kernels.matvec_gather(self.raw, self.ggml_type, loc, X, xi)
+        if self._view is None:
+            self._view = kernels.stack_view(self.raw)
+        return kernels.matvec_gather(self.raw, self.ggml_type, loc, X, xi, view=self._view)
 
     def per_matrix(self, X: np.ndarray) -> np.ndarray:
         """X [T, E, cols] -> [T, E, rows]: matrix e applied to X[:, e] for every e the stack holds
@@ -129,7 +132,10 @@ class ExpertStack:
             return out
         ReadCounter.bytes += E * self.raw.shape[1] * self.raw.shape[2]
         flat = np.ascontiguousarray(X, dtype=np.float32).reshape(T * E, -1)
-        return kernels.matvec_gather(self.raw, self.ggml_type, np.tile(np.arange(E), T), flat).reshape(T, E, -1)
+        if self._view is None:
+            self._view = kernels.stack_view(self.raw)
+        ids = np.tile(np.arange(E), T)
+        return kernels.matvec_gather(self.raw, self.ggml_type, ids, flat, view=self._view).reshape(T, E, -1)
 
 
 class GGUFWeights:

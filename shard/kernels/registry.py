@@ -272,19 +272,32 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
     return out
 
 
+def stack_view(stack: np.ndarray):
+    """-> (read-only 1-D uint8 view over a stack [E, rows, row_bytes], matrix stride, row
+    stride): what matvec_gather needs; callers that gather from one stack often cache it."""
+    if stack.dtype != np.uint8 or stack.ndim != 3 or stack.strides[2] != 1:
+        raise GGUFError(f"stack must be a 3-D uint8 array with contiguous rows, got {stack.dtype} "
+                        f"{stack.shape} strides {stack.strides}")
+    E, nrows, rb = stack.shape
+    mstride, rstride = stack.strides[0], stack.strides[1]
+    extent = (E - 1) * mstride + (nrows - 1) * rstride + rb
+    flat = as_strided(stack, shape=(max(extent, 0),), strides=(1,))
+    flat.flags.writeable = False
+    return flat, mstride, rstride
+
+
 def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, view=None) -> np.ndarray:
     """out[i] = W[ids[i]] @ X[xi[i]] for a stack of same-shaped matrices in one kernel call.
 
     stack: uint8 [E, rows, row_bytes] raw blocks (inner dim contiguous; any uniform row and matrix
     strides, so row ranges and block-aligned column slices of expert stacks work); ids int [k];
     X float32 [n, cols]; xi int [k] (default: arange(k) when n == k, zeros when n == 1);
     -> out float32 [k, rows].  Used for a token's chosen experts and MLA's per-head products:
-    one parallel region instead of one per matrix (each costs ~5-10 us here)."""
+    one parallel region instead of one per matrix (each costs ~5-10 us here).
+    view: stack_view(stack), if the caller keeps it."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
-    if stack.dtype != np.uint8 or stack.ndim != 3 or stack.strides[2] != 1:
-        raise GGUFError(f"stack must be a 3-D uint8 array with contiguous rows, got {stack.dtype} "
-                        f"{stack.shape} strides {stack.strides}")
+    flat, mstride, rstride = view if view is not None else stack_view(stack)
     E, nrows, rb = stack.shape
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     k = ids.shape[0]
@@ -313,10 +326,6 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
         for i in range(k):
             matvec(stack[ids[i]], ggml_type, X[xi[i]], out[i])
         return out
-    mstride, rstride = stack.strides[0], stack.strides[1]
-    extent = (E - 1) * mstride + (nrows - 1) * rstride + rb
-    flat = as_strided(stack, shape=(extent,), strides=(1,))
-    flat.flags.writeable = False
     offs = ids * mstride
     nbytes = k * nrows * rb
     par = _par_ok(nbytes)
