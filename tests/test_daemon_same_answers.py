@@ -6,6 +6,8 @@ which is what `dsd generate` runs; one test also compares against the `dsd gener
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 from gguf import GGMLQuantizationType as Q
 
@@ -74,6 +76,16 @@ def test_smollm2_pipeline_equals_dsd_generate(tmp_path):
         st = run.client().status()
         assert st["placement"] == "layers"
         assert "split their CPUs" in st["numa_note"] or len({w["node"] for w in st["workers"]}) == 2
+        if "split their CPUs" in st["numa_note"]:
+            # co-located workers: each owns its share of the CPUs for the routed-expert stage
+            # and is pinned to all of the node's CPUs for the stages it runs alone
+            own = [c for w in st["workers"] for c in w["cpus"]]
+            assert len(own) == len(set(own))
+            for w in st["workers"]:
+                node_cpus = set(w["node_cpus"])
+                assert set(w["cpus"]) < node_cpus or len(node_cpus) == 1
+                assert w["stage_threads"] == len(node_cpus) and w["threads"] == len(w["cpus"])
+                assert os.sched_getaffinity(w["pid"]) == node_cpus
         cli = dsd(["generate", "-p", "The capital of France is", "--temperature", "0", "-n", "24"],
                   run.env).stdout
         got = run.client().generate("The capital of France is", temperature=0, max_tokens=24)

@@ -13,6 +13,18 @@ from gguf import quants as gq
 
 from dsd.errors import DsdError
 from dsd.shard.kernels import QUANT_TYPES, dequantize, matmul, matvec, quant_type, row_bytes
+from dsd.shard.kernels import exact_activations, registry
+
+
+@pytest.fixture(autouse=True)
+def _exact(request):
+    """These tests hold the float kernels to float32 rounding (1e-5 of sum |w x|); the 8-bit
+    activation path of Q4_K (registry.INT8_Q4K) has its own tests, marked int8."""
+    if request.node.get_closest_marker("int8"):
+        yield
+        return
+    with exact_activations():
+        yield
 
 # Byte offsets of fp16 fields inside one block (sanitised to finite values in random blocks).
 F16_FIELDS = {G.Q4_0: [0], G.Q4_1: [0, 2], G.Q5_0: [0], G.Q5_1: [0, 2], G.Q8_0: [0],
@@ -373,3 +385,48 @@ def test_warm_up_loads_every_product_kernel():
                dv.mm_direct_serial, dv.mm_direct_parallel, dv.deq_rows_serial):
         assert (fn, int(G.Q5_1)) in kinds, fn.__name__
     assert registry._par_off_until == 0.0  # the loading calls did not leave the back-off on
+
+
+
+def _int8_bound(W64, X):
+    """Worst case of the 8-bit activation rounding: each x_i moves by at most half a step of its
+    256-element block (max|x| / 127 / 2), so |error| <= sum_b (max_b|x| / 254) sum_{i in b} |w_i|;
+    plus float32 rounding (1e-5 of sum |w x|)."""
+    n = X.shape[-1]
+    amax = np.abs(X.reshape(*X.shape[:-1], n // 256, 256)).max(axis=-1)   # [..., n/256]
+    wsum = np.abs(W64).reshape(W64.shape[0], n // 256, 256).sum(axis=-1)  # [rows, n/256]
+    return wsum @ (amax.T / 254.0) + 1e-5 * (np.abs(W64) @ np.abs(X.T))
+
+
+@pytest.mark.int8
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_q4k_int8_activations_within_rounding_bound(parallel, monkeypatch):
+    """Q4_K products with 8-bit activations (VNNI, llama.cpp's Q8_K scheme): every output within
+    the analytic bound of the activation rounding, through matvec and matvec_gather (also on a
+    worker's row and column share), and clearly closer than that bound on average."""
+    if not registry.INT8_Q4K:
+        pytest.skip("this CPU has no AVX-512 VNNI: Q4_K runs the float kernels (tested above)")
+    from dsd.shard.kernels import matvec_gather
+    monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
+    rng = np.random.default_rng(3)
+    rows, n = 96, 1024
+    stack = np.stack([random_raw(G.Q4_K, rows, n, rng, False) for _ in range(3)])
+    W = np.stack([reference(stack[e], G.Q4_K, n) for e in range(3)]).astype(np.float64)
+    X = rng.standard_normal((2, n)).astype(np.float32)
+    X[1, :256] *= 50  # one block of large activations: a coarser step there only
+    for j in range(2):
+        got = matvec(stack[0], int(G.Q4_K), X[j]).astype(np.float64)
+        err = np.abs(got - W[0] @ X[j])
+        bound = _int8_bound(W[0], X[j:j + 1])[:, 0]
+        assert np.all(err <= bound), (err / bound).max()
+        assert err.mean() < 0.25 * bound.mean()
+    got = matvec_gather(stack, int(G.Q4_K), [2, 0], X)
+    for i, e in enumerate([2, 0]):
+        assert np.all(np.abs(got[i] - W[e] @ X[i]) <= _int8_bound(W[e], X[i:i + 1])[:, 0])
+    # a worker's share: rows 16:48, and the second 512 columns (two whole super-blocks)
+    sub = stack[:, 16:48, 2 * 144:]
+    got = matvec_gather(sub, int(G.Q4_K), [1], X[1:, 512:])
+    assert np.all(np.abs(got[0] - W[1, 16:48, 512:] @ X[1, 512:]) <= _int8_bound(W[1, 16:48, 512:], X[1:, 512:])[:, 0])
+    with exact_activations():  # the switch: float activations, float32 rounding only
+        exact = matvec(stack[0], int(G.Q4_K), X[0]).astype(np.float64)
+        assert np.all(np.abs(exact - W[0] @ X[0]) <= 1e-5 * (np.abs(W[0]) @ np.abs(X[0])))

@@ -17,6 +17,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .rows import deq_any, dot_any, dotm2_any, dotm3_any
+from .rows_i8 import dot_q4k_i8
 
 ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
 
@@ -322,3 +323,59 @@ def mv_gather_serial(kind, flat, offs, stride, nrows, nb, gsz, tab, perm, fac, X
         j = xi[i]
         for r in range(nrows):
             out[i, r] = dot_any(kind, flat, offs[i] + r * stride, nb, tab, XP[j], XS[j])
+
+
+# -- Q4_K with 8-bit activations (rows_i8.py; only on CPUs with AVX-512 VNNI) -------------------
+
+@njit(cache=True, fastmath=True)
+def quant_x_q8k(X):
+    """X float32 [n, cols] -> (xq int8 [n, cols], xd float32 [n, cols/256], xs float32
+    [n, cols/32]): per 256 elements xq = round(x * 127 / max|x|), xd = max|x| / 127 (llama.cpp's
+    Q8_K), and xs the exact sums of x over 32-element groups (for the Q4_K mins)."""
+    n, cols = X.shape
+    nb = cols // 256
+    xq = np.empty((n, cols), np.int8)
+    xd = np.empty((n, nb), np.float32)
+    xs = np.empty((n, cols // 32), np.float32)
+    for j in range(n):
+        for b in range(nb):
+            amax = np.float32(0)
+            for i in range(256):
+                amax = max(amax, abs(X[j, b * 256 + i]))
+            if amax == 0:
+                xd[j, b] = 0
+                for i in range(256):
+                    xq[j, b * 256 + i] = 0
+            else:
+                inv = np.float32(127) / amax
+                xd[j, b] = amax / np.float32(127)
+                for i in range(256):
+                    v = np.rint(X[j, b * 256 + i] * inv)
+                    xq[j, b * 256 + i] = np.int8(min(max(v, -127.0), 127.0))
+        for g in range(cols // 32):
+            s = np.float32(0)
+            for i in range(32):
+                s += X[j, g * 32 + i]
+            xs[j, g] = s
+    return xq, xd, xs
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_q4k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    """out[i, r] = row r of the Q4_K matrix at flat[offs[i]] . X[xi[i]] (8-bit activations);
+    one matrix (matvec) or several (the gathered products), like mv_gather_parallel."""
+    xq, xd, xs = quant_x_q8k(X)
+    for t in prange(offs.shape[0] * nrows):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_q4k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])

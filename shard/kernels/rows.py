@@ -152,6 +152,13 @@ def dec_q8_0(e, ob):  # 34 B: d | int8[32]; w = q*d
 
 def _k_scales(e, ob):
     """Q4_K/Q5_K: 8 (scale, min) 6-bit pairs in 12 bytes at ob+4 -> (d*sc, dmin*mn) <8 x float>."""
+    sc, mn = k_scales_int(e, ob)
+    d, dmin = e.f16(ob), e.f16(e.at(ob, 2))
+    return e.b.fmul(e.splat(d, 8), e.uf(sc)), e.b.fmul(e.splat(dmin, 8), e.uf(mn))
+
+
+def k_scales_int(e, ob):
+    """Q4_K/Q5_K: the 8 6-bit (scale, min) pairs in 12 bytes at ob+4 -> (sc, mn) <8 x i8>."""
     sb = e.ld(e.at(ob, 4), 16)  # 12 scale bytes + 4 bytes of what follows (in the block)
     hi_mask = e.cv(I8, [0] * 4 + [0x30] * 4)
     low_mask = e.cv(I8, [63] * 4 + [15] * 4)
@@ -160,8 +167,7 @@ def _k_scales(e, ob):
     top = e.b.shl(e.b.lshr(e.shuf(sb, [4, 5, 6, 7, 4, 5, 6, 7]), e.k8(6, 8)), e.k8(4, 8))
     mn = e.b.lshr(e.shuf(sb, [4, 5, 6, 7, 8, 9, 10, 11]), e.cv(I8, [0] * 4 + [4] * 4))
     mn = e.b.or_(e.b.and_(mn, low_mask), e.b.and_(top, hi_mask))
-    d, dmin = e.f16(ob), e.f16(e.at(ob, 2))
-    return e.b.fmul(e.splat(d, 8), e.uf(sc)), e.b.fmul(e.splat(dmin, 8), e.uf(mn))
+    return sc, mn
 
 
 def _ext(e, v, i):

@@ -1,0 +1,72 @@
+"""Q4_K matrix-vector rows with 8-bit activations and integer dot products (AVX-512 VNNI).
+
+Why: the float kernels (rows.py / rows_perm.py) turn every 4-bit weight into a float and
+multiply it by x; on this machine that is compute-bound at ~12 GB/s per thread for Q4_K, below
+the memory bandwidth. llama.cpp instead quantizes x once per product to 8 bits per element with
+one float scale per 256 elements ("Q8_K") and multiplies 4-bit by 8-bit integers. With VNNI,
+one vpdpbusd instruction does 64 such products, summed in groups of 4 into 16 int32 lanes.
+
+Per Q4_K super-block (256 elements, 144 bytes: d | dmin | 12 scale bytes | 128 nibble bytes):
+    sum_i w_i x_i = d * dx * sum_j sc_j * (sum_{i in sub-block j} q_i xq_i)  -  dmin * sum_j mn_j * X_j
+with dx the activation scale of the 256 elements, xq = round(x / dx), and X_j the exact float
+sum of x over sub-block j (the same x sums the float kernels use, so only the first term carries
+the activation rounding).  The integer part of a super-block stays in int32 lanes
+(|q xq| <= 15 * 127, times sc <= 63, 64 terms per lane: far below 2^31) and is converted to float
+once.  Only used when the CPU has AVX-512 VNNI (registry.INT8_Q4K); elsewhere the float kernels
+run.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .rows import F32, I32, I64, FAST, V, Emit, _hsum, k_scales_int
+
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # (acc <16 x i32>, u8 x64 as <16 x i32>, s8 x64 as <16 x i32>)
+
+
+def _load(builder, context, arrty, arr, off, ty):
+    a = context.make_array(arrty)(context, builder, arr)
+    v = builder.load(builder.bitcast(builder.gep(a.data, [off]), ir.PointerType(ty)))
+    v.align = 1
+    return v
+
+
+@intrinsic
+def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
+    """Row dot product (flat, o, nb super-blocks, fp16 table, xq int8 [n], xd float32 [n/256],
+    xs float32 [n/32]) -> float32."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, xsa = args
+        fty, _, _, tty, xqty, xdty, xsty = sig.args
+        e = Emit(context, builder, fty, fa, tty, ta)
+        zero16 = ir.Constant(V(I32, 16), [0] * 16)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
+        macc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
+        fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
+        vnni = cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 144)))
+            sc, mn = k_scales_int(e, ob)
+            sc32 = builder.zext(sc, V(I32, 8))
+            isum = zero16
+            x0 = builder.mul(b, ir.Constant(I64, 256))
+            for c in range(4):  # 32 nibble bytes: sub-block 2c (low nibbles), 2c+1 (high)
+                q = e.ld(e.at(ob, 16 + 32 * c), 32)
+                u = builder.bitcast(e.cat(e.lo4(q), e.hi4(q)), V(I32, 16))
+                xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 64 * c)), V(I32, 16))
+                dp = builder.call(vnni, [zero16, u, xv])
+                scv = e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8)
+                isum = builder.add(isum, builder.mul(dp, scv))
+            dxd = _load(builder, context, xdty, xda, b, F32)
+            s = builder.fmul(e.f16(ob), dxd, flags=FAST)
+            f = builder.sitofp(isum, V(F32, 16))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(f, e.splat(s, 16), flags=FAST),
+                                       flags=FAST), acc)
+            mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
+            xsv = _load(builder, context, xsty, xsa, builder.mul(b, ir.Constant(I64, 8)), V(F32, 8))
+            builder.store(builder.fadd(builder.load(macc), builder.fmul(mv, xsv, flags=FAST), flags=FAST),
+                          macc)
+        return builder.fsub(_hsum(e, builder.load(acc)), _hsum(e, builder.load(macc)), flags=FAST)
+    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
