@@ -17,7 +17,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .rows import deq_any, dot_any, dotm2_any, dotm3_any
-from .rows_i8 import dot_q4k_i8
+from .rows_i8 import dot_q4k_i8, dot_q4k_i8_multi
 
 ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
 
@@ -379,3 +379,19 @@ def mv_q4k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
         j = xi[i]
         for r in range(nrows):
             out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_q4k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
+    """out [T, nrows] = X [T, n] @ W.T for a Q4_K matrix, T <= 16, 8-bit activations: each weight
+    row is decoded once for all T vectors (rows_i8.dot_q4k_i8_multi)."""
+    xq, xd, xs = quant_x_q8k(X)
+    for r in prange(nrows):
+        dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)
+
+
+@njit(cache=True, fastmath=True)
+def mm_q4k_i8_serial(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for r in range(nrows):
+        dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)

@@ -418,6 +418,21 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)
         t0 = time.perf_counter()
+        if INT8_Q4K and qt.ggml_type == _Q4K:  # 8-bit activations, each row decoded once for all T
+            fn = dv.mm_q4k_i8_parallel if par else dv.mm_q4k_i8_serial
+            key = (fn, type(flat), X.flags.writeable)
+            ep = _EP.get(key)
+            args = (flat, stride, nrows, nb, F16_TABLE, X, o)
+            if ep is None:
+                fn(*args)
+                _EP[key] = fn.overloads[tuple(typeof(a) for a in args)].entry_point
+            else:
+                ep(*args)
+            if par:
+                _note(True, T * nbytes, time.perf_counter() - t0)
+            if o is not out:
+                out[:] = o
+            return out
         if T <= 3:
             kern = dv.mm_direct_parallel if par else dv.mm_direct_serial
         elif _WIDE:

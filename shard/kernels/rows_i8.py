@@ -70,3 +70,76 @@ def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
                           macc)
         return builder.fsub(_hsum(e, builder.load(acc)), _hsum(e, builder.load(macc)), flags=FAST)
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+
+
+MULTI_MAX_T = 16  # tokens per call of dot_q4k_i8_multi (registry.FUSED_MAX_T)
+
+
+@intrinsic
+def dot_q4k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r):
+    """out[t, r] = row . x_t for all T <= 16 rows t of xq [T, n] int8 / xd [T, n/256] /
+    xs [T, n/32] (as in dot_q4k_i8): each super-block's scales and nibbles are decoded once and
+    used for every token (the small-batch decode and short prompts)."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, xsa, outa, r_ = args
+        fty, _, _, tty, xqty, xdty, xsty, outty, _ = sig.args
+        e = Emit(context, builder, fty, fa, tty, ta)
+        xqs = context.make_array(xqty)(context, builder, xqa)
+        xds = context.make_array(xdty)(context, builder, xda)
+        xss = context.make_array(xsty)(context, builder, xsa)
+        outs = context.make_array(outty)(context, builder, outa)
+        T = cgutils.unpack_tuple(builder, xqs.shape, 2)[0]
+        n = cgutils.unpack_tuple(builder, xqs.shape, 2)[1]
+        ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
+        nxs = cgutils.unpack_tuple(builder, xss.shape, 2)[1]
+        nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
+        zero16 = ir.Constant(V(I32, 16), [0] * 16)
+        accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
+        maccs = cgutils.alloca_once(builder, V(F32, 8), size=MULTI_MAX_T)
+        with cgutils.for_range(builder, T) as lt:
+            builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
+            builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(maccs, [lt.index]))
+        fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
+        vnni = cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 144)))
+            sc, mn = k_scales_int(e, ob)
+            sc32 = builder.zext(sc, V(I32, 8))
+            us, scvs = [], []
+            for c in range(4):
+                q = e.ld(e.at(ob, 16 + 32 * c), 32)
+                us.append(builder.bitcast(e.cat(e.lo4(q), e.hi4(q)), V(I32, 16)))
+                scvs.append(e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8))
+            d = e.f16(ob)
+            mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
+            x0 = builder.mul(b, ir.Constant(I64, 256))
+            with cgutils.for_range(builder, T) as lt:
+                t = lt.index
+                isum = zero16
+                for c in range(4):
+                    off = builder.add(builder.mul(t, n), builder.add(x0, ir.Constant(I64, 64 * c)))
+                    p = builder.bitcast(builder.gep(xqs.data, [off]), ir.PointerType(V(I32, 16)))
+                    xv = builder.load(p)
+                    xv.align = 1
+                    dp = builder.call(vnni, [zero16, us[c], xv])
+                    isum = builder.add(isum, builder.mul(dp, scvs[c]))
+                dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
+                s = builder.fmul(d, dx, flags=FAST)
+                ap = builder.gep(accs, [t])
+                builder.store(builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum, V(F32, 16)),
+                                                                          e.splat(s, 16), flags=FAST),
+                                           flags=FAST), ap)
+                xo = builder.add(builder.mul(t, nxs), builder.mul(b, ir.Constant(I64, 8)))
+                xsp = builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(F32, 8)))
+                xsv = builder.load(xsp)
+                xsv.align = 4
+                mp = builder.gep(maccs, [t])
+                builder.store(builder.fadd(builder.load(mp), builder.fmul(mv, xsv, flags=FAST), flags=FAST), mp)
+        with cgutils.for_range(builder, T) as lt:
+            t = lt.index
+            res = builder.fsub(_hsum(e, builder.load(builder.gep(accs, [t]))),
+                               _hsum(e, builder.load(builder.gep(maccs, [t]))), flags=FAST)
+            builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
+        return context.get_dummy_value()
+    return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64), cg
