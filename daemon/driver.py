@@ -45,6 +45,7 @@ class Driver:
         # take CPU time from the workers (2 cores here; measured: a process spinning 20% of a
         # core slowed a 2-thread decode step by 17-60%)
         self._expect: dict[tuple, float] = {}
+        self._fwd_procs: list = []            # worker processes when the current pass began
         self._idle: dict[tuple, float] = {}   # (stage, worker, rows) -> idle time after it, last time
         self._seen: dict[int, tuple] = {}     # worker -> (key, time) of its last reply
         self._waited = 0.0
@@ -68,6 +69,9 @@ class Driver:
             hdr["t_sent"] = time.perf_counter()
         if self.pending_free[w]:
             hdr["free"], self.pending_free[w] = self.pending_free[w], []
+        if self.plan.split and "ops" in hdr:  # channels of the others, lent for this stage
+            hdr["peers"] = [[i, o.channel.name, o.pid] for i, o in enumerate(self.handles) if i != w]
+        h.channel.resync()  # another worker may have driven this channel since our last command
         h.channel.send(hdr, arrays)
         h.outstanding = True
 
@@ -94,12 +98,16 @@ class Driver:
         finally:
             h.outstanding = False
         if not rh.get("ok", False):
+            if "dead_peer" in rh:  # the worker it asked for an expert share died
+                d = int(rh["dead_peer"])
+                raise WorkerDied(d, self.handles[d].pid)
             raise WorkerError(rh.get("error", f"worker {w} failed"))
         return arr
 
     def drain(self) -> None:
-        """After a failed pass: collect the replies live workers still owe, so the next command
-        never overwrites a channel a worker is reading."""
+        """After a failed pass: collect the replies live workers still owe (to us, or to a layer
+        owner that was driving their channel), so the next command never overwrites a channel a
+        worker is reading."""
         for w, h in enumerate(self.handles):
             if h.outstanding:
                 try:
@@ -107,6 +115,12 @@ class Driver:
                 except Exception:
                     pass
                 h.outstanding = False
+        deadline = time.perf_counter() + 30
+        for h, proc in zip(self.handles, self._fwd_procs):
+            # only a process that ran during the failed pass: a replacement never answers it
+            while (not h.channel.idle() and time.perf_counter() < deadline and proc is not None
+                   and proc is getattr(h, "proc", None) and proc.poll() is None):
+                time.sleep(0.001)
 
     def flush_frees(self) -> None:
         """Send pending KV frees now (used when idle, so caches do not linger)."""
@@ -120,8 +134,8 @@ class Driver:
         base = {"seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
         tokens = np.asarray(tokens, dtype=np.int64)
         h = None
-        route = None
         t_fwd = time.perf_counter()
+        self._fwd_procs = [getattr(w, "proc", None) for w in self.handles]
         for si, st in enumerate(self.program):
             if st["kind"] == "seq":
                 w = st["worker"]
@@ -146,17 +160,4 @@ class Driver:
                         self._waited = 0.0
                     return out["logits"]
                 h = out["h"]
-                if "xn" in out:
-                    route = out
-            else:  # every worker's share of the routed experts, then the sum
-                i = st["layer"]
-                arrays = {"tokens": tokens, "xn": route["xn"], "ids": route["ids"], "w": route["w"]}
-                t0 = time.perf_counter()
-                for w in range(len(self.handles)):
-                    self._call(w, dict(base, ops=[["experts", i]]), arrays, (si, w, len(tokens)))
-                parts = [self._wait(w, (si, w, len(tokens)), t0)["p"] for w in range(len(self.handles))]
-                total = parts[0]
-                for p in parts[1:]:
-                    total = total + p
-                h = h + total
         raise RuntimeError("placement program has no head stage")

@@ -94,8 +94,12 @@ class Plan:
     def program(self) -> list[dict]:
         """The coordinator's stages for one forward pass:
         {"kind": "seq", "worker": w, "ops": [...]}   one worker, h in -> h (or logits) out
-        {"kind": "experts", "layer": i}              every worker's partial routed sum, added up
-        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["head"]."""
+        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["experts_all", i], ["head"].
+        A split MoE layer is ["attn_route", i] then ["experts_all", i] on the layer's owner,
+        which hands the routed tokens to the other workers itself (through their channels, the
+        coordinator lends them for the stage) and adds their partial sums: two hops per layer
+        between workers instead of four through the coordinator, and consecutive layers of one
+        owner are one stage."""
         stages: list[dict] = []
 
         def add(w: int, op: list) -> None:
@@ -113,7 +117,7 @@ class Plan:
         for i, o in enumerate(self.layer_owner):
             if self.split and i in moe:
                 add(o, ["attn_route", i])
-                stages.append({"kind": "experts", "layer": i})
+                add(o, ["experts_all", i])
             else:
                 add(o, ["layers", i, i + 1])
         add(self.head_owner, ["head"])

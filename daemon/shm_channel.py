@@ -106,6 +106,22 @@ class Channel:
         return cls(shm, fifo_dir, "coord", spin_us)
 
     @classmethod
+    def attach_driver(cls, name: str, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
+        """Attach to another worker's channel on the coordinator's side (a layer owner sending
+        that worker its expert share during a stage the coordinator lent it for)."""
+        shm = shared_memory.SharedMemory(name=name)
+        _untrack(shm)
+        return cls(shm, fifo_dir, "coord", spin_us)
+
+    def resync(self) -> None:
+        """Take up the sequence counter after someone else drove this channel."""
+        self.seq = int(self.ctl[_CMD])
+
+    def idle(self) -> bool:
+        """Every command sent on this channel has been answered."""
+        return int(self.ctl[_DONE]) >= int(self.ctl[_CMD])
+
+    @classmethod
     def attach(cls, name: str, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
         shm = shared_memory.SharedMemory(name=name)
         _untrack(shm)

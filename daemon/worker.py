@@ -9,7 +9,10 @@ second, stop) so the compute loop only computes.
 
 Commands (header of a channel message; arrays named in brackets):
   ops: ["embed"] [tokens] -> [h];  ["layers", a, b] [h] -> [h];
-       ["attn_route", i] [h] -> [h, xn, ids, w];  ["experts", i] [xn, ids, w] -> [p];
+       ["attn_route", i] [h] -> (attention; routing kept for the next op);
+       ["experts_all", i] -> [h] (this worker's expert share plus the other workers', which it
+       requests itself through their channels, lent in hdr["peers"]);
+       ["experts", i] [xn, ids, w] -> [p] (this worker's share, sent by a layer owner);
        ["head"] [h] -> [logits]
   seqs/n/pos0: the batch's segments (sequence id, new tokens, first position);
   logit_rows: rows of h the head computes;  free: sequence ids whose KV cache to drop.
@@ -24,8 +27,17 @@ import threading
 import time
 
 from dsd.daemon import protocol as P
+from dsd.daemon.shm_channel import PeerDied
 
 _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log every command's batch size and duration
+
+
+class PeerWorkerDied(Exception):
+    """Another worker died while computing the expert share this worker asked of it."""
+
+    def __init__(self, index: int, pid):
+        super().__init__(f"worker {index} (pid {pid}) died")
+        self.index = index
 
 
 def _die_with_parent() -> None:
@@ -56,6 +68,8 @@ class Worker:
         self.tokens = 0
         self.busy = 0.0
         self.stop = False
+        self.peer_channels: dict = {}   # channel name -> Channel (driver side) of other workers
+        self.peer_pids: dict = {}
 
     def send(self, msg: dict) -> None:
         with self.lock:
@@ -148,10 +162,12 @@ class Worker:
                       "xn": np.zeros((T, D), np.float32), "ids": np.tile(np.arange(k), (T, 1)),
                       "w": np.full((T, k), 1.0 / k, np.float32)}
             for st in self.plan.program():
-                if st["kind"] == "seq" and st["worker"] == self.index:
+                if st["worker"] == self.index:  # no "peers" here: only this worker's share
                     self.execute(dict(base, ops=st["ops"]), dict(arrays))
-                elif st["kind"] == "experts":
-                    self.execute(dict(base, ops=[["experts", st["layer"]]]), dict(arrays))
+                else:  # the expert shares other layer owners will ask of this worker
+                    for op in st["ops"]:
+                        if op[0] == "experts_all":
+                            self.execute(dict(base, ops=[["experts", op[1]]]), dict(arrays))
             pos += T
         self.caches.pop(sid, None)
         self.tokens = 0
@@ -218,6 +234,7 @@ class Worker:
         batch = self.batch(hdr, arr["tokens"])
         h = arr.get("h")
         out = {}
+        route = None
         attn_ran = False
         for op in hdr["ops"]:
             kind = op[0]
@@ -233,18 +250,24 @@ class Worker:
                 h = h + m.attn[i](O.rms_norm(h, m.attn_norm[i], eps), batch)
                 xn = O.rms_norm(h, m.ffn_norm[i], eps)
                 ids, w = m.ffn[i].router(xn)
-                out.update(xn=xn, ids=ids, w=w)
+                route = {"tokens": batch.tokens, "xn": xn, "ids": ids, "w": w}
                 attn_ran = True
-            elif kind == "experts":
-                i = op[1]
-                if self.threads != self.stage_threads:
-                    self._set_threads(self.threads)
-                f = m.ffn[i]
-                p = f.experts(arr["xn"], arr["ids"], arr["w"])
-                if f.shared is not None and self.weights.holds(f"blk.{i}.ffn_gate_shexp.weight"):
-                    p += f.shared(arr["xn"])  # this worker's rows of the shared experts
-                out["p"] = p
+            elif kind == "experts":  # this worker's share, for whoever drives the layer
+                out["p"] = self.expert_share(op[1], arr)
                 h = None
+            elif kind == "experts_all":  # layer owner: every worker's share, added to h
+                i = op[1]
+                peers = self.send_to_peers(hdr, ["experts", i], route)
+                p = self.expert_share(i, route)
+                for idx, pid, ch in peers:
+                    try:
+                        rh, parr = ch.reply_wait()
+                    except PeerDied:
+                        raise PeerWorkerDied(idx, pid) from None
+                    if not rh.get("ok", False):
+                        raise RuntimeError(rh.get("error", f"worker {idx} failed its expert share"))
+                    p += parr["p"]
+                h = h + p
             elif kind == "head":
                 hr = h if batch.logit_rows is None else h[batch.logit_rows]
                 out["logits"] = m.head(hr)
@@ -258,8 +281,46 @@ class Worker:
         self.tokens += int(len(batch.tokens))
         return out
 
+    def expert_share(self, i: int, arr: dict):
+        """This worker's routed experts (and rows of the shared experts) of layer i: [T, D]."""
+        if self.threads != self.stage_threads:  # the other workers compute their shares now
+            self._set_threads(self.threads)
+        try:
+            f = self.model.ffn[i]
+            p = f.experts(arr["xn"], arr["ids"], arr["w"])
+            if f.shared is not None and self.weights.holds(f"blk.{i}.ffn_gate_shexp.weight"):
+                p += f.shared(arr["xn"])
+            return p
+        finally:
+            if self.threads != self.stage_threads:
+                self._set_threads(self.stage_threads)
+
+    def send_to_peers(self, hdr: dict, op: list, route: dict) -> list:
+        """Hand op (with the routed tokens) to every other worker through its channel, which the
+        coordinator lends us for this stage (hdr["peers"]: [index, channel, pid])."""
+        from dsd.daemon.shm_channel import Channel
+
+        chans = []
+        base = {k: hdr[k] for k in ("seqs", "n", "pos0") if k in hdr}
+        for idx, name, pid in hdr.get("peers", ()):
+            ch = self.peer_channels.get(name)
+            if ch is None:
+                ch = self.peer_channels[name] = Channel.attach_driver(name, self.sock_dir, self.ch.spin * 1e6)
+            if self.peer_pids.get(name) != pid:  # the peer was restarted: watch the new process
+                if ch.peer_fd is not None:
+                    os.close(ch.peer_fd)
+                try:
+                    ch.peer_fd, self.peer_pids[name] = os.pidfd_open(pid), pid
+                except (ProcessLookupError, TypeError):
+                    ch.peer_fd = None
+                    self.peer_pids.pop(name, None)
+                    raise PeerWorkerDied(idx, pid) from None
+            ch.resync()
+            ch.send(dict(base, ops=[op]), route)
+            chans.append((idx, pid, ch))
+        return chans
+
     def serve(self) -> None:
-        from dsd.daemon.shm_channel import PeerDied
 
         io = threading.Thread(target=self.io_loop, name="dsd-worker-io", daemon=True)
         io.start()
@@ -285,6 +346,8 @@ class Worker:
                                     f"after the send)")
                 else:
                     self.ch.reply({"ok": True}, out)
+            except PeerWorkerDied as exc:  # the coordinator fails the requests, restarts it
+                self.ch.reply({"ok": False, "error": str(exc), "dead_peer": exc.index}, {})
             except Exception as exc:  # report, keep serving: one bad batch must not kill us
                 import traceback
 

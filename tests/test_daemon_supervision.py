@@ -31,8 +31,18 @@ def assert_clean(run, pids):
     assert left == [], left
 
 
-def test_killed_worker_fails_inflight_and_restarts(tmp_path):
-    with running_daemon(tmp_path, "--nodes", "2") as run:
+@pytest.mark.parametrize("model", ["smollm2", "moe_rows"])
+def test_killed_worker_fails_inflight_and_restarts(tmp_path, model):
+    """SmolLM2: a layer pipeline. moe_rows: a tiny DeepSeek2 split by rows, where each layer's
+    owner asks the other worker for its expert share directly (the victim may die while its
+    peer waits on it)."""
+    args = ["--nodes", "2"]
+    if model == "moe_rows":
+        from tests.tiny_moe import write_tiny_deepseek2
+
+        path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), n_layers=4, E=16, k=4, F=64, ctx=4096)
+        args += ["--model", path, "--placement", "rows"]
+    with running_daemon(tmp_path, *args) as run:
         c = run.client()
         want = c.generate("Once upon a time", temperature=0, max_tokens=16).text
         st = c.status()
@@ -43,7 +53,7 @@ def test_killed_worker_fails_inflight_and_restarts(tmp_path):
         def stream():
             try:
                 for ch in c.generate("The history of Rome", stream=True, temperature=0,
-                                     max_tokens=2000, ignore_eos=True):
+                                     max_tokens=3000, ignore_eos=True):
                     got_first.set()
                 result["finished"] = ch.finish_reason
             except RequestFailed as e:

@@ -71,8 +71,12 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
                 for p in plan.pieces[w]:
                     if p.mode == "rows":
                         assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
-            kinds = [s["kind"] for s in plan.program()]
-            assert kinds.count("experts") == len(plan.moe_layers) == 3  # dense lead layer 0
+            prog = plan.program()
+            ops = [op for st in prog for op in st["ops"]]
+            # every MoE layer (not the dense lead layer 0): attention + routing, then the owner
+            # gathers every worker's expert share; consecutive ops of one worker are one stage
+            assert [op[1] for op in ops if op[0] == "experts_all"] == plan.moe_layers == [1, 2, 3]
+            assert all(a["worker"] != b["worker"] for a, b in zip(prog, prog[1:]))
             # shared experts run in the experts stage: every worker holds a row share of them
             for name in ("blk.1.ffn_gate_shexp.weight", "blk.1.ffn_down_shexp.weight"):
                 held = [p for ps in plan.pieces for p in ps if p.name == name]
