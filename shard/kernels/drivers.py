@@ -7,7 +7,7 @@ type's IR at typing time, so it is inlined into the driver's row loop. Call them
 entry point once: numba's dispatcher would redo the literal typing on every call (~16 ms).
 
 Cache note: numba's on-disk cache (cache=True) only checks THIS file's timestamp; after editing
-rows.py / rows_perm.py / _common.py delete shard/kernels/__pycache__/*.nbi *.nbc.
+rows.py / rows_perm.py / rows_i8.py / _common.py delete shard/kernels/__pycache__/*.nbi *.nbc.
 
 Shapes: flat = 1-D read-only uint8 raw bytes, row r at flat[r * stride]; nb = blocks per row
 (32-element "blocks" for F32/F16/BF16, whose tail columns are handled by the caller);
@@ -17,7 +17,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from .rows import deq_any, dot_any, dotm2_any, dotm3_any
-from .rows_i8 import dot_q4k_i8, dot_q4k_i8_multi
+from .rows_i8 import dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi
 
 ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
 
@@ -395,3 +395,51 @@ def mm_q4k_i8_serial(flat, stride, nrows, nb, tab, X, out):
     xq, xd, xs = quant_x_q8k(X)
     for r in range(nrows):
         dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)
+
+
+@njit(cache=True, fastmath=True)
+def quant_x_q8_32(X):
+    """X float32 [n, cols] -> (xq int8 [n, cols + 32] (zero padded), xd float32 [n, cols/32 + 1],
+    xs float32 [n, cols/32]): 8-bit x with one scale per 32 elements (llama.cpp's Q8_1 layout)
+    for the Q4_1 rows, and the exact block sums of x for its offsets m."""
+    n, cols = X.shape
+    nb = cols // 32
+    xq = np.zeros((n, cols + 32), np.int8)
+    xd = np.zeros((n, nb + 1), np.float32)
+    xs = np.empty((n, nb), np.float32)
+    for j in range(n):
+        for b in range(nb):
+            amax = np.float32(0)
+            s = np.float32(0)
+            for i in range(32):
+                v = X[j, b * 32 + i]
+                amax = max(amax, abs(v))
+                s += v
+            xs[j, b] = s
+            if amax > 0:
+                inv = np.float32(127) / amax
+                xd[j, b] = amax / np.float32(127)
+                for i in range(32):
+                    v = np.rint(X[j, b * 32 + i] * inv)
+                    xq[j, b * 32 + i] = np.int8(min(max(v, -127.0), 127.0))
+    return xq, xd, xs
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_q4_1_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    """As mv_q4k_i8_parallel for Q4_1 rows (nb 32-element blocks per row)."""
+    xq, xd, xs = quant_x_q8_32(X)
+    for t in prange(offs.shape[0] * nrows):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_q4_1_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8_32(X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])

@@ -83,9 +83,10 @@ def _has_vnni() -> bool:
     return "+avx512vnni" in feats and "+avx512bw" in feats
 
 
-# Q4_K matrix-vector products quantize x to 8 bits per element (one scale per 256, llama.cpp's
-# Q8_K) and multiply integers with AVX-512 VNNI (rows_i8.py): 1.5x the float kernel's speed,
-# and the way llama.cpp computes every K-quant product. Results move by ~1e-3 of sum|w x|.
+# Q4_K and Q4_1 matrix-vector products quantize x to 8 bits per element (one scale per 256 /
+# 32 elements, llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
+# ~1.5x the float kernels' speed, and the way llama.cpp computes these products. Results move
+# by ~1e-3 of sum|w x|.
 # DSD_EXACT_ACTIVATIONS=1 (or exact_activations()) keeps float32 x everywhere.
 INT8_Q4K = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_vnni()
 
@@ -278,14 +279,18 @@ def _vec(x, n_cols, what="x"):
 
 
 _Q4K = int(G.Q4_K)
+_I8_KINDS = (int(G.Q4_K), int(G.Q4_1))  # types with an 8-bit activation kernel (rows_i8.py)
 _XI0 = np.zeros(1, np.int64)
 
 
-def _q4k_i8(flat, offs, stride, nrows, nb, X, xi, out, nbytes) -> None:
-    """Q4_K products with 8-bit activations (see INT8_Q4K); nb = super-blocks per row."""
+def _q4k_i8(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind=_Q4K) -> None:
+    """Q4_K / Q4_1 products with 8-bit activations (see INT8_Q4K); nb = blocks per row."""
     par = _par_ok(nbytes)
     t0 = time.perf_counter()
-    fn = dv.mv_q4k_i8_parallel if par else dv.mv_q4k_i8_serial
+    if kind == _Q4K:
+        fn = dv.mv_q4k_i8_parallel if par else dv.mv_q4k_i8_serial
+    else:
+        fn = dv.mv_q4_1_i8_parallel if par else dv.mv_q4_1_i8_serial
     key = (fn, type(flat), X.flags.writeable)
     ep = _EP.get(key)
     if ep is None:
@@ -307,8 +312,9 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
         out = np.empty(nrows, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
-    if nrows and INT8_Q4K and qt.ggml_type == _Q4K:
-        _q4k_i8(flat, np.zeros(1, np.int64), stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1])
+    if nrows and INT8_Q4K and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols:
+        _q4k_i8(flat, np.zeros(1, np.int64), stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1],
+                qt.ggml_type)
         return out
     if nrows:
         nbytes = nrows * raw.shape[1]
@@ -379,8 +385,8 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
         return out
     offs = ids * mstride
     nbytes = k * nrows * rb
-    if INT8_Q4K and qt.ggml_type == _Q4K:
-        _q4k_i8(flat, offs, rstride, nrows, nb, X, xi, out, nbytes)
+    if INT8_Q4K and qt.ggml_type in _I8_KINDS:
+        _q4k_i8(flat, offs, rstride, nrows, nb, X, xi, out, nbytes, qt.ggml_type)
         return out
     par = _par_ok(nbytes)
     t0 = time.perf_counter()

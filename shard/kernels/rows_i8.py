@@ -143,3 +143,51 @@ def dot_q4k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r):
             builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
         return context.get_dummy_value()
     return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64), cg
+
+
+@intrinsic
+def dot_q4_1_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
+    """Q4_1 row (20-byte blocks: d | m | 16 nibble bytes, elements 0-15 low nibbles, 16-31 high;
+    w = d q + m) against x quantized per 32 elements (xq int8 [>= n + 32, zero padded],
+    xd float32 [n/32 + 1]; xs float32 [n/32] exact block sums of x):
+        sum w x = sum_b d_b dx_b (sum q xq) + m_b X_b.
+    Two blocks per vpdpbusd (lanes 0-7 the first, 8-15 the second); an odd last block pairs
+    with zeros (the padding of xq, and a zero scale)."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, xsa = args
+        fty, _, _, tty, xqty, xdty, xsty = sig.args
+        e = Emit(context, builder, fty, fa, tty, ta)
+        zero16 = ir.Constant(V(I32, 16), [0] * 16)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
+        macc = cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0))
+        fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
+        vnni = cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+        two = ir.Constant(I64, 2)
+        npairs = builder.udiv(builder.add(nb_, ir.Constant(I64, 1)), two)
+        with cgutils.for_range(builder, npairs) as loop:
+            ba = builder.mul(loop.index, two)
+            bb = builder.add(ba, ir.Constant(I64, 1))
+            has_b = builder.icmp_unsigned("<", bb, nb_)
+            oa = builder.add(o_, builder.mul(ba, ir.Constant(I64, 20)))
+            # an odd last block reads its own bytes twice (in bounds) and weighs them by 0
+            ob = builder.select(has_b, builder.add(oa, ir.Constant(I64, 20)), oa)
+            qa, qb = e.ld(e.at(oa, 4), 16), e.ld(e.at(ob, 4), 16)
+            u = e.cat(e.cat(e.lo4(qa), e.hi4(qa)), e.cat(e.lo4(qb), e.hi4(qb)))
+            xv = _load(builder, context, xqty, xqa, builder.mul(ba, ir.Constant(I64, 32)), V(I32, 16))
+            dp = builder.call(vnni, [zero16, builder.bitcast(u, V(I32, 16)), xv])
+            dxa = _load(builder, context, xdty, xda, ba, F32)
+            dxb = _load(builder, context, xdty, xda, bb, F32)  # xd has one padding entry
+            sa = builder.fmul(e.f16(oa), dxa, flags=FAST)
+            sb = builder.select(has_b, builder.fmul(e.f16(ob), dxb, flags=FAST), ir.Constant(F32, 0.0))
+            pair = builder.insert_element(builder.insert_element(ir.Constant(V(F32, 2), None), sa,
+                                                                 ir.Constant(I32, 0)), sb, ir.Constant(I32, 1))
+            sv = e.shuf(pair, [0] * 8 + [1] * 8)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(dp, V(F32, 16)), sv,
+                                                                       flags=FAST), flags=FAST), acc)
+            ma = builder.fmul(e.f16(e.at(oa, 2)), _load(builder, context, xsty, xsa, ba, F32), flags=FAST)
+            mb = builder.select(has_b, builder.fmul(e.f16(e.at(ob, 2)), _load(builder, context, xsty, xsa,
+                                                                             builder.select(has_b, bb, ba), F32),
+                                                    flags=FAST), ir.Constant(F32, 0.0))
+            builder.store(builder.fadd(builder.load(macc), builder.fadd(ma, mb, flags=FAST), flags=FAST), macc)
+        return builder.fadd(_hsum(e, builder.load(acc)), builder.load(macc), flags=FAST)
+    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
