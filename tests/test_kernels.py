@@ -19,7 +19,7 @@ from dsd.shard.kernels import exact_activations, registry
 @pytest.fixture(autouse=True)
 def _exact(request):
     """These tests hold the float kernels to float32 rounding (1e-5 of sum |w x|); the 8-bit
-    activation path of Q4_K (registry.INT8_Q4K) has its own tests, marked int8."""
+    activation path of Q4_K (registry.INT8_ACTIVATIONS) has its own tests, marked int8."""
     if request.node.get_closest_marker("int8"):
         yield
         return
@@ -348,7 +348,7 @@ with exact_activations():
     matvec(raw, 3, np.ones(576, np.float32))        # parallel Q4_1 kernel
     matvec(raw[:8], 3, np.ones(576, np.float32))    # serial Q4_1 kernel
 dequantize(raw[:8], 3, 576)                     # serial row dequantization (few rows)
-i8 = registry.INT8_Q4K                          # the 8-bit activation kernels, where they run
+i8 = registry.INT8_ACTIVATIONS                          # the 8-bit activation kernels, where they run
 if i8:
     registry._par_off_until = 0.0  # a first call that loads from disk looks like a stall
     matvec(raw, 3, np.ones(576, np.float32))
@@ -415,7 +415,7 @@ def test_q4k_int8_activations_within_rounding_bound(parallel, monkeypatch):
     """Q4_K products with 8-bit activations (VNNI, llama.cpp's Q8_K scheme): every output within
     the analytic bound of the activation rounding, through matvec and matvec_gather (also on a
     worker's row and column share), and clearly closer than that bound on average."""
-    if not registry.INT8_Q4K:
+    if not registry.INT8_ACTIVATIONS:
         pytest.skip("this CPU has no AVX-512 VNNI: Q4_K runs the float kernels (tested above)")
     from dsd.shard.kernels import matvec_gather
     monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
@@ -453,7 +453,7 @@ def test_q4k_int8_activations_within_rounding_bound(parallel, monkeypatch):
 def test_q4_1_int8_activations_within_rounding_bound():
     """Q4_1 (SmolLM2's type) with x quantized per 32 elements (llama.cpp's Q8_1): matvec and
     matvec_gather within the rounding bound, with an odd number of blocks per row too."""
-    if not registry.INT8_Q4K:
+    if not registry.INT8_ACTIVATIONS:
         pytest.skip("this CPU has no AVX-512 VNNI: Q4_1 runs the float kernels (tested above)")
     from dsd.shard.kernels import matvec_gather
     rng = np.random.default_rng(4)

@@ -88,20 +88,20 @@ def _has_vnni() -> bool:
 # ~1.5x the float kernels' speed, and the way llama.cpp computes these products. Results move
 # by ~1e-3 of sum|w x|.
 # DSD_EXACT_ACTIVATIONS=1 (or exact_activations()) keeps float32 x everywhere.
-INT8_Q4K = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_vnni()
+INT8_ACTIVATIONS = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_vnni()
 
 
 class exact_activations:
     """Context manager: float32 activations in every product (the exact path) while inside."""
 
     def __enter__(self):
-        global INT8_Q4K
-        self._saved, INT8_Q4K = INT8_Q4K, False
+        global INT8_ACTIVATIONS
+        self._saved, INT8_ACTIVATIONS = INT8_ACTIVATIONS, False
         return self
 
     def __exit__(self, *exc):
-        global INT8_Q4K
-        INT8_Q4K = self._saved
+        global INT8_ACTIVATIONS
+        INT8_ACTIVATIONS = self._saved
 
 
 # matmul with at most this many vectors uses the fused kernel (each weight row dequantized once
@@ -283,8 +283,8 @@ _I8_KINDS = (int(G.Q4_K), int(G.Q4_1))  # types with an 8-bit activation kernel 
 _XI0 = np.zeros(1, np.int64)
 
 
-def _q4k_i8(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind=_Q4K) -> None:
-    """Q4_K / Q4_1 products with 8-bit activations (see INT8_Q4K); nb = blocks per row."""
+def _int8_products(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind=_Q4K) -> None:
+    """Q4_K / Q4_1 products with 8-bit activations (see INT8_ACTIVATIONS); nb = blocks per row."""
     par = _par_ok(nbytes)
     t0 = time.perf_counter()
     if kind == _Q4K:
@@ -312,8 +312,8 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
         out = np.empty(nrows, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
-    if nrows and INT8_Q4K and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols:
-        _q4k_i8(flat, np.zeros(1, np.int64), stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1],
+    if nrows and INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols:
+        _int8_products(flat, np.zeros(1, np.int64), stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1],
                 qt.ggml_type)
         return out
     if nrows:
@@ -385,8 +385,8 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
         return out
     offs = ids * mstride
     nbytes = k * nrows * rb
-    if INT8_Q4K and qt.ggml_type in _I8_KINDS:
-        _q4k_i8(flat, offs, rstride, nrows, nb, X, xi, out, nbytes, qt.ggml_type)
+    if INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS:
+        _int8_products(flat, offs, rstride, nrows, nb, X, xi, out, nbytes, qt.ggml_type)
         return out
     par = _par_ok(nbytes)
     t0 = time.perf_counter()
@@ -424,7 +424,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)
         t0 = time.perf_counter()
-        if INT8_Q4K and qt.ggml_type == _Q4K:  # 8-bit activations, each row decoded once for all T
+        if INT8_ACTIVATIONS and qt.ggml_type == _Q4K:  # 8-bit activations, each row decoded once for all T
             fn = dv.mm_q4k_i8_parallel if par else dv.mm_q4k_i8_serial
             key = (fn, type(flat), X.flags.writeable)
             ep = _EP.get(key)

@@ -1,4 +1,4 @@
-"""Q4_K matrix-vector rows with 8-bit activations and integer dot products (AVX-512 VNNI).
+"""Q4_K and Q4_1 rows with 8-bit activations and integer dot products (AVX-512 VNNI).
 
 Why: the float kernels (rows.py / rows_perm.py) turn every 4-bit weight into a float and
 multiply it by x; on this machine that is compute-bound at ~12 GB/s per thread for Q4_K, below
@@ -12,7 +12,7 @@ with dx the activation scale of the 256 elements, xq = round(x / dx), and X_j th
 sum of x over sub-block j (the same x sums the float kernels use, so only the first term carries
 the activation rounding).  The integer part of a super-block stays in int32 lanes
 (|q xq| <= 15 * 127, times sc <= 63, 64 terms per lane: far below 2^31) and is converted to float
-once.  Only used when the CPU has AVX-512 VNNI (registry.INT8_Q4K); elsewhere the float kernels
+once.  Only used when the CPU has AVX-512 VNNI (registry.INT8_ACTIVATIONS); elsewhere the float kernels
 run.
 """
 from llvmlite import ir
