@@ -282,7 +282,9 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
             i = int(ms.group(1))
             F = t.shape[0] if ms.group(2) != "down" else t.shape[1]
             bs = quant_type(tensors[f"blk.{i}.ffn_down_shexp.weight"].ggml_type).block_size
-            spans = _split_even(F // bs, n_workers, i) if F % bs == 0 else [(0, F // bs)]
+            # an uneven split leaves the smaller share with the layer's owner, which also sends
+            # the routed tokens to the others and adds up their shares
+            spans = _split_even(F // bs, n_workers, owner[i] + 1) if F % bs == 0 else [(0, F // bs)]
             for w, (a, b) in enumerate(spans):
                 if b > a:
                     pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * (b - a) * bs / F)))
