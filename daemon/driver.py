@@ -129,6 +129,16 @@ class Driver:
                 self._call(w, {"ops": []}, {})
                 self._wait(w)
 
+    def _trace(self, T: int, t_fwd: float) -> None:
+        """DSD_TRACE_STEPS: one log line per forward (duration, time in waits, idle time before
+        it, and per stage: duration, how late the reply was seen, the nap taken)."""
+        print(f"[dsd driver] T={T} forward {(time.perf_counter() - t_fwd) * 1e3:.2f} ms, waits "
+              f"{self._waited * 1e3:.2f} ms, gap before {(t_fwd - self._t_end) * 1e3:.2f} ms; "
+              + " ".join(self._stage_w), file=sys.stderr, flush=True)
+        self._stage_w = []
+        self._t_end = time.perf_counter()
+        self._waited = 0.0
+
     def forward(self, tokens: np.ndarray, seqs: list[int], ns: list[int], pos0: list[int],
                 logit_rows: list[int]) -> np.ndarray:
         base = {"seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
@@ -151,13 +161,7 @@ class Driver:
                 if "logits" in out:
                     self.steps += 1
                     if _TRACE:
-                        print(f"[dsd driver] T={len(tokens)} forward {(time.perf_counter() - t_fwd) * 1e3:.2f} ms, "
-                              f"waits {self._waited * 1e3:.2f} ms, gap before "
-                              f"{(t_fwd - self._t_end) * 1e3:.2f} ms; " + " ".join(self._stage_w),
-                              file=sys.stderr, flush=True)
-                        self._stage_w = []
-                        self._t_end = time.perf_counter()
-                        self._waited = 0.0
+                        self._trace(len(tokens), t_fwd)
                     return out["logits"]
                 h = out["h"]
         raise RuntimeError("placement program has no head stage")
