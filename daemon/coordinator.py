@@ -118,11 +118,16 @@ class Daemon:
         rows = int(self.cfg["max_batch"]) + 1
         data = max(T * (8 + 8 * self.d_model + 12 * k), rows * self.vocab * 4) + 16 * 64 + 4096
         self.handles = []
+        huge = bool(self.cfg.get("channel_hugepages")) and self._channel_hugepages(topo, data)
         for i, v in enumerate(vnodes):
             h = WorkerHandle(i, v, int(self.cfg["threads_per_node"]) or len(v.cpus))
             name = f"{shm_prefix(self.cfg['instance'])}w{i}"
-            h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"])
+            h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"], hugepages=huge)
             self.handles.append(h)
+        kinds = sorted({h.channel.page_kind for h in self.handles})
+        self.log(f"activation channels: " + ("2 MiB hugepages" if kinds == ["2m"] else
+                 "/dev/shm" + ("" if not self.cfg.get("channel_hugepages") else
+                               " (channel_hugepages: no 2 MiB pages to spare beyond the weights)")))
         self.ctx = zmq.Context()
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -136,6 +141,18 @@ class Daemon:
         self.engine_push = None  # created in the engine thread
         self.engine_lock = threading.Lock()
         self._write_info()
+
+    def _channel_hugepages(self, topo, data_bytes: int) -> bool:
+        """Put the activation channels in 2 MiB pages only when the pool can spare them after
+        the workers' weights, counted as if all of them went to 2 MiB pages (the worst case of
+        --pages auto/2m): the channels are created first and must not starve the weights."""
+        from dsd.daemon.shm_channel import DATA, HUGE_2M
+
+        free = sum(n.pool("2m").free for n in topo.nodes)
+        pages = self.cfg["pages"]
+        need = 0 if pages in ("1g", "thp", "4k") else sum(-(-b // HUGE_2M) + 1 for b in self.plan.worker_bytes())
+        need += len(self.plan.pieces) * -(-(DATA + data_bytes) // HUGE_2M)
+        return free > 0 and free >= need
 
     def _write_info(self) -> None:
         from dsd.daemon.config import log_path
@@ -171,7 +188,8 @@ class Daemon:
         return {"type": "assign", "v": P.VERSION, "plan": self.plan.to_dict(), "node": h.vnode.node,
                 "cpus": list(h.vnode.cpus), "threads": h.threads, "pages": self.cfg["pages"],
                 "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 else None,
-                "channel": h.channel.name, "spin_us": self.cfg["spin_us"], "context": self.context,
+                "channel": h.channel.name, "channel_path": h.channel.path,
+                "spin_us": self.cfg["spin_us"], "context": self.context,
                 "coordinator_pid": os.getpid()}
 
     def _on_worker_msg(self, ident: bytes, msg: dict) -> None:

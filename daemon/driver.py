@@ -70,7 +70,8 @@ class Driver:
         if self.pending_free[w]:
             hdr["free"], self.pending_free[w] = self.pending_free[w], []
         if self.plan.split and "ops" in hdr:  # channels of the others, lent for this stage
-            hdr["peers"] = [[i, o.channel.name, o.pid] for i, o in enumerate(self.handles) if i != w]
+            hdr["peers"] = [[i, o.channel.name, o.pid, o.channel.path]
+                            for i, o in enumerate(self.handles) if i != w]
         h.channel.resync()  # another worker may have driven this channel since our last command
         h.channel.send(hdr, arrays)
         h.outstanding = True

@@ -57,6 +57,7 @@ def status(d) -> dict:
             "cpus": list(h.vnode.cpus), "threads": h.threads, "progress": list(h.progress),
             "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 else None,
             "stage_threads": s.get("stage_threads", h.threads),
+            "channel_pages": h.channel.page_kind if getattr(h, "channel", None) else None,
             "weight_bytes": s.get("weight_bytes"), "placement": s.get("placement"),
             "page_kinds": s.get("page_kinds"), "kv_bytes": s.get("kv_bytes", 0),
             "sequences": s.get("sequences", 0), "tokens": s.get("tokens", 0),

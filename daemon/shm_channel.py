@@ -8,7 +8,8 @@ byte to wake it.  select() also watches a pidfd of the peer process, so a waiter
 peer's death at once (the dead sentinel), and times out every 20 ms to re-check the counter
 (a backstop for the flag/counter race, which x86's store buffer makes possible in theory).
 
-Segment layout (one /dev/shm segment per worker, created by the coordinator):
+Segment layout (one segment per worker, created by the coordinator: a memfd in 2 MiB hugepages
+when the pool has pages to spare, see HugeSegment, else a /dev/shm file):
   [0, 4096)          control: int64 slots on separate cache lines (see _CMD.._RLEN)
   [4096, 4096+HDR)   msgpack header of the current message (request or reply)
   [DATA, DATA+n)     arrays, each 64-byte aligned, described in the header {name: [dtype, shape, off]}
@@ -17,6 +18,7 @@ The request and the reply use the same regions in turn: the reply overwrites the
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import select
 import threading
@@ -69,10 +71,61 @@ def _open_fifo(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
+HUGE_2M = 2 << 20
+
+
+class HugeSegment:
+    """A channel segment in 2 MiB hugepages: a memfd (MFD_HUGETLB) of the coordinator, which the
+    workers open through /proc/<coordinator pid>/fd/<fd>.  The pages are reserved at mmap (a
+    short pool fails there with ENOMEM, not later with SIGBUS) and go back to the pool when the
+    last process holding the memfd exits, so a crash cannot leak them (nor a /dev/shm file)."""
+
+    def __init__(self, name: str, fd: int, size: int, path: str, owner: bool):
+        self.name, self.size, self.path, self._owner = name, size, path, owner
+        self._fd = fd
+        self._mm = mmap.mmap(fd, size)  # MAP_SHARED
+        if not owner:
+            os.close(fd)
+            self._fd = -1
+        self.buf = memoryview(self._mm)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> "HugeSegment":
+        size = -(-size // HUGE_2M) * HUGE_2M
+        fd = os.memfd_create(name, os.MFD_HUGETLB | os.MFD_HUGE_2MB | os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return cls(name, fd, size, f"/proc/{os.getpid()}/fd/{fd}", True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def open(cls, name: str, path: str) -> "HugeSegment":
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return cls(name, fd, os.fstat(fd).st_size, path, False)
+
+    def close(self) -> None:
+        self.buf.release()
+        self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _open_segment(name: str, path: str | None):
+    if path:
+        return HugeSegment.open(name, path)
+    shm = shared_memory.SharedMemory(name=name)
+    _untrack(shm)
+    return shm
+
+
 class Channel:
     def __init__(self, shm, fifo_dir: str, side: str, spin_us: float = 300.0):
-        self.shm = shm
+        self.shm = shm  # shared_memory.SharedMemory (/dev/shm) or HugeSegment
         self.name = shm.name
+        self.path: str | None = getattr(shm, "path", None)  # how others open a HugeSegment
         self.side = side  # "coord" or "worker"
         self.ctl = np.ndarray((512,), dtype=np.int64, buffer=shm.buf, offset=0)
         self.buf = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
@@ -87,7 +140,9 @@ class Channel:
 
     # -- lifetime ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, name: str, data_bytes: int, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
+    def create(cls, name: str, data_bytes: int, fifo_dir: str, spin_us: float = 300.0,
+               hugepages: bool = False) -> "Channel":
+        """hugepages: put the segment in 2 MiB pages if the pool has them (else /dev/shm)."""
         try:  # a segment left by a killed daemon of the same instance
             old = shared_memory.SharedMemory(name=name)
             _untrack(old)
@@ -95,8 +150,15 @@ class Channel:
             old.unlink()
         except FileNotFoundError:
             pass
-        shm = shared_memory.SharedMemory(name=name, create=True, size=DATA + int(data_bytes))
-        _untrack(shm)
+        shm = None
+        if hugepages:
+            try:
+                shm = HugeSegment.create(name, DATA + int(data_bytes))
+            except OSError:
+                shm = None  # pool empty or too small: fall back to /dev/shm
+        if shm is None:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=DATA + int(data_bytes))
+            _untrack(shm)
         for suffix in (".c2w", ".w2c"):
             p = os.path.join(fifo_dir, name + suffix)
             if os.path.exists(p):
@@ -106,12 +168,11 @@ class Channel:
         return cls(shm, fifo_dir, "coord", spin_us)
 
     @classmethod
-    def attach_driver(cls, name: str, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
+    def attach_driver(cls, name: str, fifo_dir: str, spin_us: float = 300.0,
+                      path: str | None = None) -> "Channel":
         """Attach to another worker's channel on the coordinator's side (a layer owner sending
         that worker its expert share during a stage the coordinator lent it for)."""
-        shm = shared_memory.SharedMemory(name=name)
-        _untrack(shm)
-        return cls(shm, fifo_dir, "coord", spin_us)
+        return cls(_open_segment(name, path), fifo_dir, "coord", spin_us)
 
     def resync(self) -> None:
         """Take up the sequence counter after someone else drove this channel."""
@@ -122,10 +183,12 @@ class Channel:
         return int(self.ctl[_DONE]) >= int(self.ctl[_CMD])
 
     @classmethod
-    def attach(cls, name: str, fifo_dir: str, spin_us: float = 300.0) -> "Channel":
-        shm = shared_memory.SharedMemory(name=name)
-        _untrack(shm)
-        return cls(shm, fifo_dir, "worker", spin_us)
+    def attach(cls, name: str, fifo_dir: str, spin_us: float = 300.0, path: str | None = None) -> "Channel":
+        return cls(_open_segment(name, path), fifo_dir, "worker", spin_us)
+
+    @property
+    def page_kind(self) -> str:
+        return "2m" if isinstance(self.shm, HugeSegment) else "shm"
 
     def close(self, unlink: bool = False) -> None:
         for fd in (self.to_worker, self.to_coord):
@@ -138,7 +201,8 @@ class Channel:
             self.shm.close()
         except BufferError:
             pass  # a numpy view is still alive; the mapping goes with the process
-        if unlink:  # not shm.unlink(): it would unregister again and upset the resource tracker
+        if unlink and not isinstance(self.shm, HugeSegment):
+            # not shm.unlink(): it would unregister again and upset the resource tracker
             unlink_segment(self.name)
 
     # -- messages ------------------------------------------------------------------------------

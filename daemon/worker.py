@@ -138,7 +138,7 @@ class Worker:
         self.load_s = time.perf_counter() - t0
         from dsd.daemon.shm_channel import Channel
 
-        self.ch = Channel.attach(a["channel"], self.sock_dir, a.get("spin_us", 300))
+        self.ch = Channel.attach(a["channel"], self.sock_dir, a.get("spin_us", 300), a.get("channel_path"))
         self.ch.peer_fd = os.pidfd_open(a["coordinator_pid"])
         self.placement = self.weights.placement()
         log(self.index, f"node {a['node']} CPUs {self.cpus} threads {self.threads}: "
@@ -312,10 +312,11 @@ class Worker:
 
         chans = []
         base = {k: hdr[k] for k in ("seqs", "n", "pos0") if k in hdr}
-        for idx, name, pid in hdr.get("peers", ()):
+        for idx, name, pid, path in hdr.get("peers", ()):
             ch = self.peer_channels.get(name)
             if ch is None:
-                ch = self.peer_channels[name] = Channel.attach_driver(name, self.sock_dir, self.ch.spin * 1e6)
+                ch = self.peer_channels[name] = Channel.attach_driver(name, self.sock_dir, self.ch.spin * 1e6,
+                                                                      path)
             if self.peer_pids.get(name) != pid:  # the peer was restarted: watch the new process
                 if ch.peer_fd is not None:
                     os.close(ch.peer_fd)

@@ -11,6 +11,7 @@ import pytest
 
 from dsd.client import DaemonNotRunning, RequestFailed
 from tests.test_daemon_util import alive, dsd, running_daemon, shm_segments, wait_for
+from tests.test_numa_alloc import pools  # noqa: F401  (fixture: reserves pages, restores the pool)
 
 
 def hugepages_free() -> dict:
@@ -88,7 +89,8 @@ def test_stop_and_sigterm_leave_nothing(tmp_path, how):
         st = run.client().status()
         pids = [st["pid"]] + [w["pid"] for w in st["workers"]]
         assert all(alive(p) for p in pids)
-        assert len(shm_segments(run.instance)) == 2
+        on_shm = [w for w in st["workers"] if w["channel_pages"] == "shm"]  # else 2 MiB memfds
+        assert len(shm_segments(run.instance)) == len(on_shm)
         assert oct(os.stat(run.sock_dir).st_mode & 0o777) == "0o700"
         if how == "stop":
             dsd(["stop"], run.env)
@@ -129,3 +131,33 @@ def test_start_twice_and_start_failure_reasons(tmp_path):
         if hugepages_free().get("HugePages_Total", 0) == 0:  # no 1 GiB pool here: a clear reason
             assert p.returncode == 1 and "1g" in p.stderr and "nr_hugepages" in p.stderr, p.stderr
         assert shm_segments(run.instance) == []
+
+
+def test_channels_in_hugepages_when_the_pool_spares_them(tmp_path, pools, monkeypatch):
+    """channel_hugepages on, 2 MiB pages to spare beyond the weights: the activation channels are memfds in
+    2 MiB hugepages (workers map them; a layer owner maps the other worker's too), nothing is
+    left in /dev/shm, and stop gives every page back."""
+    from tests.tiny_moe import write_tiny_deepseek2
+
+    path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), n_layers=4, E=16, k=4, F=64)
+    pools("2m", 24)
+    before = hugepages_free()
+    monkeypatch.setenv("DSD_CHANNEL_HUGEPAGES", "1")  # the daemon's environment copies ours
+    with running_daemon(tmp_path, "--model", path, "--nodes", "2", "--placement", "rows",
+                        "--pages", "2m") as run:
+        c = run.client()
+        st = c.status()
+        assert [w["channel_pages"] for w in st["workers"]] == ["2m", "2m"]
+        assert shm_segments(run.instance) == []
+        assert len(c.generate([1, 2, 3, 4], temperature=0, max_tokens=6).token_ids) == 6
+        for w in st["workers"]:
+            with open(f"/proc/{w['pid']}/smaps") as f:
+                smaps = f.read().split("\n")
+            sizes = [smaps[i + j] for i, line in enumerate(smaps) if "/memfd:dsd-" in line
+                     for j in range(1, 25) if i + j < len(smaps) and smaps[i + j].startswith("KernelPageSize")]
+            assert sizes and all("2048 kB" in x for x in sizes), sizes
+        assert hugepages_free()["HugePages_Free"] < before["HugePages_Free"]
+        pids = [st["pid"]] + [w["pid"] for w in st["workers"]]
+        dsd(["stop"], run.env)
+        assert_clean(run, pids)
+    assert hugepages_free() == before
