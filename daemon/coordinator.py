@@ -125,7 +125,7 @@ class Daemon:
             h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"], hugepages=huge)
             self.handles.append(h)
         kinds = sorted({h.channel.page_kind for h in self.handles})
-        self.log(f"activation channels: " + ("2 MiB hugepages" if kinds == ["2m"] else
+        self.log("activation channels: " + ("2 MiB hugepages" if kinds == ["2m"] else
                  "/dev/shm" + ("" if not self.cfg.get("channel_hugepages") else
                                " (channel_hugepages: no 2 MiB pages to spare beyond the weights)")))
         self.ctx = zmq.Context()
