@@ -110,15 +110,20 @@ class ExpertStack:
         return Linear(self.raw[self._local[e]], self.ggml_type, self.cols, f"{self.name}[{e}]")
 
 
+    @property
+    def view(self):
+        """kernels.stack_view(raw), made once: what every gathered product needs."""
+        if self._view is None:
+            self._view = kernels.stack_view(self.raw)
+        return self._view
+
     def gather(self, ids, X: np.ndarray, xi=None) -> np.ndarray:
         """out[i] = expert(ids[i]) @ X[xi[i]] -> [len(ids), rows], one kernel call for all pairs
         (X [n, cols]; xi defaults to one row of X per id, or row 0 for all when n == 1).
         Counts each distinct matrix's bytes once: repeated ones are re-read from cache."""
         loc = [self._local[int(e)] for e in np.asarray(ids).reshape(-1)]
         ReadCounter.bytes += len(set(loc)) * self.raw.shape[1] * self.raw.shape[2]
-        if self._view is None:
-            self._view = kernels.stack_view(self.raw)
-        return kernels.matvec_gather(self.raw, self.ggml_type, loc, X, xi, view=self._view)
+        return kernels.matvec_gather(self.raw, self.ggml_type, loc, X, xi, view=self.view)
 
     def per_matrix(self, X: np.ndarray) -> np.ndarray:
         """X [T, E, cols] -> [T, E, rows]: matrix e applied to X[:, e] for every e the stack holds
@@ -132,10 +137,8 @@ class ExpertStack:
             return out
         ReadCounter.bytes += E * self.raw.shape[1] * self.raw.shape[2]
         flat = np.ascontiguousarray(X, dtype=np.float32).reshape(T * E, -1)
-        if self._view is None:
-            self._view = kernels.stack_view(self.raw)
         ids = np.tile(np.arange(E), T)
-        return kernels.matvec_gather(self.raw, self.ggml_type, ids, flat, view=self._view).reshape(T, E, -1)
+        return kernels.matvec_gather(self.raw, self.ggml_type, ids, flat, view=self.view).reshape(T, E, -1)
 
 
 class GGUFWeights:

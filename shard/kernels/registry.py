@@ -162,6 +162,17 @@ def _entry(fn, kind, variant, *args):
     return res
 
 
+def _entry_plain(fn, variant, *args):
+    """_entry for drivers without a literal type argument (the 8-bit activation ones)."""
+    key = (fn, variant)
+    ep = _EP.get(key)
+    if ep is not None:
+        return ep(*args)
+    res = fn(*args)
+    _EP[key] = fn.overloads[tuple(typeof(a) for a in args)].entry_point
+    return res
+
+
 _PERMS: dict = {}
 
 
@@ -280,6 +291,8 @@ def _vec(x, n_cols, what="x"):
 
 _Q4K = int(G.Q4_K)
 _I8_KINDS = (int(G.Q4_K), int(G.Q4_1))  # types with an 8-bit activation kernel (rows_i8.py)
+# one matrix at offset 0, one vector (matvec on the gather drivers); writeable like the gather's
+# own offs/xi arrays, so both use one compiled specialisation
 _XI0 = np.zeros(1, np.int64)
 
 
@@ -291,14 +304,7 @@ def _int8_products(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind=_Q4K)
         fn = dv.mv_q4k_i8_parallel if par else dv.mv_q4k_i8_serial
     else:
         fn = dv.mv_q4_1_i8_parallel if par else dv.mv_q4_1_i8_serial
-    key = (fn, type(flat), X.flags.writeable)
-    ep = _EP.get(key)
-    if ep is None:
-        fn(flat, offs, stride, nrows, nb, F16_TABLE, X, xi, out)
-        _EP[key] = fn.overloads[tuple(typeof(a) for a in (flat, offs, stride, nrows, nb, F16_TABLE, X, xi,
-                                                         out))].entry_point
-    else:
-        ep(flat, offs, stride, nrows, nb, F16_TABLE, X, xi, out)
+    _entry_plain(fn, (type(flat), X.flags.writeable), flat, offs, stride, nrows, nb, F16_TABLE, X, xi, out)
     _note(par, nbytes, time.perf_counter() - t0)
 
 
@@ -313,7 +319,7 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
     if nrows and INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols:
-        _int8_products(flat, np.zeros(1, np.int64), stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1],
+        _int8_products(flat, _XI0, stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1],
                 qt.ggml_type)
         return out
     if nrows:
@@ -426,14 +432,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         t0 = time.perf_counter()
         if INT8_ACTIVATIONS and qt.ggml_type == _Q4K:  # 8-bit activations, each row decoded once for all T
             fn = dv.mm_q4k_i8_parallel if par else dv.mm_q4k_i8_serial
-            key = (fn, type(flat), X.flags.writeable)
-            ep = _EP.get(key)
-            args = (flat, stride, nrows, nb, F16_TABLE, X, o)
-            if ep is None:
-                fn(*args)
-                _EP[key] = fn.overloads[tuple(typeof(a) for a in args)].entry_point
-            else:
-                ep(*args)
+            _entry_plain(fn, (type(flat), X.flags.writeable), flat, stride, nrows, nb, F16_TABLE, X, o)
             if par:
                 _note(True, T * nbytes, time.perf_counter() - t0)
             if o is not out:

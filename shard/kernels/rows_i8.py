@@ -32,6 +32,26 @@ def _load(builder, context, arrty, arr, off, ty):
     return v
 
 
+def _vnni(builder):
+    fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
+    return cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+
+
+def _q4k_block(e, builder, ob):
+    """Decode Q4_K super-block at byte ob once -> (us, scvs, d, mv): the 4 nibble chunks as 64
+    unsigned bytes (<16 x i32>; sub-block 2c low nibbles, 2c+1 high), each chunk's scales
+    [sc_2c]*8 + [sc_2c+1]*8 as int32 lanes, d, and the mins dmin*mn (<8 x float>)."""
+    sc, mn = k_scales_int(e, ob)
+    sc32 = builder.zext(sc, V(I32, 8))
+    us, scvs = [], []
+    for c in range(4):
+        q = e.ld(e.at(ob, 16 + 32 * c), 32)
+        us.append(builder.bitcast(e.cat(e.lo4(q), e.hi4(q)), V(I32, 16)))
+        scvs.append(e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8))
+    mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
+    return us, scvs, e.f16(ob), mv
+
+
 @intrinsic
 def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
     """Row dot product (flat, o, nb super-blocks, fp16 table, xq int8 [n], xd float32 [n/256],
@@ -43,28 +63,20 @@ def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
         zero16 = ir.Constant(V(I32, 16), [0] * 16)
         acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
         macc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
-        fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
-        vnni = cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+        vnni = _vnni(builder)
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
             ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 144)))
-            sc, mn = k_scales_int(e, ob)
-            sc32 = builder.zext(sc, V(I32, 8))
+            us, scvs, d, mv = _q4k_block(e, builder, ob)
             isum = zero16
             x0 = builder.mul(b, ir.Constant(I64, 256))
-            for c in range(4):  # 32 nibble bytes: sub-block 2c (low nibbles), 2c+1 (high)
-                q = e.ld(e.at(ob, 16 + 32 * c), 32)
-                u = builder.bitcast(e.cat(e.lo4(q), e.hi4(q)), V(I32, 16))
+            for c in range(4):
                 xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 64 * c)), V(I32, 16))
-                dp = builder.call(vnni, [zero16, u, xv])
-                scv = e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8)
-                isum = builder.add(isum, builder.mul(dp, scv))
-            dxd = _load(builder, context, xdty, xda, b, F32)
-            s = builder.fmul(e.f16(ob), dxd, flags=FAST)
+                isum = builder.add(isum, builder.mul(builder.call(vnni, [zero16, us[c], xv]), scvs[c]))
+            s = builder.fmul(d, _load(builder, context, xdty, xda, b, F32), flags=FAST)
             f = builder.sitofp(isum, V(F32, 16))
             builder.store(builder.fadd(builder.load(acc), builder.fmul(f, e.splat(s, 16), flags=FAST),
                                        flags=FAST), acc)
-            mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
             xsv = _load(builder, context, xsty, xsa, builder.mul(b, ir.Constant(I64, 8)), V(F32, 8))
             builder.store(builder.fadd(builder.load(macc), builder.fmul(mv, xsv, flags=FAST), flags=FAST),
                           macc)
@@ -99,20 +111,11 @@ def dot_q4k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r):
         with cgutils.for_range(builder, T) as lt:
             builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
             builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(maccs, [lt.index]))
-        fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
-        vnni = cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+        vnni = _vnni(builder)
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
             ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 144)))
-            sc, mn = k_scales_int(e, ob)
-            sc32 = builder.zext(sc, V(I32, 8))
-            us, scvs = [], []
-            for c in range(4):
-                q = e.ld(e.at(ob, 16 + 32 * c), 32)
-                us.append(builder.bitcast(e.cat(e.lo4(q), e.hi4(q)), V(I32, 16)))
-                scvs.append(e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8))
-            d = e.f16(ob)
-            mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
+            us, scvs, d, mv = _q4k_block(e, builder, ob)
             x0 = builder.mul(b, ir.Constant(I64, 256))
             with cgutils.for_range(builder, T) as lt:
                 t = lt.index
@@ -160,8 +163,7 @@ def dot_q4_1_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
         zero16 = ir.Constant(V(I32, 16), [0] * 16)
         acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
         macc = cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0))
-        fnty = ir.FunctionType(V(I32, 16), [V(I32, 16)] * 3)
-        vnni = cgutils.get_or_insert_function(builder.module, fnty, _VPDPBUSD)
+        vnni = _vnni(builder)
         two = ir.Constant(I64, 2)
         npairs = builder.udiv(builder.add(nb_, ir.Constant(I64, 1)), two)
         with cgutils.for_range(builder, npairs) as loop:
