@@ -164,7 +164,7 @@ def _entry(fn, kind, variant, *args):
 
 def _entry_plain(fn, variant, *args):
     """_entry for drivers without a literal type argument (the 8-bit activation ones)."""
-    key = (fn, variant)
+    key = (fn, None, variant)  # same shape as _entry keys: (driver, kind, variant)
     ep = _EP.get(key)
     if ep is not None:
         return ep(*args)
