@@ -25,6 +25,7 @@ from numba.core import types as nbtypes
 from ._common import F16_TABLE
 from . import dequant as dq
 from . import drivers as dv
+from . import drivers_i8 as di
 from .rows import DECODERS, USE_PERM
 from .rows_perm import PERM_DECODERS
 
@@ -83,8 +84,8 @@ def _has_vnni() -> bool:
     return "+avx512vnni" in feats and "+avx512bw" in feats
 
 
-# Q4_K and Q4_1 matrix-vector products quantize x to 8 bits per element (one scale per 256 /
-# 32 elements, llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
+# Q4_K and Q4_1 products quantize x to 8 bits per element (one scale per 256 / 32 elements,
+# llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
 # ~1.5x the float kernels' speed, and the way llama.cpp computes these products. Results move
 # by ~1e-3 of sum|w x|.
 # DSD_EXACT_ACTIVATIONS=1 (or exact_activations()) keeps float32 x everywhere.
@@ -290,20 +291,22 @@ def _vec(x, n_cols, what="x"):
 
 
 _Q4K = int(G.Q4_K)
-_I8_KINDS = (int(G.Q4_K), int(G.Q4_1))  # types with an 8-bit activation kernel (rows_i8.py)
+# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T <= 16
+# vectors through one matrix with each row decoded once for all of them (mm)
+_I8_KINDS = (int(G.Q4_K), int(G.Q4_1))
+_I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial)}
+_I8_MV = {_Q4K: (di.mv_q4k_i8_parallel, di.mv_q4k_i8_serial),
+          int(G.Q4_1): (di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial)}
 # one matrix at offset 0, one vector (matvec on the gather drivers); writeable like the gather's
 # own offs/xi arrays, so both use one compiled specialisation
 _XI0 = np.zeros(1, np.int64)
 
 
 def _int8_products(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind=_Q4K) -> None:
-    """Q4_K / Q4_1 products with 8-bit activations (see INT8_ACTIVATIONS); nb = blocks per row."""
+    """Products with 8-bit activations (see INT8_ACTIVATIONS); nb = blocks per row."""
     par = _par_ok(nbytes)
     t0 = time.perf_counter()
-    if kind == _Q4K:
-        fn = dv.mv_q4k_i8_parallel if par else dv.mv_q4k_i8_serial
-    else:
-        fn = dv.mv_q4_1_i8_parallel if par else dv.mv_q4_1_i8_serial
+    fn = _I8_MV[kind][0 if par else 1]
     _entry_plain(fn, (type(flat), X.flags.writeable), flat, offs, stride, nrows, nb, F16_TABLE, X, xi, out)
     _note(par, nbytes, time.perf_counter() - t0)
 
@@ -430,8 +433,8 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)
         t0 = time.perf_counter()
-        if INT8_ACTIVATIONS and qt.ggml_type == _Q4K:  # 8-bit activations, each row decoded once for all T
-            fn = dv.mm_q4k_i8_parallel if par else dv.mm_q4k_i8_serial
+        if INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI:  # 8-bit activations, each row decoded once for all T
+            fn = _I8_MULTI[qt.ggml_type][0 if par else 1]
             _entry_plain(fn, (type(flat), X.flags.writeable), flat, stride, nrows, nb, F16_TABLE, X, o)
             if par:
                 _note(True, T * nbytes, time.perf_counter() - t0)

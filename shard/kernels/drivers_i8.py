@@ -1,0 +1,145 @@
+"""numba drivers over the 8-bit activation row kernels of rows_i8.py (only on CPUs with AVX-512
+VNNI; see registry.INT8_ACTIVATIONS).  Each driver quantizes its activations once per call the
+way llama.cpp does for the weight type, then runs the integer row kernels:
+
+    Q4_K           x per 256 elements (Q8_K)           quant_x_q8k
+    Q4_1           x per 32 elements (Q8_1)            quant_x_q8_32
+
+Two shapes of product, each serial and parallel:
+    mv_*   out[i, r] = row r of the matrix at flat[offs[i]] . X[xi[i]]    (matvec and the
+           gathered per-token products: a token's chosen experts, MLA's per-head matrices)
+    mm_*   out [T, nrows] = X [T, n] @ W.T, T <= 16, each row decoded once for all T vectors
+
+Measured and dropped (BENCHMARKS.md, session 3): a Q8_0 kernel (weights + 128 as unsigned bytes,
+minus 128 * sum(xq)) was 1.1-1.25x the float kernel's speed and 3.5% of a DeepSeek-shaped decode
+step, but SmolLM2's output matrix is Q8_0, and 8-bit inputs there flipped the first greedy token
+of its demo answer (logit margin 0.08).
+
+Measured and dropped: grouping a batch's (token, expert) pairs by expert, so that each expert
+is read once and each row decoded once for its tokens, was 10-30% slower at T = 8 than one
+product per pair: the repeated experts come from the 32 MiB L3 anyway, and the multi-token
+kernel costs more per token than the one-token kernel.
+
+Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache__/*.nbi *.nbc.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .rows_i8 import dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi
+
+
+@njit(cache=True, fastmath=True)
+def quant_x_q8k(X):
+    """X float32 [n, cols] -> (xq int8 [n, cols], xd float32 [n, cols/256], xs float32
+    [n, cols/32]): per 256 elements xq = round(x * 127 / max|x|), xd = max|x| / 127 (llama.cpp's
+    Q8_K), and xs the exact sums of x over 32-element groups (for the Q4_K mins)."""
+    n, cols = X.shape
+    nb = cols // 256
+    xq = np.empty((n, cols), np.int8)
+    xd = np.empty((n, nb), np.float32)
+    xs = np.empty((n, cols // 32), np.float32)
+    for j in range(n):
+        for b in range(nb):
+            amax = np.float32(0)
+            for i in range(256):
+                amax = max(amax, abs(X[j, b * 256 + i]))
+            if amax == 0:
+                xd[j, b] = 0
+                for i in range(256):
+                    xq[j, b * 256 + i] = 0
+            else:
+                inv = np.float32(127) / amax
+                xd[j, b] = amax / np.float32(127)
+                for i in range(256):
+                    v = np.rint(X[j, b * 256 + i] * inv)
+                    xq[j, b * 256 + i] = np.int8(min(max(v, -127.0), 127.0))
+        for g in range(cols // 32):
+            s = np.float32(0)
+            for i in range(32):
+                s += X[j, g * 32 + i]
+            xs[j, g] = s
+    return xq, xd, xs
+
+
+@njit(cache=True, fastmath=True)
+def quant_x_q8_32(X):
+    """X float32 [n, cols] -> (xq int8 [n, cols + 32] (zero padded), xd float32 [n, cols/32 + 1],
+    xs float32 [n, cols/32]): 8-bit x with one scale per 32 elements (llama.cpp's Q8_1 layout)
+    for the Q4_1 rows, and the exact block sums of x for its offsets m."""
+    n, cols = X.shape
+    nb = cols // 32
+    xq = np.zeros((n, cols + 32), np.int8)
+    xd = np.zeros((n, nb + 1), np.float32)
+    xs = np.empty((n, nb), np.float32)
+    for j in range(n):
+        for b in range(nb):
+            amax = np.float32(0)
+            s = np.float32(0)
+            for i in range(32):
+                v = X[j, b * 32 + i]
+                amax = max(amax, abs(v))
+                s += v
+            xs[j, b] = s
+            if amax > 0:
+                inv = np.float32(127) / amax
+                xd[j, b] = amax / np.float32(127)
+                for i in range(32):
+                    v = np.rint(X[j, b * 32 + i] * inv)
+                    xq[j, b * 32 + i] = np.int8(min(max(v, -127.0), 127.0))
+    return xq, xd, xs
+
+
+# -- one vector per matrix (matvec, gathered per-token products) --------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_q4k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for t in prange(offs.shape[0] * nrows):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_q4k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_q4_1_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8_32(X)
+    for t in prange(offs.shape[0] * nrows):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_q4_1_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8_32(X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+# -- T <= 16 vectors through one matrix --------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_q4k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for r in prange(nrows):
+        dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)
+
+
+@njit(cache=True, fastmath=True)
+def mm_q4k_i8_serial(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for r in range(nrows):
+        dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)
