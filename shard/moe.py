@@ -230,8 +230,13 @@ class RoutedExperts:
         self.expert_evals += len(distinct)
         if T == 1:
             return y.sum(axis=0, keepdims=True)
+        # pairs are in token order: sum each token's run of rows (np.add.at took 0.86 ms for 48
+        # pairs x 2048, np.add.reduceat 0.25 ms, this loop 0.04 ms)
+        starts = np.flatnonzero(np.r_[True, tok[1:] != tok[:-1]])
+        ends = np.r_[starts[1:], len(tok)]
         out = np.zeros((T, D), dtype=np.float32)
-        np.add.at(out, tok, y)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            np.sum(y[a:b], axis=0, out=out[tok[a]])
         return out
 
 
