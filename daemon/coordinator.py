@@ -171,9 +171,11 @@ class Daemon:
                "--index", str(h.index)]
         env = dict(os.environ)
         # numba's OpenMP pool threads spin ~300k iterations after every parallel region before
-        # sleeping; between stages that spin takes a core from the coordinator and the other
-        # workers (2 cores here). A short spin keeps back-to-back kernel calls cheap.
-        env.setdefault("GOMP_SPINCOUNT", "1000")
+        # sleeping: workers that share a node's CPUs (more --nodes than nodes) would take them
+        # from each other between stages, so they spin 1000 (spin 30000 made a --nodes 2 token
+        # 11% slower here).  A worker alone on its CPUs spins 10000, which keeps its pool awake
+        # between the kernels of a step (decode +8% over 1000, bench/daemon_bench.py, 3 rounds).
+        env.setdefault("GOMP_SPINCOUNT", "1000" if h.vnode.shared > 1 else "10000")
         h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         h.pid = h.proc.pid
         if h.pidfd is not None:
