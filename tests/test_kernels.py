@@ -438,11 +438,12 @@ def test_q4k_int8_activations_within_rounding_bound(parallel, monkeypatch):
     sub = stack[:, 16:48, 2 * 144:]
     got = matvec_gather(sub, int(G.Q4_K), [1], X[1:, 512:])
     assert np.all(np.abs(got[0] - W[1, 16:48, 512:] @ X[1, 512:]) <= _int8_bound(W[1, 16:48, 512:], X[1:, 512:])[:, 0])
-    # small batches (decode of several sequences, short prompts): one decode of each row for
-    # all T vectors, the same bound per vector
-    Xb = rng.standard_normal((5, n)).astype(np.float32)
-    got = matmul(stack[2], int(G.Q4_K), Xb)
-    assert np.all(np.abs(got - Xb.astype(np.float64) @ W[2].T) <= _int8_bound(W[2], Xb).T)
+    # batches (decode of several sequences) and prompts: one decode of each row per 16 vectors
+    # (40 = two full chunks and a partial one), the same bound per vector
+    for T in (5, 40):
+        Xb = rng.standard_normal((T, n)).astype(np.float32)
+        got = matmul(stack[2], int(G.Q4_K), Xb)
+        assert np.all(np.abs(got - Xb.astype(np.float64) @ W[2].T) <= _int8_bound(W[2], Xb).T)
     with exact_activations():  # the switch: float activations, float32 rounding only
         exact = matvec(stack[0], int(G.Q4_K), X[0]).astype(np.float64)
         assert np.all(np.abs(exact - W[0] @ X[0]) <= 1e-5 * (np.abs(W[0]) @ np.abs(X[0])))

@@ -8,7 +8,8 @@ way llama.cpp does for the weight type, then runs the integer row kernels:
 Two shapes of product, each serial and parallel:
     mv_*   out[i, r] = row r of the matrix at flat[offs[i]] . X[xi[i]]    (matvec and the
            gathered per-token products: a token's chosen experts, MLA's per-head matrices)
-    mm_*   out [T, nrows] = X [T, n] @ W.T, T <= 16, each row decoded once for all T vectors
+    mm_*   out [T, nrows] = X [T, n] @ W.T, each row decoded once per 16 vectors (batched
+           decode, and prompts: 1.2-2.4x the dequantize + sgemm path for Q4_K at T = 64-256)
 
 Measured and dropped (BENCHMARKS.md, session 3): a Q8_0 kernel (weights + 128 as unsigned bytes,
 minus 128 * sum(xq)) was 1.1-1.25x the float kernel's speed and 3.5% of a DeepSeek-shaped decode
@@ -25,7 +26,9 @@ Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache
 import numpy as np
 from numba import njit, prange
 
-from .rows_i8 import dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi
+from .rows_i8 import MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi
+
+ROW_BLOCK = 32  # rows per parallel work item of mm_*
 
 
 @njit(cache=True, fastmath=True)
@@ -129,17 +132,28 @@ def mv_q4_1_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
             out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
 
 
-# -- T <= 16 vectors through one matrix --------------------------------------------------------
+# -- T vectors through one matrix ---------------------------------------------------------------
+
+@njit(cache=True, fastmath=True)
+def _mm_q4k_rows(flat, stride, r0, r1, nb, tab, xq, xd, xs, out):
+    """Rows r0:r1 for all tokens, 16 at a time: the rows' bytes (32 x 1152 for 2048 columns)
+    stay in L2 across the token chunks, each chunk's 8-bit x (16 x 2048 bytes) in L1."""
+    T = xq.shape[0]
+    for t0 in range(0, T, MULTI_MAX_T):
+        tn = min(MULTI_MAX_T, T - t0)
+        for r in range(r0, r1):
+            dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, tn)
+
 
 @njit(cache=True, parallel=True, fastmath=True)
 def mm_q4k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
     xq, xd, xs = quant_x_q8k(X)
-    for r in prange(nrows):
-        dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)
+    for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
+        _mm_q4k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
 
 
 @njit(cache=True, fastmath=True)
 def mm_q4k_i8_serial(flat, stride, nrows, nb, tab, X, out):
     xq, xd, xs = quant_x_q8k(X)
-    for r in range(nrows):
-        dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r)
+    for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
+        _mm_q4k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)

@@ -291,8 +291,8 @@ def _vec(x, n_cols, what="x"):
 
 
 _Q4K = int(G.Q4_K)
-# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T <= 16
-# vectors through one matrix with each row decoded once for all of them (mm)
+# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T vectors
+# through one matrix with each row decoded once per 16 of them (mm)
 _I8_KINDS = (int(G.Q4_K), int(G.Q4_1))
 _I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial)}
 _I8_MV = {_Q4K: (di.mv_q4k_i8_parallel, di.mv_q4k_i8_serial),
@@ -408,9 +408,11 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
 def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | None = None):
     """X @ W.T for X float32 (T, n_cols), W raw blocks (rows, row_bytes) -> float32 (T, rows).
 
-    T <= FUSED_MAX_T (continuous-batching decode): fused kernel, each weight row is read and
-    dequantized once and dotted with all T vectors. Larger T (prefill): dequantize L2-sized
-    tiles of rows (bit-exact SIMD dequant) and let numpy's sgemm do the product."""
+    Q4_K with 8-bit activations (INT8_ACTIVATIONS): any T, each weight row decoded once per 16
+    vectors (drivers_i8.mm_q4k_i8_*).  Otherwise T <= FUSED_MAX_T (continuous-batching decode):
+    fused kernel, each weight row is read and dequantized once and dotted with all T vectors;
+    larger T (prefill): dequantize L2-sized tiles of rows (bit-exact SIMD dequant) and let
+    numpy's sgemm do the product."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
     flat, stride, n_cols, nb, main = _geometry(qt, raw)
     X = np.asarray(X)
@@ -428,19 +430,25 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
     if T == 1 and out.flags.c_contiguous:
         matvec(raw, ggml_type, X[0], out[0])
         return out
+    if INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI:
+        # 8-bit activations, each row decoded once per 16 vectors: batched decode, and prompts
+        # (1.2-2.4x the dequantize + sgemm path below for Q4_K at T = 64-256)
+        o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
+        nbytes = nrows * raw.shape[1]
+        par = _par_ok(nbytes)
+        t0 = time.perf_counter()
+        fn = _I8_MULTI[qt.ggml_type][0 if par else 1]
+        _entry_plain(fn, (type(flat), X.flags.writeable), flat, stride, nrows, nb, F16_TABLE, X, o)
+        if par:
+            _note(True, T * nbytes, time.perf_counter() - t0)
+        if o is not out:
+            out[:] = o
+        return out
     if T <= FUSED_MAX_T:
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)
         t0 = time.perf_counter()
-        if INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI:  # 8-bit activations, each row decoded once for all T
-            fn = _I8_MULTI[qt.ggml_type][0 if par else 1]
-            _entry_plain(fn, (type(flat), X.flags.writeable), flat, stride, nrows, nb, F16_TABLE, X, o)
-            if par:
-                _note(True, T * nbytes, time.perf_counter() - t0)
-            if o is not out:
-                out[:] = o
-            return out
         if T <= 3:
             kern = dv.mm_direct_parallel if par else dv.mm_direct_serial
         elif _WIDE:
