@@ -171,11 +171,12 @@ class Daemon:
                "--index", str(h.index)]
         env = dict(os.environ)
         # numba's OpenMP pool threads spin ~300k iterations after every parallel region before
-        # sleeping: workers that share a node's CPUs (more --nodes than nodes) would take them
-        # from each other between stages, so they spin 1000 (spin 30000 made a --nodes 2 token
-        # 11% slower here).  A worker alone on its CPUs spins 10000, which keeps its pool awake
-        # between the kernels of a step (decode +8% over 1000, bench/daemon_bench.py, 3 rounds).
-        env.setdefault("GOMP_SPINCOUNT", "1000" if h.vnode.shared > 1 else "10000")
+        # sleeping.  Workers that share a node's CPUs (more --nodes than nodes) take turns on
+        # them, so they spin 3000 (forward medians of --nodes 2 in three interleaved rounds:
+        # 16.9 / 17.0 / 14.5 ms with 1000, 14.0 / 15.1 / 13.9 with 3000, 18.0 / 15.8 / 14.3 with
+        # 10000).  A worker alone on its CPUs spins 10000, which keeps its pool awake between the
+        # kernels of a step (--nodes 1 decode +8% over 1000).  BENCHMARKS.md, session 3.
+        env.setdefault("GOMP_SPINCOUNT", "3000" if h.vnode.shared > 1 else "10000")
         h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         h.pid = h.proc.pid
         if h.pidfd is not None:
