@@ -26,6 +26,37 @@ def _exact(request):
     with exact_activations():
         yield
 
+@pytest.mark.int8
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_q6k_int8_activations_within_rounding_bound(parallel, monkeypatch):
+    """Q6_K (the output, attn_v and half of the ffn_down tensors of Q4_K_M files) with x
+    quantized per 256 elements and its 16-element integer sums (llama.cpp's Q8_K): matvec and
+    matvec_gather within the rounding bound, also on a worker's row and column share."""
+    if not registry.INT8_ACTIVATIONS:
+        pytest.skip("this CPU has no AVX-512 VNNI: Q6_K runs the float kernels (tested above)")
+    from dsd.shard.kernels import matvec_gather
+    monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
+    rng = np.random.default_rng(6)
+    n = 1024
+    stack = np.stack([random_raw(G.Q6_K, 48, n, rng, False) for _ in range(3)])
+    W = np.stack([reference(stack[e], G.Q6_K, n) for e in range(3)]).astype(np.float64)
+    X = rng.standard_normal((3, n)).astype(np.float32)
+    X[1, 256:512] *= 50  # one super-block of large activations
+    for j in range(2):
+        got = matvec(stack[1], int(G.Q6_K), X[j]).astype(np.float64)
+        err = np.abs(got - W[1] @ X[j])
+        bound = _int8_bound(W[1], X[j:j + 1])[:, 0]
+        assert np.all(err <= bound) and err.mean() < 0.25 * bound.mean(), (err / bound).max()
+    ids, xi = [2, 0, 2], [0, 1, 2]
+    got = matvec_gather(stack, int(G.Q6_K), ids, X, xi)
+    for i, (e, j) in enumerate(zip(ids, xi)):
+        assert np.all(np.abs(got[i] - W[e] @ X[j]) <= _int8_bound(W[e], X[j:j + 1])[:, 0])
+    sub = stack[:, 8:40, 210:420]  # rows 8:40, the second super-block of columns
+    got = matvec_gather(sub, int(G.Q6_K), [1], X[1:2, 256:512])
+    assert np.all(np.abs(got[0] - W[1, 8:40, 256:512] @ X[1, 256:512])
+                  <= _int8_bound(W[1, 8:40, 256:512], X[1:2, 256:512])[:, 0])
+
+
 # Byte offsets of fp16 fields inside one block (sanitised to finite values in random blocks).
 F16_FIELDS = {G.Q4_0: [0], G.Q4_1: [0, 2], G.Q5_0: [0], G.Q5_1: [0, 2], G.Q8_0: [0],
               G.Q2_K: [80, 82], G.Q3_K: [108], G.Q4_K: [0, 2], G.Q5_K: [0, 2], G.Q6_K: [208]}

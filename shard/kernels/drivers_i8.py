@@ -3,6 +3,7 @@ VNNI; see registry.INT8_ACTIVATIONS).  Each driver quantizes its activations onc
 way llama.cpp does for the weight type, then runs the integer row kernels:
 
     Q4_K           x per 256 elements (Q8_K)           quant_x_q8k
+    Q6_K           x per 256 elements (Q8_K + sums)    quant_x_q8k16
     Q4_1           x per 32 elements (Q8_1)            quant_x_q8_32
 
 Two shapes of product, each serial and parallel:
@@ -26,7 +27,7 @@ Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache
 import numpy as np
 from numba import njit, prange
 
-from .rows_i8 import MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi
+from .rows_i8 import MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi, dot_q6k_i8
 
 ROW_BLOCK = 32  # rows per parallel work item of mm_*
 
@@ -62,6 +63,22 @@ def quant_x_q8k(X):
                 s += X[j, g * 32 + i]
             xs[j, g] = s
     return xq, xd, xs
+
+
+@njit(cache=True, fastmath=True)
+def quant_x_q8k16(X):
+    """quant_x_q8k's xq and xd, and xb int32 [n, cols/16]: the sums of xq over 16 elements (the
+    Q6_K kernel subtracts 32 * scale * xb: its weights are stored as q + 32)."""
+    xq, xd, _ = quant_x_q8k(X)
+    n, cols = X.shape
+    xb = np.empty((n, cols // 16), np.int32)
+    for j in range(n):
+        for g in range(cols // 16):
+            s = 0
+            for i in range(16):
+                s += np.int32(xq[j, g * 16 + i])
+            xb[j, g] = s
+    return xq, xd, xb
 
 
 @njit(cache=True, fastmath=True)
@@ -130,6 +147,25 @@ def mv_q4_1_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
         j = xi[i]
         for r in range(nrows):
             out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_q6k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xb = quant_x_q8k16(X)
+    for t in prange(offs.shape[0] * nrows):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_q6k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xb[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_q6k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xb = quant_x_q8k16(X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_q6k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xb[j])
 
 
 # -- T vectors through one matrix ---------------------------------------------------------------

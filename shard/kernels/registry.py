@@ -84,8 +84,8 @@ def _has_vnni() -> bool:
     return "+avx512vnni" in feats and "+avx512bw" in feats
 
 
-# Q4_K and Q4_1 products quantize x to 8 bits per element (one scale per 256 / 32 elements,
-# llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
+# Q4_K, Q4_1 and Q6_K products quantize x to 8 bits per element (one scale per 256 / 32
+# elements, llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
 # ~1.5x the float kernels' speed, and the way llama.cpp computes these products. Results move
 # by ~1e-3 of sum|w x|.
 # DSD_EXACT_ACTIVATIONS=1 (or exact_activations()) keeps float32 x everywhere.
@@ -293,10 +293,11 @@ def _vec(x, n_cols, what="x"):
 _Q4K = int(G.Q4_K)
 # types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T vectors
 # through one matrix with each row decoded once per 16 of them (mm)
-_I8_KINDS = (int(G.Q4_K), int(G.Q4_1))
+_I8_KINDS = (int(G.Q4_K), int(G.Q4_1), int(G.Q6_K))
 _I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial)}
 _I8_MV = {_Q4K: (di.mv_q4k_i8_parallel, di.mv_q4k_i8_serial),
-          int(G.Q4_1): (di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial)}
+          int(G.Q4_1): (di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial),
+          int(G.Q6_K): (di.mv_q6k_i8_parallel, di.mv_q6k_i8_serial)}
 # one matrix at offset 0, one vector (matvec on the gather drivers); writeable like the gather's
 # own offs/xi arrays, so both use one compiled specialisation
 _XI0 = np.zeros(1, np.int64)

@@ -1,4 +1,4 @@
-"""Q4_K and Q4_1 rows with 8-bit activations and integer dot products (AVX-512 VNNI).
+"""Q4_K, Q4_1 and Q6_K rows with 8-bit activations and integer dot products (AVX-512 VNNI).
 
 Why: the float kernels (rows.py / rows_perm.py) turn every 4-bit weight into a float and
 multiply it by x; on this machine that is compute-bound at ~12 GB/s per thread for Q4_K, below
@@ -209,3 +209,54 @@ def dot_q4_1_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
             builder.store(builder.fadd(builder.load(macc), builder.fadd(ma, mb, flags=FAST), flags=FAST), macc)
         return builder.fadd(_hsum(e, builder.load(acc)), builder.load(macc), flags=FAST)
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+
+
+@intrinsic
+def dot_q6k_i8(typingctx, flat, o, nb, tab, xq, xd, xb):
+    """Q6_K row (210-byte super-blocks of 256: ql[128] | qh[64] | int8 scales[16] | d; w =
+    d * sc_k * (q - 32) with q = 4 low bits from ql and 2 high bits from qh, one scale per 16
+    elements) against x quantized per 256 elements (xq int8 [n], xd float32 [n/256]) with
+    xb int32 [n/16] the integer sums of xq over 16 elements (llama.cpp's Q8_K bsums):
+        sum w x = sum_b d_b dx_b sum_k sc_k (sum_{i in k} q_i xq_i - 32 xb_k).
+    The 6-bit q (0..63) are unsigned bytes for vpmaddubsw (pair sums <= 2 * 63 * 127, within
+    int16), then vpdpwssd multiplies by the 16-element group scales.  Per half of 128: elements
+    0-31 / 32-63 / 64-95 / 96-127 are ql[0:32] low, ql[32:64] low, ql[0:32] high, ql[32:64]
+    high nibbles, with qh bits 0-1 / 2-3 / 4-5 / 6-7 on top: elements in file order, so x needs
+    no reordering."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, xba = args
+        fty, _, _, tty, xqty, xdty, xbty = sig.args
+        e = Emit(context, builder, fty, fa, tty, ta)
+        maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
+        dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
+        zero16 = ir.Constant(V(I32, 16), [0] * 16)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
+            sc8 = e.ld(e.at(ob, 192), 16)                  # <16 x i8> signed scales
+            sc16 = builder.sext(sc8, V(I16, 16))
+            x0 = builder.mul(b, ir.Constant(I64, 256))
+            isum = zero16
+            for h in range(2):
+                ql0, ql1 = e.ld(e.at(ob, 64 * h), 32), e.ld(e.at(ob, 64 * h + 32), 32)
+                qh = e.ld(e.at(ob, 128 + 32 * h), 32)
+                qs = [builder.or_(lo, builder.shl(e.bits(qh, 2 * k, 3), e.k8(4, 32)))
+                      for k, lo in enumerate((e.lo4(ql0), e.lo4(ql1), e.hi4(ql0), e.hi4(ql1)))]
+                for c in range(2):  # 64 elements: groups 8h + 4c .. 8h + 4c + 3
+                    u = e.cat(qs[2 * c], qs[2 * c + 1])
+                    g0 = 8 * h + 4 * c
+                    scv = builder.bitcast(e.shuf(sc16, [g0 + m // 8 for m in range(32)]), V(I32, 16))
+                    xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 128 * h + 64 * c)),
+                               V(I8, 64))
+                    pairs = builder.bitcast(builder.call(maddubs, [u, xv]), V(I32, 16))
+                    isum = builder.call(dpwssd, [isum, pairs, scv])
+            xbv = _load(builder, context, xbty, xba, builder.mul(b, ir.Constant(I64, 16)), V(I32, 16))
+            off = builder.shl(builder.mul(builder.sext(sc8, V(I32, 16)), xbv), ir.Constant(V(I32, 16), [5] * 16))
+            isum = builder.sub(isum, off)
+            s = builder.fmul(e.f16(e.at(ob, 208)), _load(builder, context, xdty, xda, b, F32), flags=FAST)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(isum, V(F32, 16)),
+                                                                       e.splat(s, 16), flags=FAST),
+                                       flags=FAST), acc)
+        return _hsum(e, builder.load(acc))
+    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xb), cg
