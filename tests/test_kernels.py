@@ -30,8 +30,8 @@ def _exact(request):
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 def test_q6k_int8_activations_within_rounding_bound(parallel, monkeypatch):
     """Q6_K (the output, attn_v and half of the ffn_down tensors of Q4_K_M files) with x
-    quantized per 256 elements and its 16-element integer sums (llama.cpp's Q8_K): matvec and
-    matvec_gather within the rounding bound, also on a worker's row and column share."""
+    quantized per 256 elements and its 16-element integer sums (llama.cpp's Q8_K): matvec,
+    matvec_gather and matmul within the rounding bound, also on a worker's row and column share."""
     if not registry.INT8_ACTIVATIONS:
         pytest.skip("this CPU has no AVX-512 VNNI: Q6_K runs the float kernels (tested above)")
     from dsd.shard.kernels import matvec_gather
@@ -51,6 +51,10 @@ def test_q6k_int8_activations_within_rounding_bound(parallel, monkeypatch):
     got = matvec_gather(stack, int(G.Q6_K), ids, X, xi)
     for i, (e, j) in enumerate(zip(ids, xi)):
         assert np.all(np.abs(got[i] - W[e] @ X[j]) <= _int8_bound(W[e], X[j:j + 1])[:, 0])
+    for T in (5, 40):  # batches and prompts: each row decoded once per 16 vectors
+        Xb = rng.standard_normal((T, n)).astype(np.float32)
+        got = matmul(stack[2], int(G.Q6_K), Xb)
+        assert np.all(np.abs(got - Xb.astype(np.float64) @ W[2].T) <= _int8_bound(W[2], Xb).T)
     sub = stack[:, 8:40, 210:420]  # rows 8:40, the second super-block of columns
     got = matvec_gather(sub, int(G.Q6_K), [1], X[1:2, 256:512])
     assert np.all(np.abs(got[0] - W[1, 8:40, 256:512] @ X[1, 256:512])

@@ -10,7 +10,8 @@ Two shapes of product, each serial and parallel:
     mv_*   out[i, r] = row r of the matrix at flat[offs[i]] . X[xi[i]]    (matvec and the
            gathered per-token products: a token's chosen experts, MLA's per-head matrices)
     mm_*   out [T, nrows] = X [T, n] @ W.T, each row decoded once per 16 vectors (batched
-           decode, and prompts: 1.2-2.4x the dequantize + sgemm path for Q4_K at T = 64-256)
+           decode, and prompts: 1.4-5.8x the dequantize + sgemm path for Q4_K at T = 32-512);
+           Q4_K and Q6_K
 
 Measured and dropped (BENCHMARKS.md, session 3): a Q8_0 kernel (weights + 128 as unsigned bytes,
 minus 128 * sum(xq)) was 1.1-1.25x the float kernel's speed and 3.5% of a DeepSeek-shaped decode
@@ -27,7 +28,7 @@ Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache
 import numpy as np
 from numba import njit, prange
 
-from .rows_i8 import MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi, dot_q6k_i8
+from .rows_i8 import MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi, dot_q6k_i8, dot_q6k_i8_multi
 
 ROW_BLOCK = 32  # rows per parallel work item of mm_*
 
@@ -193,3 +194,26 @@ def mm_q4k_i8_serial(flat, stride, nrows, nb, tab, X, out):
     xq, xd, xs = quant_x_q8k(X)
     for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
         _mm_q4k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
+
+
+@njit(cache=True, fastmath=True)
+def _mm_q6k_rows(flat, stride, r0, r1, nb, tab, xq, xd, xb, out):
+    T = xq.shape[0]
+    for t0 in range(0, T, MULTI_MAX_T):
+        tn = min(MULTI_MAX_T, T - t0)
+        for r in range(r0, r1):
+            dot_q6k_i8_multi(flat, r * stride, nb, tab, xq, xd, xb, out, r, t0, tn)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_q6k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xb = quant_x_q8k16(X)
+    for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
+        _mm_q6k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xb, out)
+
+
+@njit(cache=True, fastmath=True)
+def mm_q6k_i8_serial(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xb = quant_x_q8k16(X)
+    for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
+        _mm_q6k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xb, out)

@@ -294,7 +294,8 @@ _Q4K = int(G.Q4_K)
 # types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T vectors
 # through one matrix with each row decoded once per 16 of them (mm)
 _I8_KINDS = (int(G.Q4_K), int(G.Q4_1), int(G.Q6_K))
-_I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial)}
+_I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial),
+             int(G.Q6_K): (di.mm_q6k_i8_parallel, di.mm_q6k_i8_serial)}
 _I8_MV = {_Q4K: (di.mv_q4k_i8_parallel, di.mv_q4k_i8_serial),
           int(G.Q4_1): (di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial),
           int(G.Q6_K): (di.mv_q6k_i8_parallel, di.mv_q6k_i8_serial)}
@@ -409,8 +410,8 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
 def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | None = None):
     """X @ W.T for X float32 (T, n_cols), W raw blocks (rows, row_bytes) -> float32 (T, rows).
 
-    Q4_K with 8-bit activations (INT8_ACTIVATIONS): any T, each weight row decoded once per 16
-    vectors (drivers_i8.mm_q4k_i8_*).  Otherwise T <= FUSED_MAX_T (continuous-batching decode):
+    Q4_K / Q6_K with 8-bit activations (INT8_ACTIVATIONS): any T, each weight row decoded once
+    per 16 vectors (drivers_i8.mm_*).  Otherwise T <= FUSED_MAX_T (continuous-batching decode):
     fused kernel, each weight row is read and dequantized once and dotted with all T vectors;
     larger T (prefill): dequantize L2-sized tiles of rows (bit-exact SIMD dequant) and let
     numpy's sgemm do the product."""

@@ -260,3 +260,73 @@ def dot_q6k_i8(typingctx, flat, o, nb, tab, xq, xd, xb):
                                        flags=FAST), acc)
         return _hsum(e, builder.load(acc))
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xb), cg
+
+
+@intrinsic
+def dot_q6k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xb, out, r, t0, tn):
+    """out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of xq [T, n] int8 /
+    xd [T, n/256] / xb int32 [T, n/16] (as in dot_q6k_i8): each super-block's 6-bit values and
+    scales are decoded once for all tn tokens."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, xba, outa, r_, t0_, tn_ = args
+        fty, _, _, tty, xqty, xdty, xbty, outty = sig.args[:8]
+        e = Emit(context, builder, fty, fa, tty, ta)
+        xqs = context.make_array(xqty)(context, builder, xqa)
+        xds = context.make_array(xdty)(context, builder, xda)
+        xbs = context.make_array(xbty)(context, builder, xba)
+        outs = context.make_array(outty)(context, builder, outa)
+        n = cgutils.unpack_tuple(builder, xqs.shape, 2)[1]
+        ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
+        nxb = cgutils.unpack_tuple(builder, xbs.shape, 2)[1]
+        nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
+        maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
+        dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
+        zero16 = ir.Constant(V(I32, 16), [0] * 16)
+        five = ir.Constant(V(I32, 16), [5] * 16)
+        accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
+        with cgutils.for_range(builder, tn_) as lt:
+            builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
+            sc8 = e.ld(e.at(ob, 192), 16)
+            sc16 = builder.sext(sc8, V(I16, 16))
+            sc32 = builder.sext(sc8, V(I32, 16))
+            us, scvs = [], []
+            for h in range(2):
+                ql0, ql1 = e.ld(e.at(ob, 64 * h), 32), e.ld(e.at(ob, 64 * h + 32), 32)
+                qh = e.ld(e.at(ob, 128 + 32 * h), 32)
+                qs = [builder.or_(lo, builder.shl(e.bits(qh, 2 * k, 3), e.k8(4, 32)))
+                      for k, lo in enumerate((e.lo4(ql0), e.lo4(ql1), e.hi4(ql0), e.hi4(ql1)))]
+                for c in range(2):
+                    us.append(e.cat(qs[2 * c], qs[2 * c + 1]))
+                    g0 = 8 * h + 4 * c
+                    scvs.append(builder.bitcast(e.shuf(sc16, [g0 + m // 8 for m in range(32)]), V(I32, 16)))
+            d = e.f16(e.at(ob, 208))
+            x0 = builder.mul(b, ir.Constant(I64, 256))
+            with cgutils.for_range(builder, tn_) as lt:
+                t = builder.add(t0_, lt.index)  # token row in xq / out
+                isum = zero16
+                for c in range(4):
+                    off = builder.add(builder.mul(t, n), builder.add(x0, ir.Constant(I64, 64 * c)))
+                    xv = builder.load(builder.bitcast(builder.gep(xqs.data, [off]), ir.PointerType(V(I8, 64))))
+                    xv.align = 1
+                    pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
+                    isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
+                xbo = builder.add(builder.mul(t, nxb), builder.mul(b, ir.Constant(I64, 16)))
+                xbv = builder.load(builder.bitcast(builder.gep(xbs.data, [xbo]), ir.PointerType(V(I32, 16))))
+                xbv.align = 4
+                isum = builder.sub(isum, builder.shl(builder.mul(sc32, xbv), five))
+                dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
+                s = builder.fmul(d, dx, flags=FAST)
+                ap = builder.gep(accs, [lt.index])
+                builder.store(builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum, V(F32, 16)),
+                                                                          e.splat(s, 16), flags=FAST),
+                                           flags=FAST), ap)
+        with cgutils.for_range(builder, tn_) as lt:
+            t = builder.add(t0_, lt.index)
+            builder.store(_hsum(e, builder.load(builder.gep(accs, [lt.index]))),
+                          builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
+        return context.get_dummy_value()
+    return types.void(flat, types.int64, types.int64, tab, xq, xd, xb, out, types.int64, types.int64,
+                      types.int64), cg
