@@ -445,42 +445,43 @@ def _int8_bound(W64, X, blk=256):
 
 
 @pytest.mark.int8
+@pytest.mark.parametrize("gt", [G.Q4_K, G.Q5_K], ids=["Q4_K", "Q5_K"])
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-def test_q4k_int8_activations_within_rounding_bound(parallel, monkeypatch):
-    """Q4_K products with 8-bit activations (VNNI, llama.cpp's Q8_K scheme): every output within
-    the analytic bound of the activation rounding, through matvec and matvec_gather (also on a
-    worker's row and column share), and clearly closer than that bound on average."""
+def test_q4k_q5k_int8_activations_within_rounding_bound(gt, parallel, monkeypatch):
+    """Q4_K / Q5_K products with 8-bit activations (VNNI, llama.cpp's Q8_K scheme): every output
+    within the analytic bound of the activation rounding, through matvec, matvec_gather (also on
+    a worker's row and column share) and matmul, and clearly closer than that bound on average."""
     if not registry.INT8_ACTIVATIONS:
-        pytest.skip("this CPU has no AVX-512 VNNI: Q4_K runs the float kernels (tested above)")
+        pytest.skip("this CPU has no AVX-512 VNNI: Q4_K / Q5_K run the float kernels (tested above)")
     from dsd.shard.kernels import matvec_gather
     monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
     rng = np.random.default_rng(3)
     rows, n = 96, 1024
-    stack = np.stack([random_raw(G.Q4_K, rows, n, rng, False) for _ in range(3)])
-    W = np.stack([reference(stack[e], G.Q4_K, n) for e in range(3)]).astype(np.float64)
+    stack = np.stack([random_raw(gt, rows, n, rng, False) for _ in range(3)])
+    W = np.stack([reference(stack[e], gt, n) for e in range(3)]).astype(np.float64)
     X = rng.standard_normal((2, n)).astype(np.float32)
     X[1, :256] *= 50  # one block of large activations: a coarser step there only
     for j in range(2):
-        got = matvec(stack[0], int(G.Q4_K), X[j]).astype(np.float64)
+        got = matvec(stack[0], int(gt), X[j]).astype(np.float64)
         err = np.abs(got - W[0] @ X[j])
         bound = _int8_bound(W[0], X[j:j + 1])[:, 0]
         assert np.all(err <= bound), (err / bound).max()
         assert err.mean() < 0.25 * bound.mean()
-    got = matvec_gather(stack, int(G.Q4_K), [2, 0], X)
+    got = matvec_gather(stack, int(gt), [2, 0], X)
     for i, e in enumerate([2, 0]):
         assert np.all(np.abs(got[i] - W[e] @ X[i]) <= _int8_bound(W[e], X[i:i + 1])[:, 0])
     # a worker's share: rows 16:48, and the second 512 columns (two whole super-blocks)
-    sub = stack[:, 16:48, 2 * 144:]
-    got = matvec_gather(sub, int(G.Q4_K), [1], X[1:, 512:])
+    sub = stack[:, 16:48, 2 * quant_type(int(gt)).type_size:]
+    got = matvec_gather(sub, int(gt), [1], X[1:, 512:])
     assert np.all(np.abs(got[0] - W[1, 16:48, 512:] @ X[1, 512:]) <= _int8_bound(W[1, 16:48, 512:], X[1:, 512:])[:, 0])
     # batches (decode of several sequences) and prompts: one decode of each row per 16 vectors
     # (40 = two full chunks and a partial one), the same bound per vector
     for T in (5, 40):
         Xb = rng.standard_normal((T, n)).astype(np.float32)
-        got = matmul(stack[2], int(G.Q4_K), Xb)
+        got = matmul(stack[2], int(gt), Xb)
         assert np.all(np.abs(got - Xb.astype(np.float64) @ W[2].T) <= _int8_bound(W[2], Xb).T)
     with exact_activations():  # the switch: float activations, float32 rounding only
-        exact = matvec(stack[0], int(G.Q4_K), X[0]).astype(np.float64)
+        exact = matvec(stack[0], int(gt), X[0]).astype(np.float64)
         assert np.all(np.abs(exact - W[0] @ X[0]) <= 1e-5 * (np.abs(W[0]) @ np.abs(X[0])))
 
 

@@ -2,7 +2,7 @@
 VNNI; see registry.INT8_ACTIVATIONS).  Each driver quantizes its activations once per call the
 way llama.cpp does for the weight type, then runs the integer row kernels:
 
-    Q4_K           x per 256 elements (Q8_K)           quant_x_q8k
+    Q4_K, Q5_K     x per 256 elements (Q8_K)           quant_x_q8k
     Q6_K           x per 256 elements (Q8_K + sums)    quant_x_q8k16
     Q4_1           x per 32 elements (Q8_1)            quant_x_q8_32
 
@@ -11,7 +11,7 @@ Two shapes of product, each serial and parallel:
            gathered per-token products: a token's chosen experts, MLA's per-head matrices)
     mm_*   out [T, nrows] = X [T, n] @ W.T, each row decoded once per 16 vectors (batched
            decode, and prompts: 1.4-5.8x the dequantize + sgemm path for Q4_K at T = 32-512);
-           Q4_K and Q6_K
+           Q4_K, Q5_K and Q6_K
 
 Measured and dropped (BENCHMARKS.md, session 3): a Q8_0 kernel (weights + 128 as unsigned bytes,
 minus 128 * sum(xq)) was 1.1-1.25x the float kernel's speed and 3.5% of a DeepSeek-shaped decode
@@ -28,7 +28,8 @@ Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache
 import numpy as np
 from numba import njit, prange
 
-from .rows_i8 import MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi, dot_q6k_i8, dot_q6k_i8_multi
+from .rows_i8 import (MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi, dot_q5k_i8, dot_q5k_i8_multi,
+                      dot_q6k_i8, dot_q6k_i8_multi)
 
 ROW_BLOCK = 32  # rows per parallel work item of mm_*
 
@@ -151,6 +152,25 @@ def mv_q4_1_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
+def mv_q5k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for t in prange(offs.shape[0] * nrows):
+        i = t // nrows
+        r = t - i * nrows
+        j = xi[i]
+        out[i, r] = dot_q5k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_q5k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_q5k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
 def mv_q6k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
     xq, xd, xb = quant_x_q8k16(X)
     for t in prange(offs.shape[0] * nrows):
@@ -217,3 +237,26 @@ def mm_q6k_i8_serial(flat, stride, nrows, nb, tab, X, out):
     xq, xd, xb = quant_x_q8k16(X)
     for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
         _mm_q6k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xb, out)
+
+
+@njit(cache=True, fastmath=True)
+def _mm_q5k_rows(flat, stride, r0, r1, nb, tab, xq, xd, xs, out):
+    T = xq.shape[0]
+    for t0 in range(0, T, MULTI_MAX_T):
+        tn = min(MULTI_MAX_T, T - t0)
+        for r in range(r0, r1):
+            dot_q5k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, tn)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_q5k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
+        _mm_q5k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
+
+
+@njit(cache=True, fastmath=True)
+def mm_q5k_i8_serial(flat, stride, nrows, nb, tab, X, out):
+    xq, xd, xs = quant_x_q8k(X)
+    for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
+        _mm_q5k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)

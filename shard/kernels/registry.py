@@ -84,7 +84,7 @@ def _has_vnni() -> bool:
     return "+avx512vnni" in feats and "+avx512bw" in feats
 
 
-# Q4_K, Q4_1 and Q6_K products quantize x to 8 bits per element (one scale per 256 / 32
+# Q4_K, Q5_K, Q6_K and Q4_1 products quantize x to 8 bits per element (one scale per 256 / 32
 # elements, llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
 # ~1.5x the float kernels' speed, and the way llama.cpp computes these products. Results move
 # by ~1e-3 of sum|w x|.
@@ -293,10 +293,12 @@ def _vec(x, n_cols, what="x"):
 _Q4K = int(G.Q4_K)
 # types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T vectors
 # through one matrix with each row decoded once per 16 of them (mm)
-_I8_KINDS = (int(G.Q4_K), int(G.Q4_1), int(G.Q6_K))
+_I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1))
 _I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial),
+             int(G.Q5_K): (di.mm_q5k_i8_parallel, di.mm_q5k_i8_serial),
              int(G.Q6_K): (di.mm_q6k_i8_parallel, di.mm_q6k_i8_serial)}
 _I8_MV = {_Q4K: (di.mv_q4k_i8_parallel, di.mv_q4k_i8_serial),
+          int(G.Q5_K): (di.mv_q5k_i8_parallel, di.mv_q5k_i8_serial),
           int(G.Q4_1): (di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial),
           int(G.Q6_K): (di.mv_q6k_i8_parallel, di.mv_q6k_i8_serial)}
 # one matrix at offset 0, one vector (matvec on the gather drivers); writeable like the gather's
@@ -410,7 +412,7 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
 def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | None = None):
     """X @ W.T for X float32 (T, n_cols), W raw blocks (rows, row_bytes) -> float32 (T, rows).
 
-    Q4_K / Q6_K with 8-bit activations (INT8_ACTIVATIONS): any T, each weight row decoded once
+    Q4_K / Q5_K / Q6_K with 8-bit activations (INT8_ACTIVATIONS): any T, each weight row decoded once
     per 16 vectors (drivers_i8.mm_*).  Otherwise T <= FUSED_MAX_T (continuous-batching decode):
     fused kernel, each weight row is read and dequantized once and dotted with all T vectors;
     larger T (prefill): dequantize L2-sized tiles of rows (bit-exact SIMD dequant) and let

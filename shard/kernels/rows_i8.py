@@ -1,4 +1,4 @@
-"""Q4_K, Q4_1 and Q6_K rows with 8-bit activations and integer dot products (AVX-512 VNNI).
+"""Q4_K, Q5_K, Q6_K and Q4_1 rows with 8-bit activations and integer dot products (AVX-512 VNNI).
 
 Why: the float kernels (rows.py / rows_perm.py) turn every 4-bit weight into a float and
 multiply it by x; on this machine that is compute-bound at ~12 GB/s per thread for Q4_K, below
@@ -43,25 +43,46 @@ def _fn(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _q4k_block(e, builder, ob):
-    """Decode Q4_K super-block at byte ob once -> (us, scvs, d, mv): the 4 nibble chunks as 64
-    unsigned bytes (<16 x i32>; sub-block 2c low nibbles, 2c+1 high), each chunk's scales
-    [sc_2c]*8 + [sc_2c+1]*8 as int32 lanes, d, and the mins dmin*mn (<8 x float>)."""
+def _k_values(e, builder, ob, q5: bool):
+    """The 4 chunks of 64 unsigned values of a Q4_K (144 B: d | dmin | scales[12] | qs[128]) or
+    Q5_K (176 B: ... | qh[32] | qs[128]; bit s of qh[l] is the 5th bit of sub-block s) super-block
+    at byte ob: chunk c = sub-block 2c (low nibbles) then 2c+1 (high nibbles), <64 x i8>."""
+    us = []
+    qh = e.ld(e.at(ob, 16), 32) if q5 else None
+    for c in range(4):
+        q = e.ld(e.at(ob, (48 if q5 else 16) + 32 * c), 32)
+        lo, hi = e.lo4(q), e.hi4(q)
+        if q5:
+            lo = builder.or_(lo, builder.shl(e.bits(qh, 2 * c, 1), e.k8(4, 32)))
+            hi = builder.or_(hi, builder.shl(e.bits(qh, 2 * c + 1, 1), e.k8(4, 32)))
+        us.append(e.cat(lo, hi))
+    return us
+
+
+def _k_block(e, builder, ob, q5: bool):
+    """Decode a Q4_K / Q5_K super-block at byte ob once -> (us, scvs, d, mv): the 4 value chunks
+    (<16 x i32>), each chunk's scales [sc_2c]*8 + [sc_2c+1]*8 as int32 lanes, d, and the mins
+    dmin*mn (<8 x float>)."""
     sc, mn = k_scales_int(e, ob)
     sc32 = builder.zext(sc, V(I32, 8))
-    us, scvs = [], []
-    for c in range(4):
-        q = e.ld(e.at(ob, 16 + 32 * c), 32)
-        us.append(builder.bitcast(e.cat(e.lo4(q), e.hi4(q)), V(I32, 16)))
-        scvs.append(e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8))
+    us = [builder.bitcast(u, V(I32, 16)) for u in _k_values(e, builder, ob, q5)]
+    scvs = [e.shuf(sc32, [2 * c] * 8 + [2 * c + 1] * 8) for c in range(4)]
     mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
     return us, scvs, e.f16(ob), mv
 
 
-@intrinsic
-def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
-    """Row dot product (flat, o, nb super-blocks, fp16 table, xq int8 [n], xd float32 [n/256],
-    xs float32 [n/32]) -> float32."""
+def _make_dot_k_i8(q5: bool):
+    bb = 176 if q5 else 144
+
+    @intrinsic
+    def dot_k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
+        """Q4_K / Q5_K row (flat, o, nb super-blocks, fp16 table) against xq int8 [n],
+        xd float32 [n/256], xs float32 [n/32] -> float32."""
+        return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), _dot_k_cg(q5, bb)
+    return dot_k_i8
+
+
+def _dot_k_cg(q5: bool, bb: int):
     def cg(context, builder, sig, args):
         fa, o_, nb_, ta, xqa, xda, xsa = args
         fty, _, _, tty, xqty, xdty, xsty = sig.args
@@ -72,8 +93,8 @@ def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
         vnni = _vnni(builder)
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 144)))
-            us, scvs, d, mv = _q4k_block(e, builder, ob)
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+            us, scvs, d, mv = _k_block(e, builder, ob, q5)
             isum = zero16
             x0 = builder.mul(b, ir.Constant(I64, 256))
             for c in range(4):
@@ -87,18 +108,28 @@ def dot_q4k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
             builder.store(builder.fadd(builder.load(macc), builder.fmul(mv, xsv, flags=FAST), flags=FAST),
                           macc)
         return builder.fsub(_hsum(e, builder.load(acc)), _hsum(e, builder.load(macc)), flags=FAST)
-    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+    return cg
 
+
+dot_q4k_i8 = _make_dot_k_i8(False)
+dot_q5k_i8 = _make_dot_k_i8(True)
 
 MULTI_MAX_T = 16  # tokens per call of dot_q4k_i8_multi
 
 
-@intrinsic
-def dot_q4k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
-    """out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of xq [T, n] int8 /
+def _make_dot_k_i8_multi(q5: bool):
+    @intrinsic
+    def dot_k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
+        return (types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
+                           types.int64), _dot_k_multi_cg(q5, 176 if q5 else 144))
+    return dot_k_i8_multi
+
+
+def _dot_k_multi_cg(q5: bool, bb: int):
+    """Q4_K / Q5_K: out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of xq [T, n] int8 /
     xd [T, n/256] / xs [T, n/32] (as in dot_q4k_i8): each super-block's scales and nibbles are
     decoded once and used for all tn tokens (batched decode; prompts in 16-token chunks).  Per token and 64 elements:
-    vpmaddubsw (4-bit q times 8-bit x, pairs summed in int16: |sum| <= 2*15*127) then vpdpwssd
+    vpmaddubsw (4/5-bit q times 8-bit x, pairs summed in int16: |sum| <= 2*31*127) then vpdpwssd
     (times the sub-block scale, pairs summed into int32): two multiply instructions, where
     vpdpbusd + vpmulld cost three slots (vpmulld is a slow one); ~12% faster at T = 8."""
     def cg(context, builder, sig, args):
@@ -124,14 +155,11 @@ def dot_q4k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
             builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(maccs, [lt.index]))
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 144)))
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
             sc, mn = k_scales_int(e, ob)
             sc16 = builder.zext(sc, V(I16, 8))
-            us, scvs = [], []
-            for c in range(4):  # chunk c: sub-blocks 2c (low nibbles) and 2c+1 (high), 32 each
-                q = e.ld(e.at(ob, 16 + 32 * c), 32)
-                us.append(e.cat(e.lo4(q), e.hi4(q)))
-                scvs.append(builder.bitcast(e.shuf(sc16, [2 * c] * 16 + [2 * c + 1] * 16), V(I32, 16)))
+            us = _k_values(e, builder, ob, q5)  # chunk c: sub-blocks 2c and 2c+1, 32 values each
+            scvs = [builder.bitcast(e.shuf(sc16, [2 * c] * 16 + [2 * c + 1] * 16), V(I32, 16)) for c in range(4)]
             mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
             d = e.f16(ob)
             x0 = builder.mul(b, ir.Constant(I64, 256))
@@ -161,7 +189,11 @@ def dot_q4k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
                                _hsum(e, builder.load(builder.gep(maccs, [lt.index]))), flags=FAST)
             builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
         return context.get_dummy_value()
-    return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64, types.int64), cg
+    return cg
+
+
+dot_q4k_i8_multi = _make_dot_k_i8_multi(False)
+dot_q5k_i8_multi = _make_dot_k_i8_multi(True)
 
 
 @intrinsic
