@@ -436,7 +436,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         return out
     if INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI:
         # 8-bit activations, each row decoded once per 16 vectors: batched decode, and prompts
-        # (1.2-2.4x the dequantize + sgemm path below for Q4_K at T = 64-256)
+        # (1.4-5.8x the dequantize + sgemm path below for Q4_K at T = 32-512)
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)

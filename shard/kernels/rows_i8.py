@@ -12,8 +12,9 @@ with dx the activation scale of the 256 elements, xq = round(x / dx), and X_j th
 sum of x over sub-block j (the same x sums the float kernels use, so only the first term carries
 the activation rounding).  The integer part of a super-block stays in int32 lanes
 (|q xq| <= 15 * 127, times sc <= 63, 64 terms per lane: far below 2^31) and is converted to float
-once.  Only used when the CPU has AVX-512 VNNI (registry.INT8_ACTIVATIONS); elsewhere the float kernels
-run.
+once.  Q5_K is the same with 5-bit q (<= 31); Q6_K has signed 16-element scales and q - 32 (see
+dot_q6k_i8); Q4_1 one float scale and offset per 32 (dot_q4_1_i8).  Only used when the CPU has
+AVX-512 VNNI (registry.INT8_ACTIVATIONS); elsewhere the float kernels run.
 """
 from llvmlite import ir
 from numba import types
@@ -114,7 +115,7 @@ def _dot_k_cg(q5: bool, bb: int):
 dot_q4k_i8 = _make_dot_k_i8(False)
 dot_q5k_i8 = _make_dot_k_i8(True)
 
-MULTI_MAX_T = 16  # tokens per call of dot_q4k_i8_multi
+MULTI_MAX_T = 16  # tokens per call of the *_multi row kernels (accumulators on the stack)
 
 
 def _make_dot_k_i8_multi(q5: bool):
@@ -126,10 +127,10 @@ def _make_dot_k_i8_multi(q5: bool):
 
 
 def _dot_k_multi_cg(q5: bool, bb: int):
-    """Q4_K / Q5_K: out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of xq [T, n] int8 /
-    xd [T, n/256] / xs [T, n/32] (as in dot_q4k_i8): each super-block's scales and nibbles are
-    decoded once and used for all tn tokens (batched decode; prompts in 16-token chunks).  Per token and 64 elements:
-    vpmaddubsw (4/5-bit q times 8-bit x, pairs summed in int16: |sum| <= 2*31*127) then vpdpwssd
+    """Q4_K / Q5_K: out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of
+    xq [T, n] int8 / xd [T, n/256] / xs [T, n/32] (as in dot_q4k_i8): each super-block's scales
+    and values are decoded once and used for all tn tokens (batched decode; prompts in 16-token
+    chunks).  Per token and 64 elements: vpmaddubsw (4/5-bit q times 8-bit x, pairs summed in int16: |sum| <= 2*31*127) then vpdpwssd
     (times the sub-block scale, pairs summed into int32): two multiply instructions, where
     vpdpbusd + vpmulld cost three slots (vpmulld is a slow one); ~12% faster at T = 8."""
     def cg(context, builder, sig, args):
@@ -159,7 +160,8 @@ def _dot_k_multi_cg(q5: bool, bb: int):
             sc, mn = k_scales_int(e, ob)
             sc16 = builder.zext(sc, V(I16, 8))
             us = _k_values(e, builder, ob, q5)  # chunk c: sub-blocks 2c and 2c+1, 32 values each
-            scvs = [builder.bitcast(e.shuf(sc16, [2 * c] * 16 + [2 * c + 1] * 16), V(I32, 16)) for c in range(4)]
+            scvs = [builder.bitcast(e.shuf(sc16, [2 * c] * 16 + [2 * c + 1] * 16), V(I32, 16))
+                    for c in range(4)]
             mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
             d = e.f16(ob)
             x0 = builder.mul(b, ir.Constant(I64, 256))
@@ -168,7 +170,8 @@ def _dot_k_multi_cg(q5: bool, bb: int):
                 isum = zero16
                 for c in range(4):
                     off = builder.add(builder.mul(t, n), builder.add(x0, ir.Constant(I64, 64 * c)))
-                    xv = builder.load(builder.bitcast(builder.gep(xqs.data, [off]), ir.PointerType(V(I8, 64))))
+                    xp = builder.gep(xqs.data, [off])
+                    xv = builder.load(builder.bitcast(xp, ir.PointerType(V(I8, 64))))
                     xv.align = 1
                     pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
                     isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
