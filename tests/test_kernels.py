@@ -393,12 +393,10 @@ fns = [dv.mv_parallel, dv.mv_serial, dv.deq_rows_serial]
 # drivers specialise on the type id as a literal: count only those signatures (numba first
 # tries, and counts as a miss, the plain int64 typing that literally() then rejects)
 lit = lambda c: sum(v for k, v in c.items() if "Literal" in str(k[0]))
-i8fns = [di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial] if i8 else []
+i8fns = [di.mv_i8_parallel, di.mv_i8_serial] if i8 else []
 print(json.dumps({"import": t1 - t0, "first_calls": t2 - t1, "i8": i8,
-                  "hits": sum(lit(f.stats.cache_hits) for f in fns)
-                          + sum(sum(f.stats.cache_hits.values()) for f in i8fns),
-                  "misses": sum(lit(f.stats.cache_misses) for f in fns)
-                            + sum(sum(f.stats.cache_misses.values()) for f in i8fns)}))
+                  "hits": sum(lit(f.stats.cache_hits) for f in fns + i8fns),
+                  "misses": sum(lit(f.stats.cache_misses) for f in fns + i8fns)}))
 """
 
 

@@ -6,12 +6,13 @@ way llama.cpp does for the weight type, then runs the integer row kernels:
     Q6_K           x per 256 elements (Q8_K + sums)    quant_x_q8k16
     Q4_1           x per 32 elements (Q8_1)            quant_x_q8_32
 
-Two shapes of product, each serial and parallel:
+Two shapes of product, each serial and parallel, specialised per type (the `kind` argument is
+a compile-time literal, as in drivers.py; rows_i8.dot_i8_any picks the type's row kernel):
     mv_*   out[i, r] = row r of the matrix at flat[offs[i]] . X[xi[i]]    (matvec and the
            gathered per-token products: a token's chosen experts, MLA's per-head matrices)
     mm_*   out [T, nrows] = X [T, n] @ W.T, each row decoded once per 16 vectors (batched
            decode, and prompts: 1.4-5.8x the dequantize + sgemm path for Q4_K at T = 32-512);
-           Q4_K, Q5_K and Q6_K
+           Q4_K, Q5_K and Q6_K (rows_i8.MULTI_KINDS)
 
 Measured and dropped (BENCHMARKS.md, session 3): a Q8_0 kernel (weights + 128 as unsigned bytes,
 minus 128 * sum(xq)) was 1.1-1.25x the float kernel's speed and 3.5% of a DeepSeek-shaped decode
@@ -26,12 +27,14 @@ kernel costs more per token than the one-token kernel.
 Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache__/*.nbi *.nbc.
 """
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
+from numba.core import types
+from numba.extending import overload
 
-from .rows_i8 import (MULTI_MAX_T, dot_q4_1_i8, dot_q4k_i8, dot_q4k_i8_multi, dot_q5k_i8, dot_q5k_i8_multi,
-                      dot_q6k_i8, dot_q6k_i8_multi)
+from .rows_i8 import MULTI_MAX_T, dot_i8_any, dot_i8_multi_any
 
 ROW_BLOCK = 32  # rows per parallel work item of mm_*
+_Q4_1, _Q6_K = 3, 14
 
 
 @njit(cache=True, fastmath=True)
@@ -111,152 +114,70 @@ def quant_x_q8_32(X):
     return xq, xd, xs
 
 
+def quant_x(kind, X):
+    """-> (xq, xd, xs): X quantized the way type `kind`'s row kernels read it (numba only)."""
+    raise NotImplementedError
+
+
+@overload(quant_x, jit_options={"fastmath": True})
+def _quant_x(kind, X):
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    if kind.literal_value == _Q6_K:
+        return lambda kind, X: quant_x_q8k16(X)
+    if kind.literal_value == _Q4_1:
+        return lambda kind, X: quant_x_q8_32(X)
+    return lambda kind, X: quant_x_q8k(X)
+
+
 # -- one vector per matrix (matvec, gathered per-token products) --------------------------------
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mv_q4k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xs = quant_x_q8k(X)
+def mv_i8_parallel(kind, flat, offs, stride, nrows, nb, tab, X, xi, out):
+    literally(kind)
+    xq, xd, xs = quant_x(kind, X)
     for t in prange(offs.shape[0] * nrows):
         i = t // nrows
         r = t - i * nrows
         j = xi[i]
-        out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+        out[i, r] = dot_i8_any(kind, flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
 
 
 @njit(cache=True, fastmath=True)
-def mv_q4k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xs = quant_x_q8k(X)
+def mv_i8_serial(kind, flat, offs, stride, nrows, nb, tab, X, xi, out):
+    literally(kind)
+    xq, xd, xs = quant_x(kind, X)
     for i in range(offs.shape[0]):
         j = xi[i]
         for r in range(nrows):
-            out[i, r] = dot_q4k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mv_q4_1_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xs = quant_x_q8_32(X)
-    for t in prange(offs.shape[0] * nrows):
-        i = t // nrows
-        r = t - i * nrows
-        j = xi[i]
-        out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
-
-
-@njit(cache=True, fastmath=True)
-def mv_q4_1_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xs = quant_x_q8_32(X)
-    for i in range(offs.shape[0]):
-        j = xi[i]
-        for r in range(nrows):
-            out[i, r] = dot_q4_1_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mv_q5k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xs = quant_x_q8k(X)
-    for t in prange(offs.shape[0] * nrows):
-        i = t // nrows
-        r = t - i * nrows
-        j = xi[i]
-        out[i, r] = dot_q5k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
-
-
-@njit(cache=True, fastmath=True)
-def mv_q5k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xs = quant_x_q8k(X)
-    for i in range(offs.shape[0]):
-        j = xi[i]
-        for r in range(nrows):
-            out[i, r] = dot_q5k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mv_q6k_i8_parallel(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xb = quant_x_q8k16(X)
-    for t in prange(offs.shape[0] * nrows):
-        i = t // nrows
-        r = t - i * nrows
-        j = xi[i]
-        out[i, r] = dot_q6k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xb[j])
-
-
-@njit(cache=True, fastmath=True)
-def mv_q6k_i8_serial(flat, offs, stride, nrows, nb, tab, X, xi, out):
-    xq, xd, xb = quant_x_q8k16(X)
-    for i in range(offs.shape[0]):
-        j = xi[i]
-        for r in range(nrows):
-            out[i, r] = dot_q6k_i8(flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xb[j])
+            out[i, r] = dot_i8_any(kind, flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
 
 
 # -- T vectors through one matrix ---------------------------------------------------------------
 
 @njit(cache=True, fastmath=True)
-def _mm_q4k_rows(flat, stride, r0, r1, nb, tab, xq, xd, xs, out):
-    """Rows r0:r1 for all tokens, 16 at a time: the rows' bytes (32 x 1152 for 2048 columns)
-    stay in L2 across the token chunks, each chunk's 8-bit x (16 x 2048 bytes) in L1."""
+def _mm_rows(kind, flat, stride, r0, r1, nb, tab, xq, xd, xs, out):
+    """Rows r0:r1 for all tokens, 16 at a time: the rows' bytes (32 x 1152 for 2048 Q4_K
+    columns) stay in L2 across the token chunks, each chunk's 8-bit x (16 x 2048 bytes) in L1."""
+    literally(kind)
     T = xq.shape[0]
     for t0 in range(0, T, MULTI_MAX_T):
         tn = min(MULTI_MAX_T, T - t0)
         for r in range(r0, r1):
-            dot_q4k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, tn)
+            dot_i8_multi_any(kind, flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, tn)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mm_q4k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
-    xq, xd, xs = quant_x_q8k(X)
+def mm_i8_parallel(kind, flat, stride, nrows, nb, tab, X, out):
+    literally(kind)
+    xq, xd, xs = quant_x(kind, X)
     for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_q4k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
+        _mm_rows(kind, flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
 
 
 @njit(cache=True, fastmath=True)
-def mm_q4k_i8_serial(flat, stride, nrows, nb, tab, X, out):
-    xq, xd, xs = quant_x_q8k(X)
+def mm_i8_serial(kind, flat, stride, nrows, nb, tab, X, out):
+    literally(kind)
+    xq, xd, xs = quant_x(kind, X)
     for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_q4k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
-
-
-@njit(cache=True, fastmath=True)
-def _mm_q6k_rows(flat, stride, r0, r1, nb, tab, xq, xd, xb, out):
-    T = xq.shape[0]
-    for t0 in range(0, T, MULTI_MAX_T):
-        tn = min(MULTI_MAX_T, T - t0)
-        for r in range(r0, r1):
-            dot_q6k_i8_multi(flat, r * stride, nb, tab, xq, xd, xb, out, r, t0, tn)
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mm_q6k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
-    xq, xd, xb = quant_x_q8k16(X)
-    for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_q6k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xb, out)
-
-
-@njit(cache=True, fastmath=True)
-def mm_q6k_i8_serial(flat, stride, nrows, nb, tab, X, out):
-    xq, xd, xb = quant_x_q8k16(X)
-    for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_q6k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xb, out)
-
-
-@njit(cache=True, fastmath=True)
-def _mm_q5k_rows(flat, stride, r0, r1, nb, tab, xq, xd, xs, out):
-    T = xq.shape[0]
-    for t0 in range(0, T, MULTI_MAX_T):
-        tn = min(MULTI_MAX_T, T - t0)
-        for r in range(r0, r1):
-            dot_q5k_i8_multi(flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, tn)
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mm_q5k_i8_parallel(flat, stride, nrows, nb, tab, X, out):
-    xq, xd, xs = quant_x_q8k(X)
-    for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_q5k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
-
-
-@njit(cache=True, fastmath=True)
-def mm_q5k_i8_serial(flat, stride, nrows, nb, tab, X, out):
-    xq, xd, xs = quant_x_q8k(X)
-    for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_q5k_rows(flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
+        _mm_rows(kind, flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)

@@ -27,6 +27,7 @@ from . import dequant as dq
 from . import drivers as dv
 from . import drivers_i8 as di
 from .rows import DECODERS, USE_PERM
+from .rows_i8 import MULTI_KINDS
 from .rows_perm import PERM_DECODERS
 
 
@@ -163,17 +164,6 @@ def _entry(fn, kind, variant, *args):
     return res
 
 
-def _entry_plain(fn, variant, *args):
-    """_entry for drivers without a literal type argument (the 8-bit activation ones)."""
-    key = (fn, None, variant)  # same shape as _entry keys: (driver, kind, variant)
-    ep = _EP.get(key)
-    if ep is not None:
-        return ep(*args)
-    res = fn(*args)
-    _EP[key] = fn.overloads[tuple(typeof(a) for a in args)].entry_point
-    return res
-
-
 _PERMS: dict = {}
 
 
@@ -290,28 +280,21 @@ def _vec(x, n_cols, what="x"):
     return x
 
 
-_Q4K = int(G.Q4_K)
-# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (mv), and T vectors
-# through one matrix with each row decoded once per 16 of them (mm)
+# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (drivers_i8.mv_*), and
+# T vectors through one matrix with each row decoded once per 16 of them (mm_*, MULTI_KINDS)
 _I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1))
-_I8_MULTI = {_Q4K: (di.mm_q4k_i8_parallel, di.mm_q4k_i8_serial),
-             int(G.Q5_K): (di.mm_q5k_i8_parallel, di.mm_q5k_i8_serial),
-             int(G.Q6_K): (di.mm_q6k_i8_parallel, di.mm_q6k_i8_serial)}
-_I8_MV = {_Q4K: (di.mv_q4k_i8_parallel, di.mv_q4k_i8_serial),
-          int(G.Q5_K): (di.mv_q5k_i8_parallel, di.mv_q5k_i8_serial),
-          int(G.Q4_1): (di.mv_q4_1_i8_parallel, di.mv_q4_1_i8_serial),
-          int(G.Q6_K): (di.mv_q6k_i8_parallel, di.mv_q6k_i8_serial)}
+_I8_MULTI = frozenset(MULTI_KINDS)
 # one matrix at offset 0, one vector (matvec on the gather drivers); writeable like the gather's
 # own offs/xi arrays, so both use one compiled specialisation
 _XI0 = np.zeros(1, np.int64)
 
 
-def _int8_products(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind=_Q4K) -> None:
+def _int8_products(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind) -> None:
     """Products with 8-bit activations (see INT8_ACTIVATIONS); nb = blocks per row."""
     par = _par_ok(nbytes)
     t0 = time.perf_counter()
-    fn = _I8_MV[kind][0 if par else 1]
-    _entry_plain(fn, (type(flat), X.flags.writeable), flat, offs, stride, nrows, nb, F16_TABLE, X, xi, out)
+    _entry(di.mv_i8_parallel if par else di.mv_i8_serial, kind, (type(flat), X.flags.writeable),
+           flat, offs, stride, nrows, nb, F16_TABLE, X, xi, out)
     _note(par, nbytes, time.perf_counter() - t0)
 
 
@@ -441,8 +424,8 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)
         t0 = time.perf_counter()
-        fn = _I8_MULTI[qt.ggml_type][0 if par else 1]
-        _entry_plain(fn, (type(flat), X.flags.writeable), flat, stride, nrows, nb, F16_TABLE, X, o)
+        _entry(di.mm_i8_parallel if par else di.mm_i8_serial, qt.ggml_type, (type(flat), X.flags.writeable),
+               flat, stride, nrows, nb, F16_TABLE, X, o)
         if par:
             _note(True, T * nbytes, time.perf_counter() - t0)
         if o is not out:

@@ -72,135 +72,191 @@ def _k_block(e, builder, ob, q5: bool):
     return us, scvs, e.f16(ob), mv
 
 
-def _make_dot_k_i8(q5: bool):
+def _q6k_values(e, builder, ob):
+    """The 4 chunks of 64 six-bit values (unsigned, <64 x i8>) of a Q6_K super-block at byte ob
+    (210 B: ql[128] | qh[64] | int8 scales[16] | d; w = d * sc_k * (q - 32)) and its scales
+    (<16 x i8>).  Per half h of 128: elements 0-31 / 32-63 / 64-95 / 96-127 are ql[0:32] low,
+    ql[32:64] low, ql[0:32] high, ql[32:64] high nibbles, with qh bits 0-1 / 2-3 / 4-5 / 6-7 on
+    top: file order, so x needs no reordering."""
+    us = []
+    for h in range(2):
+        ql0, ql1 = e.ld(e.at(ob, 64 * h), 32), e.ld(e.at(ob, 64 * h + 32), 32)
+        qh = e.ld(e.at(ob, 128 + 32 * h), 32)
+        qs = [builder.or_(lo, builder.shl(e.bits(qh, 2 * k, 3), e.k8(4, 32)))
+              for k, lo in enumerate((e.lo4(ql0), e.lo4(ql1), e.hi4(ql0), e.hi4(ql1)))]
+        us += [e.cat(qs[0], qs[1]), e.cat(qs[2], qs[3])]
+    return us, e.ld(e.at(ob, 192), 16)
+
+
+def _pair_scales(builder, e, sc16, per: int):
+    """int16 scales -> per chunk c of 64 values the <32 x i16> (as <16 x i32>) vpdpwssd operand:
+    value pair m of the chunk gets scale sc16[(64 c + 2 m) // per] (per = elements per scale)."""
+    return [builder.bitcast(e.shuf(sc16, [(64 * c + 2 * m) // per for m in range(32)]), V(I32, 16))
+            for c in range(4)]
+
+
+def _typer_dot_k(q5: bool):
     bb = 176 if q5 else 144
 
-    @intrinsic
-    def dot_k_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
+    def typer(typingctx, flat, o, nb, tab, xq, xd, xs):
         """Q4_K / Q5_K row (flat, o, nb super-blocks, fp16 table) against xq int8 [n],
         xd float32 [n/256], xs float32 [n/32] -> float32."""
-        return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), _dot_k_cg(q5, bb)
-    return dot_k_i8
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xqa, xda, xsa = args
+            fty, _, _, tty, xqty, xdty, xsty = sig.args
+            e = Emit(context, builder, fty, fa, tty, ta)
+            zero16 = ir.Constant(V(I32, 16), [0] * 16)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
+            macc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
+            vnni = _vnni(builder)
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                us, scvs, d, mv = _k_block(e, builder, ob, q5)
+                isum = zero16
+                x0 = builder.mul(b, ir.Constant(I64, 256))
+                for c in range(4):
+                    xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 64 * c)), V(I32, 16))
+                    isum = builder.add(isum, builder.mul(builder.call(vnni, [zero16, us[c], xv]), scvs[c]))
+                s = builder.fmul(d, _load(builder, context, xdty, xda, b, F32), flags=FAST)
+                f = builder.sitofp(isum, V(F32, 16))
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(f, e.splat(s, 16), flags=FAST),
+                                           flags=FAST), acc)
+                xsv = _load(builder, context, xsty, xsa, builder.mul(b, ir.Constant(I64, 8)), V(F32, 8))
+                builder.store(builder.fadd(builder.load(macc), builder.fmul(mv, xsv, flags=FAST), flags=FAST),
+                              macc)
+            return builder.fsub(_hsum(e, builder.load(acc)), _hsum(e, builder.load(macc)), flags=FAST)
+        return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+    return typer
 
 
-def _dot_k_cg(q5: bool, bb: int):
+def _typer_dot_q6k(typingctx, flat, o, nb, tab, xq, xd, xb):
+    """Q6_K row against x quantized per 256 elements (xq int8 [n], xd float32 [n/256]) with
+    xb int32 [n/16] the integer sums of xq over 16 elements (llama.cpp's Q8_K bsums):
+        sum w x = sum_b d_b dx_b sum_k sc_k (sum_{i in k} q_i xq_i - 32 xb_k).
+    The 6-bit q (0..63) are unsigned bytes for vpmaddubsw (pair sums <= 2 * 63 * 127, within
+    int16), then vpdpwssd multiplies by the 16-element group scales."""
     def cg(context, builder, sig, args):
-        fa, o_, nb_, ta, xqa, xda, xsa = args
-        fty, _, _, tty, xqty, xdty, xsty = sig.args
+        fa, o_, nb_, ta, xqa, xda, xba = args
+        fty, _, _, tty, xqty, xdty, xbty = sig.args
         e = Emit(context, builder, fty, fa, tty, ta)
-        zero16 = ir.Constant(V(I32, 16), [0] * 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
-        macc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
-        vnni = _vnni(builder)
-        with cgutils.for_range(builder, nb_) as loop:
-            b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
-            us, scvs, d, mv = _k_block(e, builder, ob, q5)
-            isum = zero16
-            x0 = builder.mul(b, ir.Constant(I64, 256))
-            for c in range(4):
-                xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 64 * c)), V(I32, 16))
-                isum = builder.add(isum, builder.mul(builder.call(vnni, [zero16, us[c], xv]), scvs[c]))
-            s = builder.fmul(d, _load(builder, context, xdty, xda, b, F32), flags=FAST)
-            f = builder.sitofp(isum, V(F32, 16))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(f, e.splat(s, 16), flags=FAST),
-                                       flags=FAST), acc)
-            xsv = _load(builder, context, xsty, xsa, builder.mul(b, ir.Constant(I64, 8)), V(F32, 8))
-            builder.store(builder.fadd(builder.load(macc), builder.fmul(mv, xsv, flags=FAST), flags=FAST),
-                          macc)
-        return builder.fsub(_hsum(e, builder.load(acc)), _hsum(e, builder.load(macc)), flags=FAST)
-    return cg
-
-
-dot_q4k_i8 = _make_dot_k_i8(False)
-dot_q5k_i8 = _make_dot_k_i8(True)
-
-MULTI_MAX_T = 16  # tokens per call of the *_multi row kernels (accumulators on the stack)
-
-
-def _make_dot_k_i8_multi(q5: bool):
-    @intrinsic
-    def dot_k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
-        return (types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
-                           types.int64), _dot_k_multi_cg(q5, 176 if q5 else 144))
-    return dot_k_i8_multi
-
-
-def _dot_k_multi_cg(q5: bool, bb: int):
-    """Q4_K / Q5_K: out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of
-    xq [T, n] int8 / xd [T, n/256] / xs [T, n/32] (as in dot_q4k_i8): each super-block's scales
-    and values are decoded once and used for all tn tokens (batched decode; prompts in 16-token
-    chunks).  Per token and 64 elements: vpmaddubsw (4/5-bit q times 8-bit x, pairs summed in int16: |sum| <= 2*31*127) then vpdpwssd
-    (times the sub-block scale, pairs summed into int32): two multiply instructions, where
-    vpdpbusd + vpmulld cost three slots (vpmulld is a slow one); ~12% faster at T = 8."""
-    def cg(context, builder, sig, args):
-        fa, o_, nb_, ta, xqa, xda, xsa, outa, r_, t0_, tn_ = args
-        fty, _, _, tty, xqty, xdty, xsty, outty = sig.args[:8]
-        e = Emit(context, builder, fty, fa, tty, ta)
-        xqs = context.make_array(xqty)(context, builder, xqa)
-        xds = context.make_array(xdty)(context, builder, xda)
-        xss = context.make_array(xsty)(context, builder, xsa)
-        outs = context.make_array(outty)(context, builder, outa)
-        n = cgutils.unpack_tuple(builder, xqs.shape, 2)[1]
-        T = tn_
-        ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
-        nxs = cgutils.unpack_tuple(builder, xss.shape, 2)[1]
-        nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
         maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
         dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
-        zero16 = ir.Constant(V(I32, 16), [0] * 16)
-        accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
-        maccs = cgutils.alloca_once(builder, V(F32, 8), size=MULTI_MAX_T)
-        with cgutils.for_range(builder, T) as lt:
-            builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
-            builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(maccs, [lt.index]))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
-            sc, mn = k_scales_int(e, ob)
-            sc16 = builder.zext(sc, V(I16, 8))
-            us = _k_values(e, builder, ob, q5)  # chunk c: sub-blocks 2c and 2c+1, 32 values each
-            scvs = [builder.bitcast(e.shuf(sc16, [2 * c] * 16 + [2 * c + 1] * 16), V(I32, 16))
-                    for c in range(4)]
-            mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
-            d = e.f16(ob)
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
+            us, sc8 = _q6k_values(e, builder, ob)
+            scvs = _pair_scales(builder, e, builder.sext(sc8, V(I16, 16)), 16)
             x0 = builder.mul(b, ir.Constant(I64, 256))
-            with cgutils.for_range(builder, T) as lt:
-                t = builder.add(t0_, lt.index)  # token row in xq / out
-                isum = zero16
-                for c in range(4):
-                    off = builder.add(builder.mul(t, n), builder.add(x0, ir.Constant(I64, 64 * c)))
-                    xp = builder.gep(xqs.data, [off])
-                    xv = builder.load(builder.bitcast(xp, ir.PointerType(V(I8, 64))))
-                    xv.align = 1
-                    pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
-                    isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
-                dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
-                s = builder.fmul(d, dx, flags=FAST)
-                ap = builder.gep(accs, [lt.index])
-                builder.store(builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum, V(F32, 16)),
-                                                                          e.splat(s, 16), flags=FAST),
-                                           flags=FAST), ap)
-                xo = builder.add(builder.mul(t, nxs), builder.mul(b, ir.Constant(I64, 8)))
-                xsv = builder.load(builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(F32, 8))))
-                xsv.align = 4
-                mp = builder.gep(maccs, [lt.index])
-                builder.store(builder.fadd(builder.load(mp), builder.fmul(mv, xsv, flags=FAST), flags=FAST), mp)
-        with cgutils.for_range(builder, T) as lt:
-            t = builder.add(t0_, lt.index)
-            res = builder.fsub(_hsum(e, builder.load(builder.gep(accs, [lt.index]))),
-                               _hsum(e, builder.load(builder.gep(maccs, [lt.index]))), flags=FAST)
-            builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
-        return context.get_dummy_value()
-    return cg
+            isum = ir.Constant(V(I32, 16), [0] * 16)
+            for c in range(4):
+                xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 64 * c)), V(I8, 64))
+                pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
+                isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
+            xbv = _load(builder, context, xbty, xba, builder.mul(b, ir.Constant(I64, 16)), V(I32, 16))
+            off = builder.shl(builder.mul(builder.sext(sc8, V(I32, 16)), xbv), ir.Constant(V(I32, 16), [5] * 16))
+            isum = builder.sub(isum, off)
+            s = builder.fmul(e.f16(e.at(ob, 208)), _load(builder, context, xdty, xda, b, F32), flags=FAST)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(isum, V(F32, 16)),
+                                                                       e.splat(s, 16), flags=FAST),
+                                       flags=FAST), acc)
+        return _hsum(e, builder.load(acc))
+    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xb), cg
 
 
-dot_q4k_i8_multi = _make_dot_k_i8_multi(False)
-dot_q5k_i8_multi = _make_dot_k_i8_multi(True)
+MULTI_MAX_T = 16  # tokens per call of the multi-token row kernels (accumulators on the stack)
 
 
-@intrinsic
-def dot_q4_1_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
+def _typer_dot_multi(kind: str):
+    """kind "q4k" / "q5k" / "q6k": out[t, r] = row . x_t for the tn <= 16 token rows
+    t0 <= t < t0 + tn of xq [T, n] int8 / xd [T, n/256] / xs (as in the one-token kernels: float
+    [T, n/32] x sums for the Q4_K / Q5_K mins, int32 [T, n/16] xq sums for Q6_K's - 32): each
+    super-block is decoded once for all tn tokens (batched decode; prompts in 16-token chunks).
+    Per token and 64 elements: vpmaddubsw (q times 8-bit x, pairs summed in int16: |sum| <=
+    2 * 63 * 127) then vpdpwssd (times the scales, pairs summed into int32): two multiply
+    instructions, where vpdpbusd + vpmulld cost three slots (vpmulld is a slow one); ~12% faster
+    at T = 8."""
+    q6 = kind == "q6k"
+    bb = {"q4k": 144, "q5k": 176, "q6k": 210}[kind]
+
+    def typer(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xqa, xda, xsa, outa, r_, t0_, tn_ = args
+            fty, _, _, tty, xqty, xdty, xsty, outty = sig.args[:8]
+            e = Emit(context, builder, fty, fa, tty, ta)
+            xqs = context.make_array(xqty)(context, builder, xqa)
+            xds = context.make_array(xdty)(context, builder, xda)
+            xss = context.make_array(xsty)(context, builder, xsa)
+            outs = context.make_array(outty)(context, builder, outa)
+            n = cgutils.unpack_tuple(builder, xqs.shape, 2)[1]
+            ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
+            nxs = cgutils.unpack_tuple(builder, xss.shape, 2)[1]
+            nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
+            maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
+            dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
+            accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
+            maccs = cgutils.alloca_once(builder, V(F32, 8), size=MULTI_MAX_T)  # mins (Q4_K / Q5_K)
+            with cgutils.for_range(builder, tn_) as lt:
+                builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
+                builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(maccs, [lt.index]))
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                if q6:
+                    us, sc8 = _q6k_values(e, builder, ob)
+                    scvs = _pair_scales(builder, e, builder.sext(sc8, V(I16, 16)), 16)
+                    sc32 = builder.sext(sc8, V(I32, 16))
+                    d = e.f16(e.at(ob, 208))
+                else:
+                    sc, mn = k_scales_int(e, ob)
+                    us = _k_values(e, builder, ob, kind == "q5k")
+                    scvs = _pair_scales(builder, e, builder.zext(sc, V(I16, 8)), 32)
+                    mv = builder.fmul(e.splat(e.f16(e.at(ob, 2)), 8), e.uf(mn), flags=FAST)
+                    d = e.f16(ob)
+                x0 = builder.mul(b, ir.Constant(I64, 256))
+                with cgutils.for_range(builder, tn_) as lt:
+                    t = builder.add(t0_, lt.index)  # token row in xq / out
+                    isum = ir.Constant(V(I32, 16), [0] * 16)
+                    for c in range(4):
+                        off = builder.add(builder.mul(t, n), builder.add(x0, ir.Constant(I64, 64 * c)))
+                        xv = builder.load(builder.bitcast(builder.gep(xqs.data, [off]), ir.PointerType(V(I8, 64))))
+                        xv.align = 1
+                        pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
+                        isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
+                    if q6:  # - 32 * sc_k * (sum of xq over group k)
+                        xo = builder.add(builder.mul(t, nxs), builder.mul(b, ir.Constant(I64, 16)))
+                        xbp = builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(I32, 16)))
+                        xbv = builder.load(xbp)
+                        xbv.align = 4
+                        five = ir.Constant(V(I32, 16), [5] * 16)
+                        isum = builder.sub(isum, builder.shl(builder.mul(sc32, xbv), five))
+                    else:  # the mins: dmin * mn_j * (float sum of x over sub-block j)
+                        xo = builder.add(builder.mul(t, nxs), builder.mul(b, ir.Constant(I64, 8)))
+                        xsp = builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(F32, 8)))
+                        xsv = builder.load(xsp)
+                        xsv.align = 4
+                        mp = builder.gep(maccs, [lt.index])
+                        mins = builder.fmul(mv, xsv, flags=FAST)
+                        builder.store(builder.fadd(builder.load(mp), mins, flags=FAST), mp)
+                    dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
+                    s = builder.fmul(d, dx, flags=FAST)
+                    ap = builder.gep(accs, [lt.index])
+                    builder.store(builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum, V(F32, 16)),
+                                                                              e.splat(s, 16), flags=FAST),
+                                               flags=FAST), ap)
+            with cgutils.for_range(builder, tn_) as lt:
+                t = builder.add(t0_, lt.index)
+                res = builder.fsub(_hsum(e, builder.load(builder.gep(accs, [lt.index]))),
+                                   _hsum(e, builder.load(builder.gep(maccs, [lt.index]))), flags=FAST)
+                builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
+            return context.get_dummy_value()
+        return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
+                          types.int64), cg
+    return typer
+
+
+def _typer_dot_q4_1(typingctx, flat, o, nb, tab, xq, xd, xs):
     """Q4_1 row (20-byte blocks: d | m | 16 nibble bytes, elements 0-15 low nibbles, 16-31 high;
     w = d q + m) against x quantized per 32 elements (xq int8 [>= n + 32, zero padded],
     xd float32 [n/32 + 1]; xs float32 [n/32] exact block sums of x):
@@ -246,122 +302,46 @@ def dot_q4_1_i8(typingctx, flat, o, nb, tab, xq, xd, xs):
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
 
 
-@intrinsic
-def dot_q6k_i8(typingctx, flat, o, nb, tab, xq, xd, xb):
-    """Q6_K row (210-byte super-blocks of 256: ql[128] | qh[64] | int8 scales[16] | d; w =
-    d * sc_k * (q - 32) with q = 4 low bits from ql and 2 high bits from qh, one scale per 16
-    elements) against x quantized per 256 elements (xq int8 [n], xd float32 [n/256]) with
-    xb int32 [n/16] the integer sums of xq over 16 elements (llama.cpp's Q8_K bsums):
-        sum w x = sum_b d_b dx_b sum_k sc_k (sum_{i in k} q_i xq_i - 32 xb_k).
-    The 6-bit q (0..63) are unsigned bytes for vpmaddubsw (pair sums <= 2 * 63 * 127, within
-    int16), then vpdpwssd multiplies by the 16-element group scales.  Per half of 128: elements
-    0-31 / 32-63 / 64-95 / 96-127 are ql[0:32] low, ql[32:64] low, ql[0:32] high, ql[32:64]
-    high nibbles, with qh bits 0-1 / 2-3 / 4-5 / 6-7 on top: elements in file order, so x needs
-    no reordering."""
-    def cg(context, builder, sig, args):
-        fa, o_, nb_, ta, xqa, xda, xba = args
-        fty, _, _, tty, xqty, xdty, xbty = sig.args
-        e = Emit(context, builder, fty, fa, tty, ta)
-        maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
-        dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
-        zero16 = ir.Constant(V(I32, 16), [0] * 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
-        with cgutils.for_range(builder, nb_) as loop:
-            b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
-            sc8 = e.ld(e.at(ob, 192), 16)                  # <16 x i8> signed scales
-            sc16 = builder.sext(sc8, V(I16, 16))
-            x0 = builder.mul(b, ir.Constant(I64, 256))
-            isum = zero16
-            for h in range(2):
-                ql0, ql1 = e.ld(e.at(ob, 64 * h), 32), e.ld(e.at(ob, 64 * h + 32), 32)
-                qh = e.ld(e.at(ob, 128 + 32 * h), 32)
-                qs = [builder.or_(lo, builder.shl(e.bits(qh, 2 * k, 3), e.k8(4, 32)))
-                      for k, lo in enumerate((e.lo4(ql0), e.lo4(ql1), e.hi4(ql0), e.hi4(ql1)))]
-                for c in range(2):  # 64 elements: groups 8h + 4c .. 8h + 4c + 3
-                    u = e.cat(qs[2 * c], qs[2 * c + 1])
-                    g0 = 8 * h + 4 * c
-                    scv = builder.bitcast(e.shuf(sc16, [g0 + m // 8 for m in range(32)]), V(I32, 16))
-                    xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 128 * h + 64 * c)),
-                               V(I8, 64))
-                    pairs = builder.bitcast(builder.call(maddubs, [u, xv]), V(I32, 16))
-                    isum = builder.call(dpwssd, [isum, pairs, scv])
-            xbv = _load(builder, context, xbty, xba, builder.mul(b, ir.Constant(I64, 16)), V(I32, 16))
-            off = builder.shl(builder.mul(builder.sext(sc8, V(I32, 16)), xbv), ir.Constant(V(I32, 16), [5] * 16))
-            isum = builder.sub(isum, off)
-            s = builder.fmul(e.f16(e.at(ob, 208)), _load(builder, context, xdty, xda, b, F32), flags=FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(isum, V(F32, 16)),
-                                                                       e.splat(s, 16), flags=FAST),
-                                       flags=FAST), acc)
-        return _hsum(e, builder.load(acc))
-    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xb), cg
+# The row kernels by GGML type id, chosen at typing time from a literal first argument (the
+# drivers are specialised per type with numba.literally, as in drivers.py).
+_Q4_1, _Q4_K, _Q5_K, _Q6_K = 3, 12, 13, 14
 
 
-@intrinsic
-def dot_q6k_i8_multi(typingctx, flat, o, nb, tab, xq, xd, xb, out, r, t0, tn):
-    """out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of xq [T, n] int8 /
-    xd [T, n/256] / xb int32 [T, n/16] (as in dot_q6k_i8): each super-block's 6-bit values and
-    scales are decoded once for all tn tokens."""
-    def cg(context, builder, sig, args):
-        fa, o_, nb_, ta, xqa, xda, xba, outa, r_, t0_, tn_ = args
-        fty, _, _, tty, xqty, xdty, xbty, outty = sig.args[:8]
-        e = Emit(context, builder, fty, fa, tty, ta)
-        xqs = context.make_array(xqty)(context, builder, xqa)
-        xds = context.make_array(xdty)(context, builder, xda)
-        xbs = context.make_array(xbty)(context, builder, xba)
-        outs = context.make_array(outty)(context, builder, outa)
-        n = cgutils.unpack_tuple(builder, xqs.shape, 2)[1]
-        ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
-        nxb = cgutils.unpack_tuple(builder, xbs.shape, 2)[1]
-        nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
-        maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
-        dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
-        zero16 = ir.Constant(V(I32, 16), [0] * 16)
-        five = ir.Constant(V(I32, 16), [5] * 16)
-        accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
-        with cgutils.for_range(builder, tn_) as lt:
-            builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
-        with cgutils.for_range(builder, nb_) as loop:
-            b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
-            sc8 = e.ld(e.at(ob, 192), 16)
-            sc16 = builder.sext(sc8, V(I16, 16))
-            sc32 = builder.sext(sc8, V(I32, 16))
-            us, scvs = [], []
-            for h in range(2):
-                ql0, ql1 = e.ld(e.at(ob, 64 * h), 32), e.ld(e.at(ob, 64 * h + 32), 32)
-                qh = e.ld(e.at(ob, 128 + 32 * h), 32)
-                qs = [builder.or_(lo, builder.shl(e.bits(qh, 2 * k, 3), e.k8(4, 32)))
-                      for k, lo in enumerate((e.lo4(ql0), e.lo4(ql1), e.hi4(ql0), e.hi4(ql1)))]
-                for c in range(2):
-                    us.append(e.cat(qs[2 * c], qs[2 * c + 1]))
-                    g0 = 8 * h + 4 * c
-                    scvs.append(builder.bitcast(e.shuf(sc16, [g0 + m // 8 for m in range(32)]), V(I32, 16)))
-            d = e.f16(e.at(ob, 208))
-            x0 = builder.mul(b, ir.Constant(I64, 256))
-            with cgutils.for_range(builder, tn_) as lt:
-                t = builder.add(t0_, lt.index)  # token row in xq / out
-                isum = zero16
-                for c in range(4):
-                    off = builder.add(builder.mul(t, n), builder.add(x0, ir.Constant(I64, 64 * c)))
-                    xv = builder.load(builder.bitcast(builder.gep(xqs.data, [off]), ir.PointerType(V(I8, 64))))
-                    xv.align = 1
-                    pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
-                    isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
-                xbo = builder.add(builder.mul(t, nxb), builder.mul(b, ir.Constant(I64, 16)))
-                xbv = builder.load(builder.bitcast(builder.gep(xbs.data, [xbo]), ir.PointerType(V(I32, 16))))
-                xbv.align = 4
-                isum = builder.sub(isum, builder.shl(builder.mul(sc32, xbv), five))
-                dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
-                s = builder.fmul(d, dx, flags=FAST)
-                ap = builder.gep(accs, [lt.index])
-                builder.store(builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum, V(F32, 16)),
-                                                                          e.splat(s, 16), flags=FAST),
-                                           flags=FAST), ap)
-        with cgutils.for_range(builder, tn_) as lt:
-            t = builder.add(t0_, lt.index)
-            builder.store(_hsum(e, builder.load(builder.gep(accs, [lt.index]))),
-                          builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
-        return context.get_dummy_value()
-    return types.void(flat, types.int64, types.int64, tab, xq, xd, xb, out, types.int64, types.int64,
-                      types.int64), cg
+def _by_kind(table, name, multi):
+    def pick(kind):
+        if not isinstance(kind, types.IntegerLiteral) or kind.literal_value not in table:
+            return None
+        return table[kind.literal_value]
+
+    def wrap(inner):
+        isig, icg = inner
+
+        def cg(context, builder, sig, a):
+            return icg(context, builder, isig, a[1:])
+        return isig, cg
+
+    if multi:
+        def typer(typingctx, kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
+            t = pick(kind)
+            if t is None:
+                return None
+            isig, cg = wrap(t(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn))
+            return isig.return_type(kind, *isig.args), cg
+    else:
+        def typer(typingctx, kind, flat, o, nb, tab, xq, xd, xs):
+            t = pick(kind)
+            if t is None:
+                return None
+            isig, cg = wrap(t(typingctx, flat, o, nb, tab, xq, xd, xs))
+            return isig.return_type(kind, *isig.args), cg
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+# (kind, flat, o, nb, tab, xq, xd, xs) -> float32: one row against one quantized vector
+dot_i8_any = _by_kind({_Q4_K: _typer_dot_k(False), _Q5_K: _typer_dot_k(True), _Q6_K: _typer_dot_q6k,
+                       _Q4_1: _typer_dot_q4_1}, "dot_i8_any", False)
+# (kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn): one row against tn <= 16 vectors
+dot_i8_multi_any = _by_kind({_Q4_K: _typer_dot_multi("q4k"), _Q5_K: _typer_dot_multi("q5k"),
+                             _Q6_K: _typer_dot_multi("q6k")}, "dot_i8_multi_any", True)
+MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K)
