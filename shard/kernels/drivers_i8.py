@@ -31,10 +31,9 @@ from numba import literally, njit, prange
 from numba.core import types
 from numba.extending import overload
 
-from .rows_i8 import MULTI_MAX_T, dot_i8_any, dot_i8_multi_any
+from .rows_i8 import _Q4_1, _Q6_K, MULTI_MAX_T, dot_i8_any, dot_i8_multi_any
 
 ROW_BLOCK = 32  # rows per parallel work item of mm_*
-_Q4_1, _Q6_K = 3, 14
 
 
 @njit(cache=True, fastmath=True)

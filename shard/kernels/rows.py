@@ -464,19 +464,31 @@ DEQ = {k: make_deq(d, bs, ts, _NAMES[k]) for k, (d, bs, ts, _, _) in DECODERS.it
 
 
 
-def _by_kind(table, name):
-    """Intrinsic f(kind, ...) whose first argument must be a compile-time literal type id: the
-    typer picks table[kind] (so a driver specialised with numba.literally(kind) contains only
-    that type's code, inlined, without a branch chain)."""
-    def typer(typingctx, kind, flat, o, nb, tab, v, w):
+def _by_kind(table, name, nargs: int = 6):
+    """Intrinsic f(kind, *nargs arguments) whose first argument must be a compile-time literal
+    type id: the typer picks table[kind] (so a driver specialised with numba.literally(kind)
+    contains only that type's code, inlined, without a branch chain).  Numba intrinsics need an
+    explicit parameter list, hence one typer per arity (6 here, 7 and 11 for rows_i8)."""
+    def resolve(typingctx, kind, args):
         if not isinstance(kind, types.IntegerLiteral) or kind.literal_value not in table:
             return None
-        inner = table[kind.literal_value](typingctx, flat, o, nb, tab, v, w)
-        isig, icg = inner
+        isig, icg = table[kind.literal_value](typingctx, *args)
 
         def cg(context, builder, sig, a):
             return icg(context, builder, isig, a[1:])
         return isig.return_type(kind, *isig.args), cg
+
+    if nargs == 6:
+        def typer(typingctx, kind, flat, o, nb, tab, v, w):
+            return resolve(typingctx, kind, (flat, o, nb, tab, v, w))
+    elif nargs == 7:
+        def typer(typingctx, kind, flat, o, nb, tab, xq, xd, xs):
+            return resolve(typingctx, kind, (flat, o, nb, tab, xq, xd, xs))
+    elif nargs == 11:
+        def typer(typingctx, kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
+            return resolve(typingctx, kind, (flat, o, nb, tab, xq, xd, xs, out, r, t0, tn))
+    else:
+        raise ValueError(f"no typer for {nargs} arguments")
     typer.__name__ = name
     return intrinsic(typer)
 

@@ -19,9 +19,8 @@ AVX-512 VNNI (registry.INT8_ACTIVATIONS); elsewhere the float kernels run.
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
-from .rows import F32, I8, I16, I32, I64, FAST, V, Emit, _hsum, k_scales_int
+from .rows import F32, I8, I16, I32, I64, FAST, V, Emit, _by_kind, _hsum, k_scales_int
 
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # (acc <16 x i32>, u8 x64 as <16 x i32>, s8 x64 as <16 x i32>)
 _PMADDUBSW = "llvm.x86.avx512.pmaddubs.w.512"  # (u8 x64, s8 x64) -> adjacent pairs summed, <32 x i16>
@@ -307,41 +306,10 @@ def _typer_dot_q4_1(typingctx, flat, o, nb, tab, xq, xd, xs):
 _Q4_1, _Q4_K, _Q5_K, _Q6_K = 3, 12, 13, 14
 
 
-def _by_kind(table, name, multi):
-    def pick(kind):
-        if not isinstance(kind, types.IntegerLiteral) or kind.literal_value not in table:
-            return None
-        return table[kind.literal_value]
-
-    def wrap(inner):
-        isig, icg = inner
-
-        def cg(context, builder, sig, a):
-            return icg(context, builder, isig, a[1:])
-        return isig, cg
-
-    if multi:
-        def typer(typingctx, kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
-            t = pick(kind)
-            if t is None:
-                return None
-            isig, cg = wrap(t(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn))
-            return isig.return_type(kind, *isig.args), cg
-    else:
-        def typer(typingctx, kind, flat, o, nb, tab, xq, xd, xs):
-            t = pick(kind)
-            if t is None:
-                return None
-            isig, cg = wrap(t(typingctx, flat, o, nb, tab, xq, xd, xs))
-            return isig.return_type(kind, *isig.args), cg
-    typer.__name__ = name
-    return intrinsic(typer)
-
-
 # (kind, flat, o, nb, tab, xq, xd, xs) -> float32: one row against one quantized vector
 dot_i8_any = _by_kind({_Q4_K: _typer_dot_k(False), _Q5_K: _typer_dot_k(True), _Q6_K: _typer_dot_q6k,
-                       _Q4_1: _typer_dot_q4_1}, "dot_i8_any", False)
+                       _Q4_1: _typer_dot_q4_1}, "dot_i8_any", 7)
 # (kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn): one row against tn <= 16 vectors
 dot_i8_multi_any = _by_kind({_Q4_K: _typer_dot_multi("q4k"), _Q5_K: _typer_dot_multi("q5k"),
-                             _Q6_K: _typer_dot_multi("q6k")}, "dot_i8_multi_any", True)
+                             _Q6_K: _typer_dot_multi("q6k")}, "dot_i8_multi_any", 11)
 MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K)
