@@ -10,7 +10,10 @@ the layers through `Plan.program()`.  Modes:
            so bytes balance); attention, norms, routers, shared experts and dense layers by
            layer ranges.
   rows     MoE: every routed expert's intermediate dim F split between all workers
-           (block-aligned), so each worker does an equal share of every chosen expert.
+           (block-aligned), so each worker does an equal share of every chosen expert; the
+           dense FFN layers (blk.N.ffn_{gate,up,down}) and an untied output head (vocab rows)
+           are split by rows as well, so no heavy product runs on one worker while the
+           others wait (on a shared node that lets every worker keep its own CPUs).
   In both split modes the shared experts (blk.N.ffn_*_shexp, DeepSeek/Qwen) are split by rows
   too: they run in the same stage as the routed experts, and a whole shared expert on one
   worker would make that worker the slowest of the stage every layer.
@@ -33,6 +36,7 @@ from dsd.errors import DsdError
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _SHEXP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
+_DENSE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
 _BLK = re.compile(r"^blk\.(\d+)\.")
 HEAD = ("output.weight", "output_norm.weight")
 
@@ -94,7 +98,9 @@ class Plan:
     def program(self) -> list[dict]:
         """The coordinator's stages for one forward pass:
         {"kind": "seq", "worker": w, "ops": [...]}   one worker, h in -> h (or logits) out
-        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["experts_all", i], ["head"].
+        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["experts_all", i], ["head"],
+             and in rows mode ["attn", i], ["ffn_all", i] (a dense FFN split by rows) and
+             ["head_all"] (an output head split by vocab rows).
         A split MoE layer is ["attn_route", i] then ["experts_all", i] on the layer's owner,
         which hands the routed tokens to the other workers itself (through their channels, the
         coordinator lends them for the stage) and adds their partial sums: two hops per layer
@@ -118,10 +124,31 @@ class Plan:
             if self.split and i in moe:
                 add(o, ["attn_route", i])
                 add(o, ["experts_all", i])
+            elif self.split and self.split_ffn(i):
+                add(o, ["attn", i])
+                add(o, ["ffn_all", i])
             else:
                 add(o, ["layers", i, i + 1])
-        add(self.head_owner, ["head"])
+        add(self.head_owner, ["head_all"] if self.split and self.split_head() else ["head"])
         return stages
+
+    def _split_names(self) -> set[str]:
+        return {p.name for ps in self.pieces for p in ps if p.mode == "rows"}
+
+    def split_ffn(self, i: int) -> bool:
+        """Is layer i's dense FFN split by rows between the workers?"""
+        return f"blk.{i}.ffn_gate.weight" in self._split_names()
+
+    def split_head(self) -> bool:
+        return "output.weight" in self._split_names()
+
+    def head_rows(self) -> list[tuple[int, int]]:
+        """Vocab rows (a, b) of the output head per worker (a split head)."""
+        out = []
+        for ps in self.pieces:
+            rs = [(p.a, p.b) for p in ps if p.name == "output.weight"]
+            out.append(rs[0] if rs else (0, 0))
+        return out
 
     def describe(self) -> list[str]:
         lines = [f"placement: {self.mode} on {self.n_workers} worker(s) — {self.reason}"]
@@ -132,7 +159,7 @@ class Plan:
             if self.embed_owner == w:
                 extra.append("token embedding")
             if self.head_owner == w:
-                extra.append("output head")
+                extra.append("output norm" if self.split and self.split_head() else "output head")
             ex = self.experts_of(w)
             if ex and self.split:
                 modes = {m for m, _, _ in ex.values()}
@@ -144,6 +171,13 @@ class Plan:
                 else:
                     a, b = next(iter(ex.values()))[1:]
                     extra.append(f"rows {a}:{b} of every routed expert in {len(ex)} MoE layers")
+            dense = [i for i in range(self.n_layers) if self.split and self.split_ffn(i)]
+            if dense:
+                extra.append(f"a row share of the dense FFN of layer{'s' if len(dense) > 1 else ''} "
+                             f"{', '.join(map(str, dense))}")
+            if self.split and self.split_head():
+                a, b = self.head_rows()[w]
+                extra.append(f"vocab rows {a}:{b} of the output head")
             lines.append(f"worker {w}: {lr}" + (f"; {', '.join(extra)}" if extra else "")
                          + f"; {self.worker_bytes()[w] / 2**20:.1f} MiB")
         return lines
@@ -256,6 +290,14 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     if n_workers > 1 and L < n_workers and mode == "layers":
         raise DsdError(f"the model has {L} layers, too few for {n_workers} workers in a pipeline; "
                        f"use --nodes {L} or fewer")
+    if mode == "rows":  # the split dense FFNs and output head do not weigh on their owner
+        for name, t in tensors.items():
+            if (md := _DENSE.match(name)):
+                per_layer[int(md.group(1))] -= t.nbytes
+        if not tied:
+            head -= tensors["output.weight"].nbytes
+        reason = reason.replace("; attention and dense layers by layer ranges",
+                                "; dense FFNs and the output head by rows, attention by layer ranges")
     owner = _balanced_ranges(per_layer, n_workers, head, 0.0 if tied else emb)
     last = owner[-1] if owner else 0
     embed_owner = last if tied else owner[0]
@@ -289,6 +331,19 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
                 if b > a:
                     pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * (b - a) * bs / F)))
             continue
+        md = _DENSE.match(name)
+        if mode == "rows" and (md or (name == "output.weight" and len(t.shape) == 2)):
+            # gate/up [F, D] rows, down [D, F] columns (block-aligned), output [V, D] rows
+            i = int(md.group(1)) if md else L - 1
+            if md:
+                F = t.shape[0] if md.group(2) != "down" else t.shape[1]
+                bs = quant_type(tensors[f"blk.{i}.ffn_down.weight"].ggml_type).block_size
+            else:
+                F, bs = t.shape[0], 1
+            if F % bs == 0 and F // bs >= n_workers:
+                for w, (a, b) in enumerate(_split_even(F // bs, n_workers, owner[i] + 1)):
+                    pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * (b - a) * bs / F)))
+                continue
         if name == "token_embd.weight":
             ws = [embed_owner]
         elif name in HEAD:

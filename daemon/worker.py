@@ -14,6 +14,10 @@ Commands (header of a channel message; arrays named in brackets):
        requests itself through their channels, lent in hdr["peers"]);
        ["experts", i] [xn, ids, w] -> [p] (this worker's share, sent by a layer owner);
        ["head"] [h] -> [logits]
+  rows mode also splits dense FFNs and the output head:
+       ["attn", i] [h] -> [h] (attention only); ["ffn_all", i] -> [h] and ["head_all"] ->
+       [logits] (every worker's share, gathered by the owner as in experts_all);
+       ["ffn", i] [xn] -> [p] and ["head_share"] [hn] -> [lg] (this worker's share)
   seqs/n/pos0: the batch's segments (sequence id, new tokens, first position);
   logit_rows: rows of h the head computes;  free: sequence ids whose KV cache to drop.
 """
@@ -33,6 +37,9 @@ _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log every command's batch si
 
 
 PEER_SPIN_S = 1e-3  # a layer owner waiting for another worker's expert share spins this long
+# rows mode: a worker waiting for its next command spins this long before it blocks (the gaps
+# inside a decode step are < 1 ms; an idle daemon's workers sleep after this)
+BETWEEN_SPIN_S = 3e-3
 
 
 class PeerWorkerDied(Exception):
@@ -163,14 +170,15 @@ class Worker:
             base = {"seqs": [sid], "n": [T], "pos0": [pos], "logit_rows": [T - 1]}
             arrays = {"tokens": np.zeros(T, np.int64), "h": np.zeros((T, D), np.float32),
                       "xn": np.zeros((T, D), np.float32), "ids": np.tile(np.arange(k), (T, 1)),
-                      "w": np.full((T, k), 1.0 / k, np.float32)}
+                      "w": np.full((T, k), 1.0 / k, np.float32), "hn": np.zeros((1, D), np.float32)}
             for st in self.plan.program():
                 if st["worker"] == self.index:  # no "peers" here: only this worker's share
                     self.execute(dict(base, ops=st["ops"]), dict(arrays))
                 else:  # the expert shares other layer owners will ask of this worker
+                    share = {"experts_all": "experts", "ffn_all": "ffn", "head_all": "head_share"}
                     for op in st["ops"]:
-                        if op[0] == "experts_all":
-                            self.execute(dict(base, ops=[["experts", op[1]]]), dict(arrays))
+                        if op[0] in share:
+                            self.execute(dict(base, ops=[[share[op[0]], *op[1:]]]), dict(arrays))
             pos += T
         self.caches.pop(sid, None)
         self.tokens = 0
@@ -225,6 +233,8 @@ class Worker:
                      logit_rows=None if lr is None else np.asarray(lr, dtype=np.int64))
 
     def execute(self, hdr: dict, arr: dict) -> dict:
+        import numpy as np
+
         from dsd.shard import ops as O
 
         for sid in hdr.get("free", ()):
@@ -255,29 +265,35 @@ class Worker:
                 ids, w = m.ffn[i].router(xn)
                 route = {"tokens": batch.tokens, "xn": xn, "ids": ids, "w": w}
                 attn_ran = True
+            elif kind == "attn":  # a layer whose dense FFN is split (rows mode): attention only
+                i = op[1]
+                h = h + m.attn[i](O.rms_norm(h, m.attn_norm[i], m.args.norm_eps), batch)
+                attn_ran = True
             elif kind == "experts":  # this worker's share, for whoever drives the layer
                 out["p"] = self.expert_share(op[1], arr)
                 h = None
+            elif kind == "ffn":  # this worker's rows of a dense FFN, for the layer's owner
+                out["p"] = self.share(lambda: m.ffn[op[1]](arr["xn"]))
+                h = None
+            elif kind == "head_share":  # this worker's vocab rows of the output head
+                out["lg"] = self.share(lambda: m.output(arr["hn"]))
+                h = None
             elif kind == "experts_all":  # layer owner: every worker's share, added to h
                 i = op[1]
-                t_a = time.perf_counter()
-                peers = self.send_to_peers(hdr, ["experts", i], route)
-                p = self.expert_share(i, route)
-                t_b = time.perf_counter()
-                for idx, pid, ch in peers:
-                    try:
-                        # the peer computes its share on the other CPUs at the same time as
-                        # ours: spinning here takes no CPU anyone needs, and saves a wake-up
-                        rh, parr = ch.reply_wait(spin=PEER_SPIN_S)
-                    except PeerDied:
-                        raise PeerWorkerDied(idx, pid) from None
-                    if not rh.get("ok", False):
-                        raise RuntimeError(rh.get("error", f"worker {idx} failed its expert share"))
-                    p += parr["p"]
-                h = h + p
-                if _TRACE:
-                    log(self.index, f"  experts_all {i}: own share {(t_b - t_a) * 1e3:.2f} ms, then waited "
-                                    f"{(time.perf_counter() - t_b) * 1e3:.2f} ms for the others")
+                h = h + self.gather(hdr, ["experts", i], route, lambda: self.expert_share(i, route), "p", i)
+            elif kind == "ffn_all":  # layer owner: every worker's rows of the dense FFN, added
+                i = op[1]
+                xn = O.rms_norm(h, m.ffn_norm[i], m.args.norm_eps)
+                arrs = {"tokens": batch.tokens, "xn": xn}
+                h = h + self.gather(hdr, ["ffn", i], arrs, lambda: self.share(lambda: m.ffn[i](xn)), "p", i)
+            elif kind == "head_all":  # every worker's vocab rows of the head, in row order
+                hr = h if batch.logit_rows is None else h[batch.logit_rows]
+                hn = O.rms_norm(hr, m.output_norm, m.args.norm_eps)
+                arrs = {"tokens": batch.tokens, "hn": hn}
+                parts = self.gather(hdr, ["head_share"], arrs, lambda: self.share(lambda: m.output(hn)), "lg",
+                                    None, add=False)
+                out["logits"] = np.concatenate([parts[w] for w in sorted(parts)], axis=-1)
+                h = None
             elif kind == "head":
                 hr = h if batch.logit_rows is None else h[batch.logit_rows]
                 out["logits"] = m.head(hr)
@@ -291,22 +307,55 @@ class Worker:
         self.tokens += int(len(batch.tokens))
         return out
 
-    def expert_share(self, i: int, arr: dict):
-        """This worker's routed experts (and rows of the shared experts) of layer i: [T, D]."""
-        if self.threads != self.stage_threads:  # the other workers compute their shares now
+    def share(self, fn):
+        """Run fn (this worker's share of a split product) on this worker's own CPUs: the other
+        workers compute their shares at the same time."""
+        if self.threads != self.stage_threads:
             self._set_threads(self.threads)
         try:
+            return fn()
+        finally:
+            if self.threads != self.stage_threads:
+                self._set_threads(self.stage_threads)
+
+    def expert_share(self, i: int, arr: dict):
+        """This worker's routed experts (and rows of the shared experts) of layer i: [T, D]."""
+        def run():
             f = self.model.ffn[i]
             p = f.experts(arr["xn"], arr["ids"], arr["w"])
             if f.shared is not None and self.weights.holds(f"blk.{i}.ffn_gate_shexp.weight"):
                 p += f.shared(arr["xn"])
             return p
-        finally:
-            if self.threads != self.stage_threads:
-                self._set_threads(self.stage_threads)
+        return self.share(run)
 
-    def send_to_peers(self, hdr: dict, op: list, route: dict) -> list:
-        """Hand op (with the routed tokens) to every other worker through its channel, which the
+    def gather(self, hdr: dict, op: list, arrays: dict, own, key: str, layer, add: bool = True):
+        """Hand op to every other worker, compute our own share (own()) meanwhile, collect
+        theirs: the sum of all shares (add) or {worker index: share}."""
+        t_a = time.perf_counter()
+        peers = self.send_to_peers(hdr, op, arrays)
+        mine = own()
+        t_b = time.perf_counter()
+        parts = {self.index: mine}
+        for idx, pid, ch in peers:
+            try:
+                # the peer computes its share on the other CPUs at the same time as ours:
+                # spinning here takes no CPU anyone needs, and saves a wake-up
+                rh, parr = ch.reply_wait(spin=PEER_SPIN_S)
+            except PeerDied:
+                raise PeerWorkerDied(idx, pid) from None
+            if not rh.get("ok", False):
+                raise RuntimeError(rh.get("error", f"worker {idx} failed its share of {op}"))
+            if add:
+                mine += parr[key]
+            else:
+                parts[idx] = parr[key]
+        if _TRACE:
+            log(self.index, f"  {op}: own share {(t_b - t_a) * 1e3:.2f} ms, then waited "
+                            f"{(time.perf_counter() - t_b) * 1e3:.2f} ms for the others")
+        return mine if add else parts
+
+    def send_to_peers(self, hdr: dict, op: list, arrays: dict) -> list:
+        """Hand op (with its arrays, tokens included) to every other worker through its channel, which the
         coordinator lends us for this stage (hdr["peers"]: [index, channel, pid])."""
         from dsd.daemon.shm_channel import Channel
 
@@ -327,7 +376,7 @@ class Worker:
                     self.peer_pids.pop(name, None)
                     raise PeerWorkerDied(idx, pid) from None
             ch.resync()
-            ch.send(dict(base, ops=[op]), route)
+            ch.send(dict(base, ops=[op]), arrays)
             chans.append((idx, pid, ch))
         return chans
 
@@ -341,8 +390,11 @@ class Worker:
         while not self.stop:
             try:
                 # the coordinator's hint of this idle gap: block through it, spin at its end
-                nap = idle - NAP_MARGIN if idle > 4 * self.ch.spin else 0.0
-                hdr, arr = self.ch.wait_command(nap, 2 * NAP_MARGIN if nap > 0 else None)
+                if self.assign.get("spin_between"):  # see Coordinator._assign
+                    hdr, arr = self.ch.wait_command(0.0, BETWEEN_SPIN_S)
+                else:
+                    nap = idle - NAP_MARGIN if idle > 4 * self.ch.spin else 0.0
+                    hdr, arr = self.ch.wait_command(nap, 2 * NAP_MARGIN if nap > 0 else None)
                 idle = float(hdr.get("idle", 0.0))
             except PeerDied:
                 break

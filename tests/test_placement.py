@@ -32,7 +32,8 @@ def _coverage(plan, g):
             spans = sorted((p.a, p.b) for _, p in ps)
             if modes == {"experts"}:
                 full = t.shape[0]
-            elif "shexp" in name:  # shared experts: rows of F ([F, D] gate/up, [D, F] down)
+            elif len(t.shape) == 2:  # shared experts, dense FFNs (rows mode): rows of F ([F, D]
+                # gate/up, [D, F] down); the output head (rows mode): vocab rows
                 full = t.shape[1] if "down" in name else t.shape[0]
             else:
                 full = t.shape[2] if "down" in name else t.shape[1]
@@ -69,7 +70,7 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
             assert sum(plan.worker_bytes()) == g.tensor_nbytes_total()
             for w in range(n):
                 for p in plan.pieces[w]:
-                    if p.mode == "rows":
+                    if p.mode == "rows" and p.name != "output.weight":  # (head: whole vocab rows)
                         assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
             prog = plan.program()
             ops = [op for st in prog for op in st["ops"]]
@@ -81,6 +82,19 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
             for name in ("blk.1.ffn_gate_shexp.weight", "blk.1.ffn_down_shexp.weight"):
                 held = [p for ps in plan.pieces for p in ps if p.name == name]
                 assert len(held) == n and {p.mode for p in held} == {"rows"}, name
+            # rows mode also splits the dense lead layer's FFN and the output head (vocab rows);
+            # experts mode keeps them whole with the layer's owner
+            for name in ("blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "output.weight"):
+                held = [p for ps in plan.pieces for p in ps if p.name == name]
+                want = (n, {"rows"}) if mode == "rows" else (1, {"whole"})
+                assert (len(held), {p.mode for p in held}) == want, name
+            if mode == "rows":
+                assert ["attn", 0] in ops and ["ffn_all", 0] in ops and ops[-1] == ["head_all"]
+                rows = plan.head_rows()
+                assert rows[0][0] == 0 and rows[-1][1] == g.tensors["output.weight"].shape[0]
+                assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+            else:
+                assert ["layers", 0, 1] in ops and ops[-1] == ["head"]
         if mode == "experts":  # 10 experts over 3 workers: the 4-expert share rotates
             counts = np.zeros(3)
             for w in range(3):
