@@ -72,6 +72,13 @@ class Driver:
         if self.plan.split and "ops" in hdr:  # channels of the others, lent for this stage
             hdr["peers"] = [[i, o.channel.name, o.pid, o.channel.path]
                             for i, o in enumerate(self.handles) if i != w]
+            # their KV frees ride along (the owner passes them on with its first command): a
+            # worker that drives no layer (rows mode) never gets a command from us
+            pf = [[i, q] for i, q in enumerate(self.pending_free) if i != w and q]
+            if pf and self.plan.gathers(hdr["ops"]):
+                hdr["peer_free"] = pf
+                for i, _ in pf:
+                    self.pending_free[i] = []
         h.channel.resync()  # another worker may have driven this channel since our last command
         h.channel.send(hdr, arrays)
         h.outstanding = True

@@ -27,6 +27,7 @@ few hundred bytes) are given to every worker.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +37,7 @@ from dsd.errors import DsdError
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _SHEXP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
+_MLA = re.compile(r"^blk\.(\d+)\.(attn_q|attn_q_b|attn_k_b|attn_v_b|attn_kv_b|attn_output)\.weight$")
 _DENSE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
 _BLK = re.compile(r"^blk\.(\d+)\.")
 HEAD = ("output.weight", "output_norm.weight")
@@ -44,9 +46,9 @@ HEAD = ("output.weight", "output_norm.weight")
 @dataclass
 class Piece:
     name: str
-    mode: str            # "whole" | "experts" | "rows"
-    a: int = 0           # experts: first expert id; rows: first row of F
-    b: int = 0           # experts: end expert id;  rows: end row of F
+    mode: str            # "whole" | "experts" | "rows" | "cols"
+    a: int = 0           # experts: first expert (or head) id; rows: first row; cols: first column
+    b: int = 0           # experts: end expert (or head) id;   rows: end row;   cols: end column
     nbytes: int = 0
 
 
@@ -98,9 +100,10 @@ class Plan:
     def program(self) -> list[dict]:
         """The coordinator's stages for one forward pass:
         {"kind": "seq", "worker": w, "ops": [...]}   one worker, h in -> h (or logits) out
-        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["experts_all", i], ["head"],
-             and in rows mode ["attn", i], ["ffn_all", i] (a dense FFN split by rows) and
-             ["head_all"] (an output head split by vocab rows).
+        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["experts_all", i], ["head"];
+             rows mode runs every layer as ["attn", i] (heads split between the workers:
+             MLA), then ["route", i] + ["experts_all", i] or ["ffn_all", i] (a dense FFN
+             split by rows), and ends with ["head_all"] (an output head split by vocab rows).
         A split MoE layer is ["attn_route", i] then ["experts_all", i] on the layer's owner,
         which hands the routed tokens to the other workers itself (through their channels, the
         coordinator lends them for the stage) and adds their partial sums: two hops per layer
@@ -121,23 +124,39 @@ class Plan:
         add(self.embed_owner, ["embed"])
         moe = set(self.moe_layers)
         for i, o in enumerate(self.layer_owner):
-            if self.split and i in moe:
+            if self.split and self.mode == "rows":
+                # ["attn", i] and ["ffn_all", i] gather the other workers' shares when the
+                # layer's heads / dense FFN are split (split_attn / split_ffn), else run whole
+                add(o, ["attn", i])
+                if i in moe:
+                    add(o, ["route", i])
+                    add(o, ["experts_all", i])
+                else:
+                    add(o, ["ffn_all", i])
+            elif self.split and i in moe:
                 add(o, ["attn_route", i])
                 add(o, ["experts_all", i])
-            elif self.split and self.split_ffn(i):
-                add(o, ["attn", i])
-                add(o, ["ffn_all", i])
             else:
                 add(o, ["layers", i, i + 1])
         add(self.head_owner, ["head_all"] if self.split and self.split_head() else ["head"])
         return stages
 
     def _split_names(self) -> set[str]:
-        return {p.name for ps in self.pieces for p in ps if p.mode == "rows"}
+        return {p.name for ps in self.pieces for p in ps if p.mode in ("rows", "cols")}
+
+    def split_attn(self, i: int) -> bool:
+        """Are layer i's attention heads split between the workers (rows mode, MLA)?"""
+        return f"blk.{i}.attn_output.weight" in self._split_names()
 
     def split_ffn(self, i: int) -> bool:
         """Is layer i's dense FFN split by rows between the workers?"""
         return f"blk.{i}.ffn_gate.weight" in self._split_names()
+
+    def gathers(self, ops: list) -> bool:
+        """Does a stage with these ops hand work to the other workers (so it can pass on their
+        KV frees)?"""
+        return any(op[0] in ("experts_all", "head_all") or (op[0] == "ffn_all" and self.split_ffn(op[1]))
+                   or (op[0] == "attn" and self.split_attn(op[1])) for op in ops)
 
     def split_head(self) -> bool:
         return "output.weight" in self._split_names()
@@ -247,6 +266,51 @@ def choose_mode(n_experts: int, n_used: int, n_workers: int, rows_ok: bool) -> t
     return "experts", cost, f"experts: {why}"
 
 
+def _mla_heads(gguf_model, i: int, n: int, rotate: int) -> list[tuple[int, int]] | None:
+    """Head ranges per worker for layer i's multi-head latent attention (deepseek2, rows mode),
+    or None when it stays whole with the layer's owner.  The owner keeps the latent (kv_a, its
+    norm, q_a) and sends it; every worker holds the q / k_b / v_b rows of its heads and the
+    matching columns of attn_output, whose split points must fall on block boundaries."""
+    from dsd.shard.kernels import quant_type
+
+    t = gguf_model.tensors
+    p = f"blk.{i}."
+    if gguf_model.architecture != "deepseek2" or p + "attn_output.weight" not in t:
+        return None
+    H = int(gguf_model.arch_get("attention.head_count", 0) or 0)
+    wo = t[p + "attn_output.weight"]
+    if H <= 0 or wo.shape[1] % H:
+        return None
+    v = wo.shape[1] // H
+    bs = quant_type(wo.ggml_type).block_size
+    unit = bs // math.gcd(bs, v)  # heads per split unit: unit * v is a whole number of blocks
+    if H % unit or H // unit < n:
+        return None
+    return [(a * unit, b * unit) for a, b in _split_even(H // unit, n, rotate)]
+
+
+def _dense_split_ok(tensors, i: int, n: int) -> bool:
+    """Can layer i's dense FFN intermediate dim F be split into n shares of whole blocks (the
+    down projection's blocks run along F)?"""
+    from dsd.shard.kernels import quant_type
+
+    down = tensors[f"blk.{i}.ffn_down.weight"]
+    F, bs = down.shape[1], quant_type(down.ggml_type).block_size
+    return F % bs == 0 and F // bs >= n
+
+
+def _mla_pieces(t, kind: str, spans: list[tuple[int, int]]) -> list[Piece]:
+    H = spans[-1][1]
+    if kind in ("attn_k_b", "attn_v_b"):  # [H, ., .] per-head matrices
+        per = t.nbytes // H
+        return [Piece(t.name, "experts", a, b, per * (b - a)) for a, b in spans]
+    if kind == "attn_output":             # [D, H * v]: the columns of each worker's heads
+        v = t.shape[1] // H
+        return [Piece(t.name, "cols", a * v, b * v, t.nbytes * (b - a) // H) for a, b in spans]
+    per = t.shape[0] // H                  # q / q_b / fused kv_b [H * per, .]: rows
+    return [Piece(t.name, "rows", a * per, b * per, t.nbytes * (b - a) // H) for a, b in spans]
+
+
 def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     from dsd.shard.kernels import quant_type
 
@@ -290,20 +354,45 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     if n_workers > 1 and L < n_workers and mode == "layers":
         raise DsdError(f"the model has {L} layers, too few for {n_workers} workers in a pipeline; "
                        f"use --nodes {L} or fewer")
-    if mode == "rows":  # the split dense FFNs and output head do not weigh on their owner
+    one_driver = False
+    if mode == "rows":  # the split dense FFNs, heads and output head do not weigh on their owner
+        split_all = True
         for name, t in tensors.items():
             if (md := _DENSE.match(name)):
-                per_layer[int(md.group(1))] -= t.nbytes
+                if _dense_split_ok(tensors, int(md.group(1)), n_workers):
+                    per_layer[int(md.group(1))] -= t.nbytes
+                else:
+                    split_all = False
+            elif (ma := _MLA.match(name)) and _mla_heads(gguf_model, int(ma.group(1)), n_workers, 0):
+                per_layer[int(ma.group(1))] -= t.nbytes
+        split_all = split_all and all(_mla_heads(gguf_model, i, n_workers, 0) for i in range(L))
         if not tied:
             head -= tensors["output.weight"].nbytes
-        reason = reason.replace("; attention and dense layers by layer ranges",
-                                "; dense FFNs and the output head by rows, attention by layer ranges")
-    owner = _balanced_ranges(per_layer, n_workers, head, 0.0 if tied else emb)
+        if split_all:
+            # what is left per layer (norms, the latent's kv_a, routers) is < 1% of the bytes:
+            # one worker drives every layer, so a step is one stage (no hand-over between
+            # workers through the coordinator) and the others only compute shares
+            one_driver = True
+            reason = reason.replace("; attention and dense layers by layer ranges",
+                                    "; dense FFNs and the output head by rows, attention by heads; "
+                                    "worker 0 drives every layer (norms, latent, routing)")
+        else:
+            reason = reason.replace("; attention and dense layers by layer ranges",
+                                    "; dense FFNs and the output head by rows; attention heads (MLA) "
+                                    "split, the rest of attention by layer ranges")
+    owner = [0] * L if one_driver else _balanced_ranges(per_layer, n_workers, head, 0.0 if tied else emb)
     last = owner[-1] if owner else 0
     embed_owner = last if tied else owner[0]
     pieces: list[list[Piece]] = [[] for _ in range(n_workers)]
     moe = set(moe_layers)
+    heads = {i: _mla_heads(gguf_model, i, n_workers, owner[i] + 1) for i in range(L)} if mode == "rows" else {}
     for name, t in tensors.items():
+        ma = _MLA.match(name)
+        if ma and heads.get(int(ma.group(1))):
+            for w, piece in enumerate(_mla_pieces(t, ma.group(2), heads[int(ma.group(1))])):
+                if piece.b > piece.a:
+                    pieces[w].append(piece)
+            continue
         m = _EXPS.match(name)
         if m and mode in ("experts", "rows"):
             i = int(m.group(1))
@@ -340,7 +429,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
                 bs = quant_type(tensors[f"blk.{i}.ffn_down.weight"].ggml_type).block_size
             else:
                 F, bs = t.shape[0], 1
-            if F % bs == 0 and F // bs >= n_workers:
+            if (_dense_split_ok(tensors, i, n_workers) if md else F >= n_workers):
                 for w, (a, b) in enumerate(_split_even(F // bs, n_workers, owner[i] + 1)):
                     pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * (b - a) * bs / F)))
                 continue

@@ -4,7 +4,8 @@ Each step builds one flat batch: one new token for every decoding sequence (up t
 plus, if a prompt is waiting, its next chunk of at most prefill_chunk tokens, so a long prompt
 never stalls running streams for more than one chunk.  New requests join between steps.  The
 KV cache of each layer lives in the worker that owns the layer (the driver only names sequence
-ids); finished or failed sequences are freed on every worker with the next command.
+ids); finished or failed sequences are freed on every worker with the next command, or at
+once when the daemon goes idle.
 Sampling, stop strings and incremental detokenisation run here, as in dsd.shard.engine.
 """
 from __future__ import annotations
@@ -251,6 +252,12 @@ class Scheduler:
 
     def run(self) -> None:
         while not self.stopping:
+            if not self.active and self.ready.is_set() and any(self.driver.pending_free):
+                try:  # idle: drop finished sequences' KV caches now, not with the next request
+                    self.driver.flush_frees()
+                except (WorkerDied, WorkerError) as e:
+                    self.log(f"freeing KV caches: {e}")
+                    self.driver.drain()
             self._drain_inbox(block=not self.active)
             if self.stopping:
                 break

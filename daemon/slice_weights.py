@@ -6,10 +6,11 @@ hold come back as inert placeholders of the right shape whose bytes are a zero-s
 zero row (no memory): the model objects of other workers' layers exist but are never called.
 
 Loading reads only the worker's byte ranges from the file (numa.load_file_range into a buffer
-from numa.allocate on the worker's node).  One exception: a row share of ffn_down_exps
-[E, D, F] is a column slice, strided in the file; each expert's [D, F] matrix is read into a
-scratch buffer and the worker's columns copied out (the page cache sees every byte of it anyway,
-since a share of one row is smaller than a page).
+from numa.allocate on the worker's node).  One exception: column slices (a row share of
+ffn_down_exps [E, D, F], of a 2-D down projection [D, F], the columns of a worker's heads in
+attn_output) are strided in the file; each matrix is read into a scratch buffer and the worker's
+columns copied out (the page cache sees every byte of it anyway, since a share of one row is
+smaller than a page).
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ def _piece_layout(t, p) -> tuple[tuple[int, ...], int, int]:
     if p.mode == "experts":
         shape = (p.b - p.a,) + tuple(t.shape[1:-1]) + (rb,)
         return shape, t.shape[-1], int(np.prod(shape))
-    if len(t.shape) == 2:       # shared expert: gate/up [F, D] rows a:b, down [D, F] columns a:b
-        if "down" in t.name:
-            shape = (t.shape[0], (p.b - p.a) // qt.block_size * qt.type_size)
-            return shape, p.b - p.a, int(np.prod(shape))
+    if p.mode == "cols" or (len(t.shape) == 2 and "down" in t.name):
+        # columns a:b of a 2-D [rows, cols] matrix (a shared expert's or dense FFN's down
+        # projection: rows of F; attn_output: the columns of a worker's heads)
+        shape = (t.shape[0], (p.b - p.a) // qt.block_size * qt.type_size)
+        return shape, p.b - p.a, int(np.prod(shape))
+    if len(t.shape) == 2:       # rows a:b (gate/up [F, D], q, output [V, D])
         return (p.b - p.a, rb), t.shape[-1], (p.b - p.a) * rb
     if "down_exps" in t.name:   # [E, D, F]: columns a:b of F
         cb = (p.b - p.a) // qt.block_size * qt.type_size
@@ -100,9 +103,9 @@ class SliceWeights:
         if p.mode == "whole":
             load_file_range(t.file, t.offset, nbytes, self.buffer, off)
             return
-        if len(t.shape) == 2:  # a row share of a shared expert (small: a few MB)
+        if len(t.shape) == 2:  # a row or column share of a 2-D matrix
             rb = t.row_bytes
-            if "down" not in t.name:
+            if p.mode != "cols" and "down" not in t.name:
                 load_file_range(t.file, t.offset + p.a * rb, nbytes, self.buffer, off)
                 return
             qt = kernels.quant_type(t.ggml_type)

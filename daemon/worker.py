@@ -14,10 +14,11 @@ Commands (header of a channel message; arrays named in brackets):
        requests itself through their channels, lent in hdr["peers"]);
        ["experts", i] [xn, ids, w] -> [p] (this worker's share, sent by a layer owner);
        ["head"] [h] -> [logits]
-  rows mode also splits dense FFNs and the output head:
-       ["attn", i] [h] -> [h] (attention only); ["ffn_all", i] -> [h] and ["head_all"] ->
-       [logits] (every worker's share, gathered by the owner as in experts_all);
-       ["ffn", i] [xn] -> [p] and ["head_share"] [hn] -> [lg] (this worker's share)
+  rows mode also splits MLA heads, dense FFNs and the output head:
+       ["attn", i] [h] -> [h] (attention only); ["route", i] (routing kept for experts_all);
+       ["ffn_all", i] -> [h] and ["head_all"] -> [logits] (every worker's share, gathered by
+       the owner as in experts_all); ["attn_share", i] [q_in, lat] -> [p], ["ffn", i] [xn]
+       -> [p] and ["head_share"] [hn] -> [lg] (this worker's share)
   seqs/n/pos0: the batch's segments (sequence id, new tokens, first position);
   logit_rows: rows of h the head computes;  free: sequence ids whose KV cache to drop.
 """
@@ -137,7 +138,8 @@ class Worker:
         mine = set(plan.layers_of(self.index))
         for i in range(plan.n_layers):  # drop the inert objects of other workers' layers
             if i not in mine:
-                self.model.attn[i] = None
+                if not plan.split_attn(i):
+                    self.model.attn[i] = None
                 if not plan.split:
                     self.model.ffn[i] = None
         self.context = int(a["context"])
@@ -171,13 +173,19 @@ class Worker:
             arrays = {"tokens": np.zeros(T, np.int64), "h": np.zeros((T, D), np.float32),
                       "xn": np.zeros((T, D), np.float32), "ids": np.tile(np.arange(k), (T, 1)),
                       "w": np.full((T, k), 1.0 / k, np.float32), "hn": np.zeros((1, D), np.float32)}
+            if any(hasattr(x, "prelude") for x in self.model.attn):  # MLA head shares
+                a_ = self.model.args
+                arrays["q_in"] = np.zeros((T, a_.q_lora_rank or D), np.float32)
+                arrays["lat"] = np.zeros((T, a_.kv_lora_rank + a_.qk_rope), np.float32)
             for st in self.plan.program():
                 if st["worker"] == self.index:  # no "peers" here: only this worker's share
                     self.execute(dict(base, ops=st["ops"]), dict(arrays))
                 else:  # the expert shares other layer owners will ask of this worker
-                    share = {"experts_all": "experts", "ffn_all": "ffn", "head_all": "head_share"}
+                    share = {"experts_all": "experts", "ffn_all": "ffn", "head_all": "head_share",
+                             "attn": "attn_share"}
                     for op in st["ops"]:
-                        if op[0] in share:
+                        if op[0] in share and (op[0] != "attn" or self.plan.split_attn(op[1])) and \
+                                (op[0] != "ffn_all" or self.plan.split_ffn(op[1])):
                             self.execute(dict(base, ops=[[share[op[0]], *op[1:]]]), dict(arrays))
             pos += T
         self.caches.pop(sid, None)
@@ -265,10 +273,26 @@ class Worker:
                 ids, w = m.ffn[i].router(xn)
                 route = {"tokens": batch.tokens, "xn": xn, "ids": ids, "w": w}
                 attn_ran = True
-            elif kind == "attn":  # a layer whose dense FFN is split (rows mode): attention only
+            elif kind == "attn":  # rows mode: attention only; every worker's heads if split
                 i = op[1]
-                h = h + m.attn[i](O.rms_norm(h, m.attn_norm[i], m.args.norm_eps), batch)
+                x = O.rms_norm(h, m.attn_norm[i], m.args.norm_eps)
+                if self.plan.split_attn(i):
+                    q_in, lat = m.attn[i].prelude(x, batch)
+                    arrs = {"tokens": batch.tokens, "q_in": q_in, "lat": lat}
+                    h = h + self.gather(hdr, ["attn_share", i], arrs,
+                                        lambda: self.share(lambda: m.attn[i].heads(q_in, lat, batch)), "p", i)
+                else:
+                    h = h + m.attn[i](x, batch)
                 attn_ran = True
+            elif kind == "route":  # rows mode: the MoE router of layer i (after "attn")
+                i = op[1]
+                xn = O.rms_norm(h, m.ffn_norm[i], m.args.norm_eps)
+                ids, w = m.ffn[i].router(xn)
+                route = {"tokens": batch.tokens, "xn": xn, "ids": ids, "w": w}
+            elif kind == "attn_share":  # this worker's heads of layer i, for the layer's owner
+                out["p"] = self.share(lambda: m.attn[op[1]].heads(arr["q_in"], arr["lat"], batch))
+                attn_ran = True  # (the latent rows went into this worker's cache too)
+                h = None
             elif kind == "experts":  # this worker's share, for whoever drives the layer
                 out["p"] = self.expert_share(op[1], arr)
                 h = None
@@ -284,8 +308,11 @@ class Worker:
             elif kind == "ffn_all":  # layer owner: every worker's rows of the dense FFN, added
                 i = op[1]
                 xn = O.rms_norm(h, m.ffn_norm[i], m.args.norm_eps)
-                arrs = {"tokens": batch.tokens, "xn": xn}
-                h = h + self.gather(hdr, ["ffn", i], arrs, lambda: self.share(lambda: m.ffn[i](xn)), "p", i)
+                if self.plan.split_ffn(i):
+                    arrs = {"tokens": batch.tokens, "xn": xn}
+                    h = h + self.gather(hdr, ["ffn", i], arrs, lambda: self.share(lambda: m.ffn[i](xn)), "p", i)
+                else:  # F does not split into whole blocks: the owner runs it
+                    h = h + m.ffn[i](xn)
             elif kind == "head_all":  # every worker's vocab rows of the head, in row order
                 hr = h if batch.logit_rows is None else h[batch.logit_rows]
                 hn = O.rms_norm(hr, m.output_norm, m.args.norm_eps)
@@ -361,6 +388,7 @@ class Worker:
 
         chans = []
         base = {k: hdr[k] for k in ("seqs", "n", "pos0") if k in hdr}
+        frees = {i: q for i, q in hdr.pop("peer_free", ())}  # passed on once (first command)
         for idx, name, pid, path in hdr.get("peers", ()):
             ch = self.peer_channels.get(name)
             if ch is None:
@@ -376,7 +404,7 @@ class Worker:
                     self.peer_pids.pop(name, None)
                     raise PeerWorkerDied(idx, pid) from None
             ch.resync()
-            ch.send(dict(base, ops=[op]), arrays)
+            ch.send(dict(base, ops=[op], free=frees.get(idx, [])), arrays)
             chans.append((idx, pid, ch))
         return chans
 

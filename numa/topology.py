@@ -281,8 +281,9 @@ def virtual_nodes(n: int, topo: Topology) -> tuple[list[VirtualNode], str]:
                         f"they share CPUs")
     plan = ", ".join(f"worker {v.index}: node {v.node} CPUs {format_cpulist(v.cpus)}" for v in out)
     head = (f"this machine has {r} NUMA node(s) with CPUs but {n} were requested: "
-            f"workers share nodes and split their CPUs ({plan}); a stage only one of them runs "
-            f"(attention, dense layers, the output head) may use all of its node's CPUs, since "
-            f"the others are idle then; memory is not separated between workers on the same "
+            f"workers share nodes and split their CPUs ({plan}); with --placement experts a "
+            f"stage only one of them runs (attention, dense layers, the output head) may use all "
+            f"of its node's CPUs, since the others are idle then; memory is not separated between "
+            f"workers on the same "
             f"node, so expect no NUMA speedup from the extra workers")
     return out, "; ".join([head] + msgs)

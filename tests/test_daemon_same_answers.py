@@ -44,12 +44,16 @@ MODELS = {
     "deepseek2": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, seed=3),
     "deepseek2_q8": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, D=64,
                                                    qtype=Q.Q8_0, seed=4),
+    # V3 shapes: q through q_a / q_a_norm / q_b, older fused attn_kv_b (rows mode splits heads)
+    "deepseek2_v3": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, q_lora=24,
+                                                   fused_kv_b=True, seed=5),
 }
 
 
 @pytest.mark.parametrize("model,placement", [
     ("mixtral", "experts"), ("mixtral", "rows"), ("qwen3moe", "auto"),
     ("deepseek2", "experts"), ("deepseek2", "rows"), ("deepseek2_q8", "rows"),
+    ("deepseek2_v3", "rows"),
 ])
 def test_moe_two_nodes_equals_one_process(tmp_path, model, placement):
     path = MODELS[model](str(tmp_path / f"{model}.gguf"))
@@ -66,7 +70,23 @@ def test_moe_two_nodes_equals_one_process(tmp_path, model, placement):
             total = g.tensor_nbytes_total()
         held = sum(w["weight_bytes"] for w in st["workers"])
         assert abs(held - total) <= 64 * 2, (held, total)
+        if st["placement"] == "rows" and "split their CPUs" in st["numa_note"]:
+            # rows splits every heavy product: co-located workers keep to their own CPUs
+            for w in st["workers"]:
+                assert w["node_cpus"] is None and w["stage_threads"] == w["threads"] == len(w["cpus"])
+                assert os.sched_getaffinity(w["pid"]) == set(w["cpus"])
         check_same(run, path)
+        # every worker drops the KV rows of finished requests (in rows mode also the latent
+        # rows of the heads it holds, though it drives no layer)
+        import time
+
+        deadline = time.monotonic() + 10
+        while True:
+            ws = run.client().status()["workers"]
+            if all(w["sequences"] == 0 for w in ws) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert [w["sequences"] for w in ws] == [0, 0], ws
         inst = run.instance
     assert shm_segments(inst) == []
 

@@ -30,8 +30,10 @@ def _coverage(plan, g):
             assert len(ps) == 1, f"{name} held {len(ps)} times"
         else:
             spans = sorted((p.a, p.b) for _, p in ps)
-            if modes == {"experts"}:
+            if modes == {"experts"}:  # experts, or MLA heads of k_b / v_b (rows mode)
                 full = t.shape[0]
+            elif modes == {"cols"}:   # attn_output: the columns of each worker's heads
+                full = t.shape[1]
             elif len(t.shape) == 2:  # shared experts, dense FFNs (rows mode): rows of F ([F, D]
                 # gate/up, [D, F] down); the output head (rows mode): vocab rows
                 full = t.shape[1] if "down" in name else t.shape[0]
@@ -70,7 +72,7 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
             assert sum(plan.worker_bytes()) == g.tensor_nbytes_total()
             for w in range(n):
                 for p in plan.pieces[w]:
-                    if p.mode == "rows" and p.name != "output.weight":  # (head: whole vocab rows)
+                    if (p.mode == "rows" and "ffn" in p.name) or p.mode == "cols":
                         assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
             prog = plan.program()
             ops = [op for st in prog for op in st["ops"]]
@@ -90,6 +92,20 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
                 assert (len(held), {p.mode for p in held}) == want, name
             if mode == "rows":
                 assert ["attn", 0] in ops and ["ffn_all", 0] in ops and ops[-1] == ["head_all"]
+                # MLA: every worker holds the q rows, k_b / v_b matrices and attn_output
+                # columns of a head range; the latent's weights stay with the layer's owner
+                assert all(plan.split_attn(i) for i in range(4))
+                for w in range(n):
+                    q = [p for p in plan.pieces[w] if p.name == "blk.2.attn_q.weight"][0]
+                    kb = [p for p in plan.pieces[w] if p.name == "blk.2.attn_k_b.weight"][0]
+                    wo = [p for p in plan.pieces[w] if p.name == "blk.2.attn_output.weight"][0]
+                    H = g.tensors["blk.2.attn_k_b.weight"].shape[0]
+                    per_q = g.tensors["blk.2.attn_q.weight"].shape[0] // H
+                    v = g.tensors["blk.2.attn_output.weight"].shape[1] // H
+                    assert kb.mode == "experts" and (q.a, q.b) == (kb.a * per_q, kb.b * per_q)
+                    assert wo.mode == "cols" and (wo.a, wo.b) == (kb.a * v, kb.b * v)
+                kva = [p for ps in plan.pieces for p in ps if p.name == "blk.2.attn_kv_a_mqa.weight"]
+                assert len(kva) == 1 and kva[0] in plan.pieces[plan.layer_owner[2]]
                 rows = plan.head_rows()
                 assert rows[0][0] == 0 and rows[-1][1] == g.tensors["output.weight"].shape[0]
                 assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
@@ -146,7 +162,12 @@ def test_slice_weights_load_only_own_values(tmp_path):
                     for lname in ("blk.0.attn_output.weight", "blk.2.attn_output.weight"):
                         lin = sw.linear(lname)
                         if sw.holds(lname):
-                            assert np.array_equal(lin.raw, g.tensors[lname].raw())
+                            full = g.tensors[lname].raw()
+                            pc = sw.pieces[lname]
+                            if pc.mode == "cols":  # rows mode: the columns of this worker's heads
+                                full = full[:, pc.a // 32 * 34:pc.b // 32 * 34]
+                                assert lin.cols == pc.b - pc.a
+                            assert np.array_equal(lin.raw, full)
                         else:
                             with pytest.raises(RuntimeError, match="another worker"):
                                 lin(np.zeros(lin.cols, dtype=np.float32))

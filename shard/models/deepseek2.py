@@ -113,18 +113,27 @@ def yarn_rope(a: DeepSeek2Args) -> tuple[np.ndarray | None, float, float]:
 
 
 class MLAttention:
-    """MLA with a latent KV cache: per layer one array 'mla' [L, kv_lora + rope]."""
+    """MLA with a latent KV cache: per layer one array 'mla' [L, kv_lora + rope].
+
+    Two parts, so heads can be split between processes: prelude(x) -> (q_in, latent row) needs
+    the whole-layer weights (kv_a, its norm, q_a), heads(q_in, lat) the per-head ones (q / q_b
+    rows, k_b, v_b, and attn_output's columns).  self.H is the number of heads whose weights
+    this object holds (all of them, unless a worker's weight source holds a head range), and
+    heads() returns those heads' share of the output projection."""
 
     def __init__(self, a: DeepSeek2Args, w, i: int, rope: ops.RopeTable, scale: float):
         p = f"blk.{i}."
         self.layer, self.a, self.rope, self.scale = i, a, rope, scale
-        H, nope, dv, kvl = a.n_heads, a.qk_nope, a.v_head, a.kv_lora_rank
+        nope, dv, kvl = a.qk_nope, a.v_head, a.kv_lora_rank
         if w.has(p + "attn_q.weight"):
             self.wq, self.wq_a = w.linear(p + "attn_q.weight"), None
+            q_rows = self.wq.rows
         else:
             self.wq = None
             self.wq_a, self.q_a_norm = w.linear(p + "attn_q_a.weight"), w.vector(p + "attn_q_a_norm.weight")
             self.wq_b = w.linear(p + "attn_q_b.weight")
+            q_rows = self.wq_b.rows
+        self.H = H = q_rows // (nope + a.qk_rope)
         self.wkv_a = w.linear(p + "attn_kv_a_mqa.weight")       # [kv_lora + rope, D]
         self.kv_norm = w.vector(p + "attn_kv_a_norm.weight")     # [kv_lora]
         self.wo = w.linear(p + "attn_output.weight")             # [D, H*v]
@@ -142,17 +151,25 @@ class MLAttention:
             raise UnsupportedModelError(f"layer {i}: neither attn_k_b/attn_v_b nor attn_kv_b is present")
 
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
+        return self.heads(*self.prelude(x, batch), batch)
+
+    def prelude(self, x: np.ndarray, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """x [T, D] -> (q_in: x, or rms(W_qa x) [T, q_lora]; lat [T, kv_lora + rope]: the cached
+        row [rms(c) ; rope(k_pe)])."""
         a = self.a
-        T, H, nope, kvl = x.shape[0], a.n_heads, a.qk_nope, a.kv_lora_rank
-        if self.wq is not None:
-            q = self.wq(x)
-        else:
-            q = self.wq_b(ops.rms_norm(self.wq_a(x), self.q_a_norm, a.norm_eps))
-        q = q.reshape(T, H, nope + a.qk_rope)
+        T, kvl = x.shape[0], a.kv_lora_rank
+        q_in = x if self.wq is not None else ops.rms_norm(self.wq_a(x), self.q_a_norm, a.norm_eps)
         ckv = self.wkv_a(x)                                     # [T, kv_lora + rope]
-        lat = np.empty((T, kvl + a.qk_rope), dtype=np.float32)   # cached row: [rms(c) ; rope(k_pe)]
+        lat = np.empty((T, kvl + a.qk_rope), dtype=np.float32)
         lat[:, :kvl] = ops.rms_norm(ckv[:, :kvl], self.kv_norm, a.norm_eps)
         lat[:, kvl:] = self.rope.apply(ckv[:, None, kvl:], batch.positions)[:, 0]
+        return q_in, lat
+
+    def heads(self, q_in: np.ndarray, lat: np.ndarray, batch: Batch) -> np.ndarray:
+        """Attention of this object's self.H heads over the cache (lat appended) -> [T, D]."""
+        a = self.a
+        T, H, nope, kvl = q_in.shape[0], self.H, a.qk_nope, a.kv_lora_rank
+        q = (self.wq if self.wq is not None else self.wq_b)(q_in).reshape(T, H, nope + a.qk_rope)
         qf = np.empty((T, H, kvl + a.qk_rope), dtype=np.float32)  # [W_uk^T q_nope ; rope(q_pe)]
         qf[:, :, kvl:] = self.rope.apply(np.ascontiguousarray(q[:, :, nope:]), batch.positions)
         if self.k_b_f32 is not None:
