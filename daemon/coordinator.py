@@ -177,6 +177,11 @@ class Daemon:
         # 10000).  A worker alone on its CPUs spins 10000, which keeps its pool awake between the
         # kernels of a step (--nodes 1 decode +8% over 1000).  BENCHMARKS.md, session 3.
         env.setdefault("GOMP_SPINCOUNT", "3000" if h.vnode.shared > 1 else "10000")
+        # numpy's OpenBLAS sizes its pool when numpy is imported, before the worker pins itself:
+        # on a node share of 1 CPU a 2-thread BLAS pool runs both threads on that CPU (an
+        # 88-token prompt took 2.5x as long in rows mode).  One BLAS thread per CPU it will use.
+        borrow = h.vnode.shared > 1 and not self._own_cpus()
+        env["OPENBLAS_NUM_THREADS"] = str(len(h.vnode.node_cpus) if borrow else (h.threads or len(h.vnode.cpus)))
         h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         h.pid = h.proc.pid
         if h.pidfd is not None:
