@@ -193,7 +193,10 @@ class Daemon:
         self.log(f"worker {h.index}: pid {h.pid}, node {h.vnode.node}, CPUs {list(h.vnode.cpus)}")
 
     def _own_cpus(self) -> bool:
-        return self.plan.mode == "rows" and self.plan.n_workers > 1
+        """rows mode with CPUs of its own for every worker (a node with fewer CPUs than workers
+        has them share CPUs: spinning there would stall the sibling)."""
+        cpus = [c for h in self.handles for c in h.vnode.cpus]
+        return self.plan.mode == "rows" and self.plan.n_workers > 1 and len(cpus) == len(set(cpus))
 
     def _assign(self, h: WorkerHandle) -> dict:
         return {"type": "assign", "v": P.VERSION, "plan": self.plan.to_dict(), "node": h.vnode.node,
