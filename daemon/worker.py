@@ -37,6 +37,7 @@ from dsd.daemon.shm_channel import PeerDied
 _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log every command's batch size and duration
 
 
+_STATELESS = ("experts", "ffn", "head_share")
 PEER_SPIN_S = 1e-3  # a layer owner waiting for another worker's expert share spins this long
 # rows mode: a worker waiting for its next command spins this long before it blocks (the gaps
 # inside a decode step are < 1 ms; an idle daemon's workers sleep after this)
@@ -252,7 +253,9 @@ class Worker:
         if self.threads != self.stage_threads:
             self._set_threads(self.stage_threads)
         m = self.model
-        batch = self.batch(hdr, arr["tokens"])
+        # a share of experts / FFN rows / head rows needs no sequence state (and must not create
+        # KV caches here); everything else runs on the batch
+        batch = None if all(op[0] in _STATELESS for op in hdr["ops"]) else self.batch(hdr, arr["tokens"])
         h = arr.get("h")
         out = {}
         route = None
@@ -331,7 +334,7 @@ class Worker:
             batch.finish()
         if h is not None:
             out["h"] = h
-        self.tokens += int(len(batch.tokens))
+        self.tokens += int(len(arr["tokens"]))
         return out
 
     def share(self, fn):
@@ -404,7 +407,8 @@ class Worker:
                     self.peer_pids.pop(name, None)
                     raise PeerWorkerDied(idx, pid) from None
             ch.resync()
-            ch.send(dict(base, ops=[op], free=frees.get(idx, [])), arrays)
+            ch.send(dict(base, ops=[op], free=frees.get(idx, []), **({"t_sent": time.perf_counter()} if _TRACE else {})),
+                    arrays)
             chans.append((idx, pid, ch))
         return chans
 
