@@ -194,13 +194,15 @@ class Daemon:
 
     def _engine_main(self) -> None:
         if self._own_cpus() and len(set(self.plan.layer_owner)) == 1:
-            # one worker drives every step and idles while we sample and schedule: run on its
-            # CPUs, so the other workers keep theirs (measured: a peer pre-empted by this thread
-            # made the step's first share wait 0.3-0.4 ms)
-            try:
-                os.sched_setaffinity(0, set(self.handles[self.plan.layer_owner[0]].vnode.cpus))
-            except OSError:
-                pass
+            # one worker drives every step and idles while we sample, schedule and send tokens:
+            # every thread of ours (engine, client I/O, ZeroMQ's) runs on its CPUs, so the other
+            # workers keep theirs (a peer pre-empted by us made a step's share wait 0.3-0.4 ms)
+            cpus = set(self.handles[self.plan.layer_owner[0]].vnode.cpus)
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    os.sched_setaffinity(int(tid), cpus)
+                except OSError:
+                    pass
         self.scheduler.run()
 
     def _own_cpus(self) -> bool:
