@@ -193,17 +193,25 @@ class Daemon:
         self.log(f"worker {h.index}: pid {h.pid}, node {h.vnode.node}, CPUs {list(h.vnode.cpus)}")
 
     def _engine_main(self) -> None:
-        if self._own_cpus() and len(set(self.plan.layer_owner)) == 1:
+        if self._with_driver() is not None:
             # one worker drives every step and idles while we sample, schedule and send tokens:
             # every thread of ours (engine, client I/O, ZeroMQ's) runs on its CPUs, so the other
-            # workers keep theirs (a peer pre-empted by us made a step's share wait 0.3-0.4 ms)
-            cpus = set(self.handles[self.plan.layer_owner[0]].vnode.cpus)
+            # workers keep theirs (a peer pre-empted by us made a step's share wait 0.3-0.4 ms);
+            # that worker and we hand the CPUs to each other by blocking, neither spins
+            cpus = set(self.handles[self._with_driver()].vnode.cpus)
             for tid in os.listdir("/proc/self/task"):
                 try:
                     os.sched_setaffinity(int(tid), cpus)
                 except OSError:
                     pass
         self.scheduler.run()
+
+    def _with_driver(self) -> int | None:
+        """The worker whose CPUs we share (rows mode on a shared node, one driving worker)."""
+        if self._own_cpus() and len(set(self.plan.layer_owner)) == 1 and \
+                len({h.vnode.node for h in self.handles}) == 1:
+            return self.plan.layer_owner[0]
+        return None
 
     def _own_cpus(self) -> bool:
         """rows mode with CPUs of its own for every worker (a node with fewer CPUs than workers
@@ -218,7 +226,8 @@ class Daemon:
                 # spins between the commands of a pass: on a shared node, workers that take turns
                 # on all of its CPUs pay a process switch per turn (~0.1-0.25 ms on this VM)
                 "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 and not self._own_cpus() else None,
-                "spin_between": self._own_cpus(),
+                "spin_between": self._own_cpus() and h.index != self._with_driver(),
+                "block_between": h.index == self._with_driver(),
                 "channel": h.channel.name, "channel_path": h.channel.path,
                 "spin_us": self.cfg["spin_us"], "context": self.context,
                 "coordinator_pid": os.getpid()}
@@ -358,6 +367,8 @@ class Daemon:
             self._cleanup()
             return 1
         self.driver = Driver(self.plan, self.handles)
+        if self._with_driver() is not None:
+            self.driver.block_on = {self._with_driver()}
         self.scheduler = Scheduler(self.tokenizer, self.driver, self.context,
                                    int(self.cfg["max_batch"]), int(self.cfg["prefill_chunk"]),
                                    self.engine_send, self.ready, self.log)

@@ -51,6 +51,7 @@ class Driver:
         self._waited = 0.0
         self._t_end = 0.0
         self._stage_w: list[str] = []
+        self.block_on: set[int] = set()   # workers on our CPUs: wait for them without spinning
 
     def free(self, seq_ids) -> None:
         for q in self.pending_free:
@@ -88,7 +89,9 @@ class Driver:
         t_w = time.perf_counter()
         nap = spin = 0.0
         exp = self._expect.get(key, 0.0) if key is not None else 0.0
-        if exp > 4 * h.channel.spin:  # long stage: block through most of it, then spin
+        if w in self.block_on:  # it computes on the CPU we would spin on: block until kicked
+            nap, spin = 0.0, 1e-9
+        elif exp > 4 * h.channel.spin:  # long stage: block through most of it, then spin
             nap = exp - (time.perf_counter() - t_sent) - NAP_MARGIN
             spin = 2 * NAP_MARGIN
         try:

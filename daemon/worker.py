@@ -424,6 +424,8 @@ class Worker:
                 # the coordinator's hint of this idle gap: block through it, spin at its end
                 if self.assign.get("spin_between"):  # see Coordinator._assign
                     hdr, arr = self.ch.wait_command(0.0, BETWEEN_SPIN_S)
+                elif self.assign.get("block_between"):  # the coordinator runs on our CPUs
+                    hdr, arr = self.ch.wait_command(0.0, 1e-9)
                 else:
                     nap = idle - NAP_MARGIN if idle > 4 * self.ch.spin else 0.0
                     hdr, arr = self.ch.wait_command(nap, 2 * NAP_MARGIN if nap > 0 else None)
