@@ -190,6 +190,14 @@ class Plan:
                 else:
                     a, b = next(iter(ex.values()))[1:]
                     extra.append(f"rows {a}:{b} of every routed expert in {len(ex)} MoE layers")
+            heads = [p for p in self.pieces[w] if p.mode == "experts" and p.name.endswith(("attn_k_b.weight",
+                                                                                           "attn_v_b.weight"))]
+            n_att = sum(1 for i in range(self.n_layers) if self.split and self.split_attn(i))
+            if n_att:
+                hp = [p for p in self.pieces[w] if p.name.endswith("attn_output.weight") and p.mode == "cols"]
+                extra.append(f"a head share of the attention of {n_att} layers"
+                             + (f" (heads {heads[0].a}-{heads[0].b - 1})" if heads else
+                                f" (attn_output columns {hp[0].a}:{hp[0].b})" if hp else ""))
             dense = [i for i in range(self.n_layers) if self.split and self.split_ffn(i)]
             if dense:
                 extra.append(f"a row share of the dense FFN of layer{'s' if len(dense) > 1 else ''} "

@@ -283,7 +283,7 @@ class Worker:
                     q_in, lat = m.attn[i].prelude(x, batch)
                     arrs = {"tokens": batch.tokens, "q_in": q_in, "lat": lat}
                     h = h + self.gather(hdr, ["attn_share", i], arrs,
-                                        lambda: self.share(lambda: m.attn[i].heads(q_in, lat, batch)), "p", i)
+                                        lambda: self.share(lambda: m.attn[i].heads(q_in, lat, batch)), "p")
                 else:
                     h = h + m.attn[i](x, batch)
                 attn_ran = True
@@ -307,13 +307,13 @@ class Worker:
                 h = None
             elif kind == "experts_all":  # layer owner: every worker's share, added to h
                 i = op[1]
-                h = h + self.gather(hdr, ["experts", i], route, lambda: self.expert_share(i, route), "p", i)
+                h = h + self.gather(hdr, ["experts", i], route, lambda: self.expert_share(i, route), "p")
             elif kind == "ffn_all":  # layer owner: every worker's rows of the dense FFN, added
                 i = op[1]
                 xn = O.rms_norm(h, m.ffn_norm[i], m.args.norm_eps)
                 if self.plan.split_ffn(i):
                     arrs = {"tokens": batch.tokens, "xn": xn}
-                    h = h + self.gather(hdr, ["ffn", i], arrs, lambda: self.share(lambda: m.ffn[i](xn)), "p", i)
+                    h = h + self.gather(hdr, ["ffn", i], arrs, lambda: self.share(lambda: m.ffn[i](xn)), "p")
                 else:  # F does not split into whole blocks: the owner runs it
                     h = h + m.ffn[i](xn)
             elif kind == "head_all":  # every worker's vocab rows of the head, in row order
@@ -321,7 +321,7 @@ class Worker:
                 hn = O.rms_norm(hr, m.output_norm, m.args.norm_eps)
                 arrs = {"tokens": batch.tokens, "hn": hn}
                 parts = self.gather(hdr, ["head_share"], arrs, lambda: self.share(lambda: m.output(hn)), "lg",
-                                    None, add=False)
+                                    add=False)
                 out["logits"] = np.concatenate([parts[w] for w in sorted(parts)], axis=-1)
                 h = None
             elif kind == "head":
@@ -358,7 +358,7 @@ class Worker:
             return p
         return self.share(run)
 
-    def gather(self, hdr: dict, op: list, arrays: dict, own, key: str, layer, add: bool = True):
+    def gather(self, hdr: dict, op: list, arrays: dict, own, key: str, add: bool = True):
         """Hand op to every other worker, compute our own share (own()) meanwhile, collect
         theirs: the sum of all shares (add) or {worker index: share}."""
         t_a = time.perf_counter()
