@@ -194,11 +194,12 @@ def _typer_dot_multi(kind: str):
             nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
             maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
             dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
-            accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
-            maccs = cgutils.alloca_once(builder, V(F32, 8), size=MULTI_MAX_T)  # mins (Q4_K / Q5_K)
+            # one 8-lane float accumulator per token: the block's 16 int32 lanes are folded to 8
+            # before the conversion, and the mins go into the same accumulator (fewer float
+            # instructions and accumulator loads / stores per token and block)
+            accs = cgutils.alloca_once(builder, V(F32, 8), size=MULTI_MAX_T)
             with cgutils.for_range(builder, tn_) as lt:
-                builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
-                builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(maccs, [lt.index]))
+                builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(accs, [lt.index]))
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
@@ -223,6 +224,7 @@ def _typer_dot_multi(kind: str):
                         xv.align = 1
                         pairs = builder.bitcast(builder.call(maddubs, [us[c], xv]), V(I32, 16))
                         isum = builder.call(dpwssd, [isum, pairs, scvs[c]])
+                    mins = None
                     if q6:  # - 32 * sc_k * (sum of xq over group k)
                         xo = builder.add(builder.mul(t, nxs), builder.mul(b, ir.Constant(I64, 16)))
                         xbp = builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(I32, 16)))
@@ -235,19 +237,19 @@ def _typer_dot_multi(kind: str):
                         xsp = builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(F32, 8)))
                         xsv = builder.load(xsp)
                         xsv.align = 4
-                        mp = builder.gep(maccs, [lt.index])
                         mins = builder.fmul(mv, xsv, flags=FAST)
-                        builder.store(builder.fadd(builder.load(mp), mins, flags=FAST), mp)
+                    isum8 = builder.add(e.shuf(isum, range(8)), e.shuf(isum, range(8, 16)))
                     dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
                     s = builder.fmul(d, dx, flags=FAST)
                     ap = builder.gep(accs, [lt.index])
-                    builder.store(builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum, V(F32, 16)),
-                                                                              e.splat(s, 16), flags=FAST),
-                                               flags=FAST), ap)
+                    acc = builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum8, V(F32, 8)),
+                                                                      e.splat(s, 8), flags=FAST), flags=FAST)
+                    if mins is not None:
+                        acc = builder.fsub(acc, mins, flags=FAST)
+                    builder.store(acc, ap)
             with cgutils.for_range(builder, tn_) as lt:
                 t = builder.add(t0_, lt.index)
-                res = builder.fsub(_hsum(e, builder.load(builder.gep(accs, [lt.index]))),
-                                   _hsum(e, builder.load(builder.gep(maccs, [lt.index]))), flags=FAST)
+                res = _hsum(e, builder.load(builder.gep(accs, [lt.index])))
                 builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
             return context.get_dummy_value()
         return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
