@@ -27,6 +27,7 @@ few hundred bytes) are given to every worker.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -141,16 +142,18 @@ class Plan:
         add(self.head_owner, ["head_all"] if self.split and self.split_head() else ["head"])
         return stages
 
-    def _split_names(self) -> set[str]:
-        return {p.name for ps in self.pieces for p in ps if p.mode in ("rows", "cols")}
+    @functools.cached_property
+    def _split_names(self) -> frozenset[str]:
+        # (asked per op of every step: computed once; pieces do not change after planning)
+        return frozenset(p.name for ps in self.pieces for p in ps if p.mode in ("rows", "cols"))
 
     def split_attn(self, i: int) -> bool:
         """Are layer i's attention heads split between the workers (rows mode, MLA)?"""
-        return f"blk.{i}.attn_output.weight" in self._split_names()
+        return f"blk.{i}.attn_output.weight" in self._split_names
 
     def split_ffn(self, i: int) -> bool:
         """Is layer i's dense FFN split by rows between the workers?"""
-        return f"blk.{i}.ffn_gate.weight" in self._split_names()
+        return f"blk.{i}.ffn_gate.weight" in self._split_names
 
     def gathers(self, ops: list) -> bool:
         """Does a stage with these ops hand work to the other workers (so it can pass on their
@@ -159,7 +162,7 @@ class Plan:
                    or (op[0] == "attn" and self.split_attn(op[1])) for op in ops)
 
     def split_head(self) -> bool:
-        return "output.weight" in self._split_names()
+        return "output.weight" in self._split_names
 
     def head_rows(self) -> list[tuple[int, int]]:
         """Vocab rows (a, b) of the output head per worker (a split head)."""
