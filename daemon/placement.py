@@ -12,8 +12,10 @@ the layers through `Plan.program()`.  Modes:
   rows     MoE: every routed expert's intermediate dim F split between all workers
            (block-aligned), so each worker does an equal share of every chosen expert; the
            dense FFN layers (blk.N.ffn_{gate,up,down}) and an untied output head (vocab rows)
-           are split by rows as well, so no heavy product runs on one worker while the
-           others wait (on a shared node that lets every worker keep its own CPUs).
+           are split by rows as well, and DeepSeek's MLA by heads (the owner keeps the latent's
+           weights and sends the latent), so no heavy product runs on one worker while the
+           others wait (on a shared node that lets every worker keep its own CPUs).  When all
+           of that splits, worker 0 owns every layer's small remainder and drives each step.
   In both split modes the shared experts (blk.N.ffn_*_shexp, DeepSeek/Qwen) are split by rows
   too: they run in the same stage as the routed experts, and a whole shared expert on one
   worker would make that worker the slowest of the stage every layer.
@@ -101,11 +103,11 @@ class Plan:
     def program(self) -> list[dict]:
         """The coordinator's stages for one forward pass:
         {"kind": "seq", "worker": w, "ops": [...]}   one worker, h in -> h (or logits) out
-        ops: ["embed"], ["layers", a, b], ["attn_route", i], ["experts_all", i], ["head"];
-             rows mode runs every layer as ["attn", i] (heads split between the workers:
-             MLA), then ["route", i] + ["experts_all", i] or ["ffn_all", i] (a dense FFN
-             split by rows), and ends with ["head_all"] (an output head split by vocab rows).
-        A split MoE layer is ["attn_route", i] then ["experts_all", i] on the layer's owner,
+        ops: ["embed"], ["layers", a, b], ["attn", i], ["route", i], ["experts_all", i],
+             ["head"]; rows mode also ["ffn_all", i] (a dense FFN split by rows) and
+             ["head_all"] (an output head split by vocab rows), and its ["attn", i] gathers
+             every worker's heads (MLA).
+        A split MoE layer is ["attn", i], ["route", i], ["experts_all", i] on the layer's owner,
         which hands the routed tokens to the other workers itself (through their channels, the
         coordinator lends them for the stage) and adds their partial sums: two hops per layer
         between workers instead of four through the coordinator, and consecutive layers of one
@@ -125,18 +127,15 @@ class Plan:
         add(self.embed_owner, ["embed"])
         moe = set(self.moe_layers)
         for i, o in enumerate(self.layer_owner):
-            if self.split and self.mode == "rows":
-                # ["attn", i] and ["ffn_all", i] gather the other workers' shares when the
-                # layer's heads / dense FFN are split (split_attn / split_ffn), else run whole
+            # ["attn", i] and ["ffn_all", i] gather the other workers' shares when the layer's
+            # heads / dense FFN are split (split_attn / split_ffn: rows mode), else run whole
+            if self.split and i in moe:
                 add(o, ["attn", i])
-                if i in moe:
-                    add(o, ["route", i])
-                    add(o, ["experts_all", i])
-                else:
-                    add(o, ["ffn_all", i])
-            elif self.split and i in moe:
-                add(o, ["attn_route", i])
+                add(o, ["route", i])
                 add(o, ["experts_all", i])
+            elif self.split and self.mode == "rows":
+                add(o, ["attn", i])
+                add(o, ["ffn_all", i])
             else:
                 add(o, ["layers", i, i + 1])
         add(self.head_owner, ["head_all"] if self.split and self.split_head() else ["head"])
@@ -366,6 +365,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
         raise DsdError(f"the model has {L} layers, too few for {n_workers} workers in a pipeline; "
                        f"use --nodes {L} or fewer")
     one_driver = False
+    mla_ok = {i for i in range(L) if mode == "rows" and _mla_heads(gguf_model, i, n_workers, 0)}
     if mode == "rows":  # the split dense FFNs, heads and output head do not weigh on their owner
         split_all = True
         for name, t in tensors.items():
@@ -374,9 +374,9 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
                     per_layer[int(md.group(1))] -= t.nbytes
                 else:
                     split_all = False
-            elif (ma := _MLA.match(name)) and _mla_heads(gguf_model, int(ma.group(1)), n_workers, 0):
+            elif (ma := _MLA.match(name)) and int(ma.group(1)) in mla_ok:
                 per_layer[int(ma.group(1))] -= t.nbytes
-        split_all = split_all and all(_mla_heads(gguf_model, i, n_workers, 0) for i in range(L))
+        split_all = split_all and len(mla_ok) == L
         if not tied:
             head -= tensors["output.weight"].nbytes
         if split_all:
@@ -396,7 +396,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     embed_owner = last if tied else owner[0]
     pieces: list[list[Piece]] = [[] for _ in range(n_workers)]
     moe = set(moe_layers)
-    heads = {i: _mla_heads(gguf_model, i, n_workers, owner[i] + 1) for i in range(L)} if mode == "rows" else {}
+    heads = {i: _mla_heads(gguf_model, i, n_workers, owner[i] + 1) for i in mla_ok}
     for name, t in tensors.items():
         ma = _MLA.match(name)
         if ma and heads.get(int(ma.group(1))):

@@ -3,8 +3,8 @@
 Each step builds one flat batch: one new token for every decoding sequence (up to max_batch)
 plus, if a prompt is waiting, its next chunk of at most prefill_chunk tokens, so a long prompt
 never stalls running streams for more than one chunk.  New requests join between steps.  The
-KV cache of each layer lives in the worker that owns the layer (the driver only names sequence
-ids); finished or failed sequences are freed on every worker with the next command, or at
+KV cache of each layer lives in the worker that owns the layer, and with MLA heads split
+(rows mode) also in every worker that holds heads of it (the driver only names sequence ids); finished or failed sequences are freed on every worker with the next command, or at
 once when the daemon goes idle.
 Sampling, stop strings and incremental detokenisation run here, as in dsd.shard.engine.
 """

@@ -9,13 +9,12 @@ second, stop) so the compute loop only computes.
 
 Commands (header of a channel message; arrays named in brackets):
   ops: ["embed"] [tokens] -> [h];  ["layers", a, b] [h] -> [h];
-       ["attn_route", i] [h] -> (attention; routing kept for the next op);
-       ["experts_all", i] -> [h] (this worker's expert share plus the other workers', which it
+       ["attn", i] [h] -> [h] (attention only; in rows mode every worker's heads, if split);
+       ["route", i] (routing kept for experts_all); ["experts_all", i] -> [h] (this worker's expert share plus the other workers', which it
        requests itself through their channels, lent in hdr["peers"]);
        ["experts", i] [xn, ids, w] -> [p] (this worker's share, sent by a layer owner);
        ["head"] [h] -> [logits]
   rows mode also splits MLA heads, dense FFNs and the output head:
-       ["attn", i] [h] -> [h] (attention only); ["route", i] (routing kept for experts_all);
        ["ffn_all", i] -> [h] and ["head_all"] -> [logits] (every worker's share, gathered by
        the owner as in experts_all); ["attn_share", i] [q_in, lat] -> [p], ["ffn", i] [xn]
        -> [p] and ["head_share"] [hn] -> [lg] (this worker's share)
@@ -185,8 +184,7 @@ class Worker:
                     share = {"experts_all": "experts", "ffn_all": "ffn", "head_all": "head_share",
                              "attn": "attn_share"}
                     for op in st["ops"]:
-                        if op[0] in share and (op[0] != "attn" or self.plan.split_attn(op[1])) and \
-                                (op[0] != "ffn_all" or self.plan.split_ffn(op[1])):
+                        if self.plan.gathers([op]):
                             self.execute(dict(base, ops=[[share[op[0]], *op[1:]]]), dict(arrays))
             pos += T
         self.caches.pop(sid, None)
@@ -268,15 +266,7 @@ class Worker:
                 for i in range(op[1], op[2]):
                     h = m.block(i, h, batch)
                 attn_ran = True
-            elif kind == "attn_route":
-                i = op[1]
-                eps = m.args.norm_eps
-                h = h + m.attn[i](O.rms_norm(h, m.attn_norm[i], eps), batch)
-                xn = O.rms_norm(h, m.ffn_norm[i], eps)
-                ids, w = m.ffn[i].router(xn)
-                route = {"tokens": batch.tokens, "xn": xn, "ids": ids, "w": w}
-                attn_ran = True
-            elif kind == "attn":  # rows mode: attention only; every worker's heads if split
+            elif kind == "attn":  # attention only; every worker's heads if split (rows mode)
                 i = op[1]
                 x = O.rms_norm(h, m.attn_norm[i], m.args.norm_eps)
                 if self.plan.split_attn(i):
@@ -287,7 +277,7 @@ class Worker:
                 else:
                     h = h + m.attn[i](x, batch)
                 attn_ran = True
-            elif kind == "route":  # rows mode: the MoE router of layer i (after "attn")
+            elif kind == "route":  # the MoE router of layer i (after "attn")
                 i = op[1]
                 xn = O.rms_norm(h, m.ffn_norm[i], m.args.norm_eps)
                 ids, w = m.ffn[i].router(xn)
