@@ -11,6 +11,7 @@ import collections
 import sys
 import time
 
+import dsd  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT, see dsd/__init__.py)
 import numpy as np
 
 

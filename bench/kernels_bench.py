@@ -13,6 +13,7 @@ import argparse
 import time
 
 import numba
+import dsd  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT, see dsd/__init__.py)
 import numpy as np
 from gguf import GGMLQuantizationType as G
 from gguf import quants as gq

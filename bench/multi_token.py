@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 
+import dsd  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT, see dsd/__init__.py)
 import numpy as np
 
 

@@ -66,3 +66,19 @@ def test_generate_chat_on_smollm2_answers_paris():
             "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_bench_command_reports_both_prompts_and_bytes_per_token(tmp_path):
+    """`dsd bench --json` runs end to end on a small model; its figures are consistent with each
+    other (no timing thresholds: the machine is shared)."""
+    import json
+    path = write_tiny_llama(tmp_path / "tiny.gguf", n_layers=2)
+    r = dsd("bench", "--model", path, "--prompt-tokens", "16", "--decode-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prompt_tokens"] == 16 and res["decode_tokens"] == 4
+    assert res["prefill_tok_s"] > 0 and res["prefill_first_tok_s"] > 0 and res["decode_tok_s"] > 0
+    # every weight of a dense model is read once per decoded token, and nothing more than the file
+    import os
+    assert 0 < res["bytes_per_token"] <= os.path.getsize(path)
+    assert abs(res["decode_ms_per_token"] - 1000 / res["decode_tok_s"]) < 1e-6 * res["decode_ms_per_token"] + 1e-9

@@ -45,7 +45,8 @@ def run(args) -> int:
         return 0
     print(f"model           {res['model']}")
     print(f"threads         {res['threads']}")
-    print(f"prefill         {res['prefill_tok_s']:8.1f} tok/s  ({res['prompt_tokens']}-token prompt)")
+    print(f"prefill         {res['prefill_tok_s']:8.1f} tok/s  ({res['prompt_tokens']}-token prompt, the second one; "
+          f"first {res['prefill_first_tok_s']:.1f})")
     print(f"decode          {res['decode_tok_s']:8.1f} tok/s  ({res['decode_tokens']} tokens, "
           f"{res['decode_ms_per_token']:.2f} ms/token)")
     print(f"weights/token   {res['bytes_per_token'] / 1e6:8.1f} MB   -> {res['effective_gb_s']:.1f} GB/s effective")
@@ -58,7 +59,7 @@ def run(args) -> int:
               f"attention + {p['ms_other']:.2f} ms other (norms, RoPE, Python)")
     if "llama_cpp" in res:
         lc = res["llama_cpp"]
-        print(f"llama.cpp       prefill {lc['prefill_tok_s']:.1f} tok/s, decode {lc['decode_tok_s']:.1f} tok/s "
+        print(f"llama.cpp       prefill {lc['prefill_tok_s']:.1f} tok/s (first {lc['prefill_first_tok_s']:.1f}), decode {lc['decode_tok_s']:.1f} tok/s "
               f"(llama-cpp-python {lc['llama_cpp_version']}, same threads)")
         print(f"dsd/llama.cpp   prefill {res['prefill_vs_llama_cpp']:.2f}x, decode {res['decode_vs_llama_cpp']:.2f}x")
     return 0
