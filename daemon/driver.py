@@ -52,6 +52,9 @@ class Driver:
         self._t_end = 0.0
         self._stage_w: list[str] = []
         self.block_on: set[int] = set()   # workers on our CPUs: wait for them without spinning
+        # worker pids when the last command went out: a death is reported with the pid that died,
+        # not the restarted worker's (the coordinator's I/O thread may respawn it before we look)
+        self._pids: list[int | None] = [h.pid for h in handles]
 
     def free(self, seq_ids) -> None:
         for q in self.pending_free:
@@ -80,6 +83,7 @@ class Driver:
                 hdr["peer_free"] = pf
                 for i, _ in pf:
                     self.pending_free[i] = []
+        self._pids = [o.pid for o in self.handles]
         h.channel.resync()  # another worker may have driven this channel since our last command
         h.channel.send(hdr, arrays)
         h.outstanding = True
@@ -105,13 +109,13 @@ class Driver:
                     self._stage_w.append(f"{key[0]}.{w}:{(time.perf_counter() - t_sent) * 1e3:.2f}"
                                          f"(seen+{late:.2f},nap {nap * 1e3:.2f})")
         except PeerDied:
-            raise WorkerDied(w, h.pid) from None
+            raise WorkerDied(w, self._pids[w]) from None
         finally:
             h.outstanding = False
         if not rh.get("ok", False):
             if "dead_peer" in rh:  # the worker it asked for an expert share died
                 d = int(rh["dead_peer"])
-                raise WorkerDied(d, self.handles[d].pid)
+                raise WorkerDied(d, self._pids[d])
             raise WorkerError(rh.get("error", f"worker {w} failed"))
         return arr
 

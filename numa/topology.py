@@ -281,9 +281,10 @@ def virtual_nodes(n: int, topo: Topology) -> tuple[list[VirtualNode], str]:
                         f"they share CPUs")
     plan = ", ".join(f"worker {v.index}: node {v.node} CPUs {format_cpulist(v.cpus)}" for v in out)
     head = (f"this machine has {r} NUMA node(s) with CPUs but {n} were requested: "
-            f"workers share nodes and split their CPUs ({plan}); with --placement experts a "
-            f"stage only one of them runs (attention, dense layers, the output head) may use all "
-            f"of its node's CPUs, since the others are idle then; memory is not separated between "
-            f"workers on the same "
-            f"node, so expect no NUMA speedup from the extra workers")
+            f"workers share nodes and split their CPUs ({plan}); a stage that one worker runs "
+            f"alone (layer ranges, and attention, dense layers and the output head with "
+            f"--placement experts) may use all of its node's CPUs, since the others are idle "
+            f"then, while --placement rows keeps each worker on its own CPUs; memory is not "
+            f"separated between workers on the same node, so expect no NUMA speedup from the "
+            f"extra workers")
     return out, "; ".join([head] + msgs)

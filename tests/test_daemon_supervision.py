@@ -69,6 +69,7 @@ def test_killed_worker_fails_inflight_and_restarts(tmp_path, model):
         t.join(30)
         assert "error" in result, result
         assert "worker 0" in result["error"] and "died" in result["error"]
+        assert f"pid {victim})" in result["error"], result["error"]  # the pid that died, not its successor
         assert result["t"] - t_kill < 2.0, result["t"] - t_kill
         # restarted with a new pid; later requests succeed with the same answer
         wait_for(lambda: c.status()["state"] == "ready" and c.status()["workers"][0]["pid"] != victim,
