@@ -33,7 +33,10 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model_path: str | None = None, threads: int | None = None):
+    def __init__(self, model_path: str | None = None, threads: int | None = None,
+                 prefault: bool | None = None):
+        """prefault: map the file's pages at load rather than during the first prompt (default:
+        when the file takes under half of the available memory; see GGUFModel.prefault)."""
         from dsd.shard.chat_template import ChatTemplate
         from dsd.shard.gguf_file import open_gguf
         from dsd.shard.models import build_model
@@ -42,6 +45,11 @@ class Engine:
         self.threads = set_threads(threads)
         self.path = resolve_model(model_path)
         self.gguf = open_gguf(self.path)
+        if prefault is None:  # when the whole file fits easily beside everything else in RAM
+            import psutil
+            prefault = sum(map(os.path.getsize, self.gguf.paths)) < 0.5 * psutil.virtual_memory().available
+        if prefault:
+            self.gguf.prefault()
         self.model = build_model(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.chat_template = ChatTemplate.from_metadata(self.gguf.metadata)

@@ -434,6 +434,24 @@ class GGUFModel:
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
 
+    def prefault(self) -> bool:
+        """Map every page of the files now (MADV_POPULATE_READ, Linux >= 5.14; else only ask for
+        read-ahead) instead of on first touch.  Products read weights straight from this mmap in
+        one process: faulting 4 KiB pages inside the first prompt made it 2.4x slower than the
+        second (a 4.8 GB DeepSeek-shaped file: 28.7 vs 70 tok/s; populating took 0.4 s when the
+        file was in the page cache).  -> whether the pages are mapped now."""
+        ok = True
+        for p in self._parts:
+            try:
+                p.mm.madvise(_MADV_POPULATE_READ)
+            except OSError:  # older kernel (EINVAL) or a read error: fall back to read-ahead
+                ok = False
+                try:
+                    p.mm.madvise(mmap.MADV_WILLNEED)
+                except OSError:
+                    pass
+        return ok
+
     def close(self) -> None:
         for p in self._parts:
             p.close()
@@ -446,6 +464,9 @@ class GGUFModel:
 
     def __repr__(self) -> str:
         return f"GGUFModel({self.path!r}, {len(self.tensors)} tensors)"
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h (Python 3.11's mmap module does not name it)
 
 
 def _split_int(part: _Part, key: str) -> int | None:

@@ -459,3 +459,30 @@ def test_invalid_utf8_values_keep_their_bytes(tmp_path):
         toks = m.metadata["t"]
         assert [t.encode("utf-8", "surrogateescape") for t in toks] == [b"\xc3", b"ok"]
         assert m.metadata["s"].encode("utf-8", "surrogateescape") == b"a\xff"
+
+
+def _mapping_rss_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    rss, inside = 0, False
+    real = os.path.realpath(path)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                inside = len(head) >= 6 and head[5] == real
+            elif inside and head[0] == "Rss:":
+                rss += int(head[1])
+    return rss
+
+
+def test_prefault_maps_every_page_of_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((512, 1024)).astype(np.float32)  # 2 MiB of tensor data
+    path = write_gguf(tmp_path / "pf.gguf", {"general.architecture": "testarch"}, {"w": big})
+    size_kib = os.path.getsize(path) // 1024
+    with open_gguf(path) as m:
+        before = _mapping_rss_kib(path)
+        assert before < size_kib // 2  # parsing touched the header, not the tensor data
+        assert m.prefault() is True
+        assert _mapping_rss_kib(path) >= size_kib  # every page mapped, before any tensor is read
+        np.testing.assert_array_equal(m.tensors["w"].array(), big)
