@@ -205,18 +205,22 @@ def test_column_slice_and_readonly_memmap(gt, tmp_path):
     del mm, view
 
 
+@pytest.mark.parametrize("T", [17, 33, 150])  # fused in 16-vector chunks (1-vector tail: matvec), dequantize + sgemm
 @pytest.mark.parametrize("gt", [G.Q4_1, G.Q8_0, G.Q4_K, G.Q6_K, G.F16], ids=lambda g: g.name)
-def test_matmul_matches_float64(gt, monkeypatch):
+def test_matmul_matches_float64(gt, T, monkeypatch):
     from dsd.shard.kernels import registry
+    assert (T <= registry.FUSED_CHUNKS_MAX_T) == (T < 150)
     monkeypatch.setattr(registry, "_TILE_ELEMS", 70 * 1024)  # several tiles + a partial one
     rng = np.random.default_rng(int(gt) + 200)
     n_cols = 1024
     raw = random_raw(gt, 250, n_cols, rng, realistic=True)
-    X = rng.standard_normal((17, n_cols)).astype(np.float32)
+    X = rng.standard_normal((T, n_cols)).astype(np.float32)
     W64 = reference(raw, gt, n_cols).astype(np.float64)
-    out = np.full((17, 250), np.nan, dtype=np.float32)
+    buf = np.full((T + 4, 250), np.nan, dtype=np.float32)
+    out = buf[:T]
     got = matmul(raw, int(gt), X, out=out)
     assert got is out
+    assert np.isnan(buf[T:]).all()  # nothing written past the output rows
     ref = X.astype(np.float64) @ W64.T
     bound = np.abs(X.astype(np.float64)) @ np.abs(W64).T
     assert np.all(np.abs(got - ref) <= 1e-5 * bound)

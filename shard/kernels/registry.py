@@ -109,6 +109,18 @@ class exact_activations:
 # matmul with at most this many vectors uses the fused kernel (each weight row dequantized once
 # into L1 and dotted with all T vectors); above it, dequantized tiles + BLAS sgemm.
 FUSED_MAX_T = 16
+# Up to this many vectors the fused kernel runs in chunks of FUSED_MAX_T; the dequantize + sgemm
+# path costs a float copy of the whole matrix per call, which only pays off for long prompts:
+# Q8_0 2048 x 1408 (an expert's down projection in a DeepSeek-V2-Lite-shaped file) at T = 24 /
+# 48 / 96 / 192: 1.72 / 2.44 / 3.79 / 6.46 ms that way, 0.80 / 1.52 / 3.04 / 6.12 ms fused in
+# chunks; 2048 x 10944 crosses over at T ~ 150.  SmolLM2's Q4_1 1536 x 576 at T = 32 / 128 / 256:
+# 1.50 / 2.42 / 2.44 ms that way, 0.36 / 1.42 / 2.76 ms fused, but Q4_1 keeps the sgemm path
+# where its decode runs on 8-bit activations: SmolLM2's greedy chat answer is pinned token for
+# token to transformers' (issue 2), and its 8-bit decode leaves token 7 a 0.24-logit margin that
+# the fused kernels' float summation order flipped (0.3 in float64; the error is the 8-bit
+# rounding of x, which a 1e-5 change of the prompt's KV rows re-rolls).  8-bit K-quant products
+# never come here.
+FUSED_CHUNKS_MAX_T = 128
 # Rows dequantized per BLAS call in matmul (prefill): 4 Mi elements = 16 MiB of float32. Small
 # (L2-sized) tiles measured far slower: OpenBLAS is inefficient for thin (T x 64..128) products.
 _TILE_ELEMS = 4 * 1024 * 1024
@@ -392,14 +404,38 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
     return out
 
 
+def _fused(qt, raw, flat, stride, nb, main, n_cols, X, o) -> None:
+    """o [2 <= T <= FUSED_MAX_T, rows] (C-contiguous) = X @ W.T with the fused float kernels."""
+    T, nrows = X.shape[0], raw.shape[0]
+    nbytes = nrows * raw.shape[1]
+    par = _par_ok(nbytes)
+    t0 = time.perf_counter()
+    if T <= 3:
+        kern = dv.mm_direct_parallel if par else dv.mm_direct_serial
+    elif _WIDE:
+        kern = dv.mm_fused4_parallel if par else dv.mm_fused4_serial
+    else:
+        kern = dv.mm_fused_parallel if par else dv.mm_fused_serial
+    if nb:
+        _entry(kern, qt.ggml_type, (type(flat), X.flags.writeable), flat, stride, nrows, nb, main,
+               F16_TABLE, X, o)
+        if par:  # T vectors cost at most T matvecs: a generous single-thread estimate
+            _note(True, T * nbytes, time.perf_counter() - t0)
+    else:
+        o[:] = 0
+    if main < n_cols:
+        it = _FLOAT_ITEM[qt.ggml_type]
+        o += X[:, main:] @ _float_cols(raw[:, main * it:], qt.ggml_type).T
+
+
 def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | None = None):
     """X @ W.T for X float32 (T, n_cols), W raw blocks (rows, row_bytes) -> float32 (T, rows).
 
     Q4_K / Q5_K / Q6_K with 8-bit activations (INT8_ACTIVATIONS): any T, each weight row decoded once
-    per 16 vectors (drivers_i8.mm_*).  Otherwise T <= FUSED_MAX_T (continuous-batching decode):
-    fused kernel, each weight row is read and dequantized once and dotted with all T vectors;
-    larger T (prefill): dequantize L2-sized tiles of rows (bit-exact SIMD dequant) and let
-    numpy's sgemm do the product."""
+    per 16 vectors (drivers_i8.mm_*).  Otherwise T <= FUSED_CHUNKS_MAX_T (batched decode, a
+    prompt chunk, an expert's tokens): fused kernel on 16 vectors at a time, each weight row
+    read and dequantized once per 16 and dotted with them; longer prompts: dequantize tiles of
+    rows (bit-exact SIMD dequant) and let numpy's sgemm do the product."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
     flat, stride, n_cols, nb, main = _geometry(qt, raw)
     X = np.asarray(X)
@@ -431,27 +467,13 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if o is not out:
             out[:] = o
         return out
-    if T <= FUSED_MAX_T:
+    if T <= FUSED_CHUNKS_MAX_T and not (INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS):
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
-        nbytes = nrows * raw.shape[1]
-        par = _par_ok(nbytes)
-        t0 = time.perf_counter()
-        if T <= 3:
-            kern = dv.mm_direct_parallel if par else dv.mm_direct_serial
-        elif _WIDE:
-            kern = dv.mm_fused4_parallel if par else dv.mm_fused4_serial
-        else:
-            kern = dv.mm_fused_parallel if par else dv.mm_fused_serial
-        if nb:
-            _entry(kern, qt.ggml_type, (type(flat), X.flags.writeable), flat, stride, nrows, nb, main,
-                   F16_TABLE, X, o)
-            if par:  # T vectors cost at most T matvecs: a generous single-thread estimate
-                _note(True, T * nbytes, time.perf_counter() - t0)
-        else:
-            o[:] = 0
-        if main < n_cols:
-            it = _FLOAT_ITEM[qt.ggml_type]
-            o += X[:, main:] @ _float_cols(raw[:, main * it:], qt.ggml_type).T
+        for t0 in range(0, T, FUSED_MAX_T):  # 16 vectors per kernel call (row kept in L1 for them)
+            if T - t0 == 1:  # the fused kernels take 2..16 vectors
+                matvec(raw, ggml_type, X[t0], o[t0])
+            else:
+                _fused(qt, raw, flat, stride, nb, main, n_cols, X[t0:t0 + FUSED_MAX_T], o[t0:t0 + FUSED_MAX_T])
         if o is not out:
             out[:] = o
         return out
