@@ -508,3 +508,21 @@ def test_q4_1_int8_activations_within_rounding_bound():
         got = matvec_gather(stack, int(G.Q4_1), [1, 0], X)
         for i, e in enumerate([1, 0]):
             assert np.all(np.abs(got[i] - W[e] @ X[i]) <= _int8_bound(W[e], X[i:i + 1], 32)[:, 0])
+
+
+@pytest.mark.parametrize("gt,T,calls", [(G.Q4_1, 8, 1), (G.Q8_0, 8, 1), (G.Q8_0, 40, 3), (G.Q8_0, 200, 0)])
+def test_matmul_dispatch_fused_chunks(gt, T, calls, monkeypatch):
+    """Which path matmul takes (a speed property checked by call count, not by time): batched
+    decode (T <= 16) always on the fused kernel; Q8_0 prompt chunks up to FUSED_CHUNKS_MAX_T in
+    16-vector calls; longer ones through dequantize + sgemm."""
+    from dsd.shard.kernels import registry
+    seen = []
+    real = registry._fused
+    monkeypatch.setattr(registry, "_fused", lambda *a: (seen.append(a[-2].shape[0]), real(*a)))
+    rng = np.random.default_rng(7)
+    raw = random_raw(gt, 64, 256, rng, realistic=True)
+    X = rng.standard_normal((T, 256)).astype(np.float32)
+    got = matmul(raw, int(gt), X)
+    assert len(seen) == calls and sum(seen) == (T if calls else 0)
+    ref = X.astype(np.float64) @ reference(raw, gt, 256).astype(np.float64).T
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -467,7 +467,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if o is not out:
             out[:] = o
         return out
-    if T <= FUSED_CHUNKS_MAX_T and not (INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS):
+    if T <= FUSED_MAX_T or (T <= FUSED_CHUNKS_MAX_T and not (INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS)):
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         for t0 in range(0, T, FUSED_MAX_T):  # 16 vectors per kernel call (row kept in L1 for them)
             if T - t0 == 1:  # the fused kernels take 2..16 vectors
