@@ -44,7 +44,7 @@ def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128) -> 
     # warm-up: compile/load every kernel specialisation used below
     warm = model.new_cache(64)
     model.forward(Batch.single(warm, ids[:8]))
-    model.forward(Batch.single(warm, ids[8:9]))
+    model.forward(Batch.single(warm, [ids[-1]]))
 
     # prefill twice: the first prompt also faults in the weights it touches (in one process they
     # are views of the file's mmap); the second is the steady state of a running server
@@ -148,3 +148,105 @@ def profile_decode(engine, decode_tokens: int = 64, context: int = 512) -> dict:
             "ms_in_weight_products": 1000 * spent["w"] / n,
             "ms_in_attention": 1000 * spent["a"] / n,
             "ms_other": 1000 * (total - spent["w"] - spent["a"]) / n}
+
+
+def batch_prompts(vocab: int, batch: int) -> list[list[int]]:
+    """Distinct 11-token prompts, one per sequence (as bench/daemon_bench.py sends)."""
+    lo = 100 if vocab > 400 else 0
+    return [[1] + [lo + (7 * i + j) % (vocab - lo) for j in range(10)] for i in range(batch)]
+
+
+def bench_batched(engine, batch: int, steps: int = 16, rounds: int = 3) -> dict:
+    """Continuous-batching decode in one process: step time with 1 sequence and with `batch`
+    sequences (one token each per forward), interleaved over rounds; medians.  The aggregate
+    ratio is what "B streams vs one stream" can reach without any process hand-over."""
+    from dsd.shard.batch import Batch
+
+    model = engine.model
+    caches = [model.new_cache(16 + steps * (rounds + 1) * 2) for _ in range(batch)]
+    last = []
+    for c, ids in zip(caches, batch_prompts(model.args.vocab_size, batch)):
+        b = Batch.single(c, ids)
+        last.append(int(np.argmax(model.forward(b)[-1])))
+        b.finish()
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            b = Batch.decode(caches[:n], np.asarray(last[:n]))
+            logits = model.forward(b)
+            b.finish()
+            last[:n] = np.argmax(logits, axis=-1).tolist()
+        return (time.perf_counter() - t0) / steps
+
+    run(batch)  # warm-up: compiles / loads the batched kernels
+    t1, tb = [], []
+    for _ in range(rounds):
+        t1.append(run(1))
+        tb.append(run(batch))
+    return _batched_result(batch, float(np.median(t1)), float(np.median(tb)))
+
+
+def _batched_result(batch: int, t1: float, tb: float) -> dict:
+    return {"batch": batch, "step_ms_1": 1e3 * t1, "step_ms_batch": 1e3 * tb,
+            "decode_tok_s_1": 1 / t1, "aggregate_tok_s": batch / tb, "ratio": batch * t1 / tb}
+
+
+def bench_llama_cpp_batched(path: str, threads: int, batch: int, steps: int = 16, rounds: int = 3) -> dict:
+    """llama.cpp's own batched decode on the same file: one context with `batch` sequences, one
+    token of each per llama_decode call (what llama-server --parallel does), greedy; step times
+    with 1 and `batch` sequences interleaved as in bench_batched."""
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    cp = L.llama_context_default_params()
+    cp.n_ctx = batch * (16 + steps * (rounds + 1) * 2)
+    cp.n_batch = max(512, batch)
+    cp.n_seq_max = batch
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.kv_unified = True
+    ctx = L.llama_init_from_model(model, cp)
+    lb = L.llama_batch_init(max(512, batch), 0, batch)
+    pos, last = [0] * batch, [0] * batch
+    try:
+        def decode(items):  # [(seq, tokens)]: logits of each sequence's last token -> argmax
+            lb.n_tokens, outs = 0, []
+            for s, toks in items:
+                for j, t in enumerate(toks):
+                    i = lb.n_tokens
+                    lb.token[i], lb.pos[i], lb.n_seq_id[i] = t, pos[s], 1
+                    lb.seq_id[i][0] = s
+                    lb.logits[i] = j == len(toks) - 1
+                    if lb.logits[i]:
+                        outs.append((s, i))
+                    pos[s] += 1
+                    lb.n_tokens += 1
+            if L.llama_decode(ctx, lb) != 0:
+                raise RuntimeError("llama_decode failed")
+            for s, i in outs:
+                last[s] = int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+        for s, ids in enumerate(batch_prompts(n_vocab, batch)):
+            decode([(s, ids)])
+
+        def run(n: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decode([(s, [last[s]]) for s in range(n)])
+            return (time.perf_counter() - t0) / steps
+
+        run(batch)
+        t1, tb = [], []
+        for _ in range(rounds):
+            t1.append(run(1))
+            tb.append(run(batch))
+    finally:
+        L.llama_batch_free(lb)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+    return dict(_batched_result(batch, float(np.median(t1)), float(np.median(tb))),
+                llama_cpp_version=L.__version__)

@@ -82,3 +82,18 @@ def test_bench_command_reports_both_prompts_and_bytes_per_token(tmp_path):
     import os
     assert 0 < res["bytes_per_token"] <= os.path.getsize(path)
     assert abs(res["decode_ms_per_token"] - 1000 / res["decode_tok_s"]) < 1e-6 * res["decode_ms_per_token"] + 1e-9
+
+
+def test_bench_batched_decode_figures(tmp_path):
+    """`dsd bench --batch 3 --json`: batched decode in one process is reported with consistent
+    figures (no timing thresholds); --batch 1 is refused with a reason."""
+    import json
+    path = write_tiny_llama(tmp_path / "tiny.gguf", n_layers=2)
+    r = dsd("bench", "--model", path, "--prompt-tokens", "8", "--decode-tokens", "2", "--batch", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)["batched"]
+    assert b["batch"] == 3 and b["step_ms_1"] > 0 and b["step_ms_batch"] > 0
+    assert abs(b["aggregate_tok_s"] - 3000 / b["step_ms_batch"]) < 1e-6 * b["aggregate_tok_s"]
+    assert abs(b["ratio"] - 3 * b["step_ms_1"] / b["step_ms_batch"]) < 1e-9 + 1e-9 * b["ratio"]
+    r = dsd("bench", "--model", path, "--batch", "1")
+    assert r.returncode == 2 and "--batch must be 2 or more" in r.stderr

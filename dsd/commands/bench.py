@@ -12,6 +12,9 @@ def add_arguments(p) -> None:
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same file and thread count")
     p.add_argument("--profile", action="store_true", help="split decode time into kernels vs the rest")
+    p.add_argument("--batch", type=int, default=0, metavar="B",
+                   help="also decode B sequences per step (continuous batching, one process): aggregate "
+                        "tok/s and its ratio to one sequence (with --llama-cpp: llama.cpp's, same way)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -22,6 +25,12 @@ def run(args) -> int:
     from dsd.shard import bench
     from dsd.shard.engine import Engine
 
+    if args.prompt_tokens < 1 or args.decode_tokens < 1:
+        print("dsd bench: --prompt-tokens and --decode-tokens must be at least 1", file=sys.stderr)
+        return 2
+    if args.batch < 0 or args.batch == 1:
+        print("dsd bench: --batch must be 2 or more (0 = skip)", file=sys.stderr)
+        return 2
     engine = Engine(args.model, threads=args.threads)
     res = bench.bench_engine(engine, args.prompt_tokens, args.decode_tokens)
     res["read_gb_s"] = bench.measure_read_bandwidth()
@@ -29,6 +38,8 @@ def run(args) -> int:
     res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
     if args.profile:
         res["decode_profile"] = bench.profile_decode(engine, min(64, args.decode_tokens), args.prompt_tokens)
+    if args.batch:
+        res["batched"] = bench.bench_batched(engine, args.batch)
     if args.llama_cpp:
         try:
             res["llama_cpp"] = bench.bench_llama_cpp(engine.path, engine.threads, args.prompt_tokens,
@@ -40,6 +51,8 @@ def run(args) -> int:
             lc = res["llama_cpp"]
             res["decode_vs_llama_cpp"] = res["decode_tok_s"] / lc["decode_tok_s"]
             res["prefill_vs_llama_cpp"] = res["prefill_tok_s"] / lc["prefill_tok_s"]
+            if args.batch:
+                res["llama_cpp_batched"] = bench.bench_llama_cpp_batched(engine.path, engine.threads, args.batch)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -62,4 +75,10 @@ def run(args) -> int:
         print(f"llama.cpp       prefill {lc['prefill_tok_s']:.1f} tok/s (first {lc['prefill_first_tok_s']:.1f}), decode {lc['decode_tok_s']:.1f} tok/s "
               f"(llama-cpp-python {lc['llama_cpp_version']}, same threads)")
         print(f"dsd/llama.cpp   prefill {res['prefill_vs_llama_cpp']:.2f}x, decode {res['decode_vs_llama_cpp']:.2f}x")
+    for who, key in (("batched", "batched"), ("llama.cpp batch", "llama_cpp_batched")):
+        if key in res:
+            b = res[key]
+            print(f"{who:15s} {b['batch']} sequences: {b['aggregate_tok_s']:.1f} tok/s aggregate "
+                  f"({b['step_ms_batch']:.1f} ms/step) = {b['ratio']:.2f}x one sequence "
+                  f"({b['step_ms_1']:.1f} ms/step)")
     return 0
