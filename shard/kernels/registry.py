@@ -516,7 +516,7 @@ def warm_up(ggml_types) -> float:
                      lambda: matvec_gather(raw, gt, [1, 0], np.zeros((2, cols), np.float32)),
                      lambda: dequantize(raw[0], gt, cols)]
             calls += [lambda T=T: matmul(raw[0], gt, np.zeros((T, cols), np.float32))
-                      for T in (2, 4, FUSED_MAX_T + 1)]
+                      for T in (2, 4, FUSED_MAX_T + 1, FUSED_CHUNKS_MAX_T + 1)]  # fused, chunks, sgemm
             for PAR_MIN_BYTES in (1 << 62, 0):
                 for call in calls:
                     _par_off_until = 0.0  # a loading call looks like a stall to the back-off
