@@ -526,3 +526,45 @@ def test_matmul_dispatch_fused_chunks(gt, T, calls, monkeypatch):
     assert len(seen) == calls and sum(seen) == (T if calls else 0)
     ref = X.astype(np.float64) @ reference(raw, gt, 256).astype(np.float64).T
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.int8
+@pytest.mark.parametrize("n", [1024, 1408])  # 1408: the 1408-wide expert downs
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_q8_0_multi_token_int8_within_rounding_bound(n, parallel, monkeypatch):
+    """Q8_0 prompt products (more than 16 vectors) with x quantized per 64 elements (xq + 128 as
+    the unsigned operand, the weights' 128 * sum q subtracted): within the analytic bound of the
+    activation rounding, 16-vector chunks and their tails; on a column share (row stride larger
+    than the row), equal to the same columns of the whole row; an odd number of blocks, and a
+    decode batch, stay on the float kernels."""
+    if not registry.INT8_ACTIVATIONS:
+        pytest.skip("this CPU has no AVX-512 VNNI: Q8_0 runs the float kernels (tested above)")
+    monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
+    rng = np.random.default_rng(n)
+    raw = random_raw(G.Q8_0, 40, n, rng, realistic=True)
+    W = reference(raw, G.Q8_0, n).astype(np.float64)
+    for T in (17, 40):  # prompts; decode batches (T <= 16) keep the float kernels
+        X = rng.standard_normal((T, n)).astype(np.float32)
+        X[-1, 256:512] *= 50  # one group of large activations
+        got = matmul(raw, int(G.Q8_0), X).astype(np.float64)
+        err = np.abs(got - X.astype(np.float64) @ W.T)
+        bound = _int8_bound(W, X, 64).T
+        assert np.all(err <= bound), (T, (err / bound).max())
+        assert err.mean() < 0.25 * bound.mean()
+        assert err.max() > 1e-7 * np.abs(got).max()  # the 8-bit path ran (float32 alone is closer)
+    sub = raw[:, 34 * 8:34 * 26]  # blocks 8:26 of every row, row stride n / 32 * 34
+    X = rng.standard_normal((20, n)).astype(np.float32)
+    got = matmul(sub, int(G.Q8_0), X[:, 256:832])
+    assert np.all(np.abs(got - X[:, 256:832].astype(np.float64) @ W[:, 256:832].T)
+                  <= _int8_bound(W[:, 256:832], X[:, 256:832], 64).T)
+    # a worker's column share sees the same 8-bit x as the whole row: shares add up to it
+    rest = [matmul(raw[:, :34 * 8], int(G.Q8_0), X[:, :256]), matmul(raw[:, 34 * 26:], int(G.Q8_0), X[:, 832:])]
+    whole = matmul(raw, int(G.Q8_0), X)
+    assert np.abs(got + rest[0] + rest[1] - whole).max() <= 1e-5 * np.abs(whole).max()
+    odd = random_raw(G.Q8_0, 24, 32 * 43, rng, realistic=True)  # 43 blocks: float kernels
+    Wo = reference(odd, G.Q8_0, 32 * 43).astype(np.float64)
+    X = rng.standard_normal((20, 32 * 43)).astype(np.float32)
+    ref = X.astype(np.float64) @ Wo.T
+    assert np.abs(matmul(odd, int(G.Q8_0), X) - ref).max() <= 1e-5 * (np.abs(X) @ np.abs(Wo).T).max()
+    X = rng.standard_normal((8, n)).astype(np.float32)  # a decode batch: float kernels, float32 rounding
+    assert np.abs(matmul(raw, int(G.Q8_0), X) - X.astype(np.float64) @ W.T).max() <= 1e-5 * (np.abs(X) @ np.abs(W).T).max()

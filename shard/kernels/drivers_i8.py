@@ -31,7 +31,7 @@ from numba import literally, njit, prange
 from numba.core import types
 from numba.extending import overload
 
-from .rows_i8 import _Q4_1, _Q6_K, MULTI_MAX_T, dot_i8_any, dot_i8_multi_any
+from .rows_i8 import _Q4_1, _Q6_K, _Q8_0, MULTI_MAX_T, dot_i8_any, dot_i8_multi_any
 
 ROW_BLOCK = 32  # rows per parallel work item of mm_*
 
@@ -113,6 +113,27 @@ def quant_x_q8_32(X):
     return xq, xd, xs
 
 
+@njit(cache=True, fastmath=True)
+def quant_x_u8_64(X):
+    """X float32 [n, cols] (cols a multiple of 64) -> (xu uint8 [n, cols] = round(x / dx) + 128,
+    xd float32 [n, cols / 64] = max|x| / 127 of each 64 elements, xs float32 [n, 1] unused): the
+    x operand of the Q8_0 multi-token kernel (stored unsigned)."""
+    n, cols = X.shape
+    xu = np.empty((n, cols), np.uint8)
+    xd = np.empty((n, cols // 64), np.float32)
+    for j in range(n):
+        for b in range(cols // 64):
+            amax = np.float32(0)
+            for i in range(64):
+                amax = max(amax, abs(X[j, b * 64 + i]))
+            xd[j, b] = amax / np.float32(127)
+            inv = np.float32(127) / amax if amax > 0 else np.float32(0)
+            for i in range(64):
+                v = np.rint(X[j, b * 64 + i] * inv)
+                xu[j, b * 64 + i] = np.uint8(np.int32(min(max(v, -127.0), 127.0)) + 128)
+    return xu, xd, np.zeros((n, 1), np.float32)
+
+
 def quant_x(kind, X):
     """-> (xq, xd, xs): X quantized the way type `kind`'s row kernels read it (numba only)."""
     raise NotImplementedError
@@ -126,6 +147,8 @@ def _quant_x(kind, X):
         return lambda kind, X: quant_x_q8k16(X)
     if kind.literal_value == _Q4_1:
         return lambda kind, X: quant_x_q8_32(X)
+    if kind.literal_value == _Q8_0:
+        return lambda kind, X: quant_x_u8_64(X)
     return lambda kind, X: quant_x_q8k(X)
 
 
