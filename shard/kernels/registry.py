@@ -514,7 +514,7 @@ def warm_up(ggml_types) -> float:
     try:
         for gt in sorted({int(t) for t in ggml_types}):
             qt = quant_type(gt)
-            cols = max(qt.block_size, qt.simd_bs or qt.block_size)
+            cols = 2 * max(qt.block_size, qt.simd_bs or qt.block_size)  # 2 blocks: Q8_0's 8-bit prompt kernel takes pairs
             raw = np.zeros((2, 4, row_bytes(gt, cols)), dtype=np.uint8)
             calls = [lambda: matvec(raw[0], gt, np.zeros(cols, np.float32)),
                      lambda: matvec_gather(raw, gt, [1, 0], np.zeros((2, cols), np.float32)),
