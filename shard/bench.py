@@ -179,15 +179,18 @@ def bench_batched(engine, batch: int, steps: int = 16, rounds: int = 3) -> dict:
             last[:n] = np.argmax(logits, axis=-1).tolist()
         return (time.perf_counter() - t0) / steps
 
-    run(batch)  # warm-up: compiles / loads the batched kernels
+    return _interleaved(run, batch, rounds)
+
+
+def _interleaved(run, batch: int, rounds: int) -> dict:
+    """run(n) -> seconds per step with n sequences: a warm-up at `batch` (compiles / loads the
+    batched kernels), then 1 and `batch` sequences in turn for `rounds` rounds; medians."""
+    run(batch)
     t1, tb = [], []
     for _ in range(rounds):
         t1.append(run(1))
         tb.append(run(batch))
-    return _batched_result(batch, float(np.median(t1)), float(np.median(tb)))
-
-
-def _batched_result(batch: int, t1: float, tb: float) -> dict:
+    t1, tb = float(np.median(t1)), float(np.median(tb))
     return {"batch": batch, "step_ms_1": 1e3 * t1, "step_ms_batch": 1e3 * tb,
             "decode_tok_s_1": 1 / t1, "aggregate_tok_s": batch / tb, "ratio": batch * t1 / tb}
 
@@ -239,14 +242,9 @@ def bench_llama_cpp_batched(path: str, threads: int, batch: int, steps: int = 16
                 decode([(s, [last[s]]) for s in range(n)])
             return (time.perf_counter() - t0) / steps
 
-        run(batch)
-        t1, tb = [], []
-        for _ in range(rounds):
-            t1.append(run(1))
-            tb.append(run(batch))
+        res = _interleaved(run, batch, rounds)
     finally:
         L.llama_batch_free(lb)
         L.llama_free(ctx)
         L.llama_model_free(model)
-    return dict(_batched_result(batch, float(np.median(t1)), float(np.median(tb))),
-                llama_cpp_version=L.__version__)
+    return dict(res, llama_cpp_version=L.__version__)

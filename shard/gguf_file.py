@@ -70,6 +70,7 @@ _MIN_ELEM_SIZE = {**{t: s for t, (_, _, s) in _SCALARS.items()}, T_STRING: 8, T_
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
+_MADV_POPULATE_READ = 22  # linux/mman.h (Python 3.11's mmap module does not name it)
 _HEADER = struct.Struct("<4sIQQ")  # magic, version, n_tensors, n_kv (24 bytes)
 
 # numpy dtypes for tensor types that array() can view without dequantizing.
@@ -464,9 +465,6 @@ class GGUFModel:
 
     def __repr__(self) -> str:
         return f"GGUFModel({self.path!r}, {len(self.tensors)} tensors)"
-
-
-_MADV_POPULATE_READ = 22  # linux/mman.h (Python 3.11's mmap module does not name it)
 
 
 def _split_int(part: _Part, key: str) -> int | None:

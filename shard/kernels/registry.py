@@ -106,8 +106,8 @@ class exact_activations:
         INT8_ACTIVATIONS = self._saved
 
 
-# matmul with at most this many vectors uses the fused kernel (each weight row dequantized once
-# into L1 and dotted with all T vectors); above it, dequantized tiles + BLAS sgemm.
+# vectors per call of the fused float kernel (each weight row dequantized once into L1 and
+# dotted with all of them); a default decode batch (max_batch 16) is one call
 FUSED_MAX_T = 16
 # Up to this many vectors the fused kernel runs in chunks of FUSED_MAX_T; the dequantize + sgemm
 # path costs a float copy of the whole matrix per call, which only pays off for long prompts:
@@ -453,11 +453,15 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
     if T == 1 and out.flags.c_contiguous:
         matvec(raw, ggml_type, X[0], out[0])
         return out
-    if INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI and (qt.ggml_type != G.Q8_0 or (T > FUSED_MAX_T and nb % 2 == 0)):
-        # Q8_0 only for prompt products (more vectors than a decode batch has): batched decode
-        # keeps the float kernels, as one-token decode does (SmolLM2's Q8_0 output head: 8-bit
-        # x flipped its first greedy token, session 3), so a stream's tokens do not depend on
-        # how many others share its batch.  1.3-1.5x the fused float kernel at T = 24-64.
+    int8 = INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI
+    if int8 and qt.ggml_type == G.Q8_0:
+        # Q8_0 only for prompt products (more vectors than a decode batch has; rows of block
+        # pairs): batched decode keeps the float kernels, as one-token decode does (SmolLM2's
+        # Q8_0 output head: 8-bit x flipped its first greedy token, session 3), so a stream's
+        # tokens do not depend on how many others share its batch.  1.3-1.5x the fused float
+        # kernel at T = 24-64.
+        int8 = T > FUSED_MAX_T and nb % 2 == 0
+    if int8:
         # 8-bit activations, each row decoded once per 16 vectors: batched decode, and prompts
         # (1.4-5.8x the dequantize + sgemm path below for Q4_K at T = 32-512)
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)

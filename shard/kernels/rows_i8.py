@@ -164,6 +164,28 @@ def _typer_dot_q6k(typingctx, flat, o, nb, tab, xq, xd, xb):
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xb), cg
 
 
+def _rows_2d(context, builder, ty, val):
+    """A 2-D array argument -> (its numba array struct, its row length)."""
+    a = context.make_array(ty)(context, builder, val)
+    return a, cgutils.unpack_tuple(builder, a.shape, 2)[1]
+
+
+def _token_accs(builder, vec, tn):
+    """tn zeroed float accumulators of type vec on the stack (one per token of a multi-token row)."""
+    accs = cgutils.alloca_once(builder, vec, size=MULTI_MAX_T)
+    with cgutils.for_range(builder, tn) as lt:
+        builder.store(ir.Constant(vec, [0.0] * vec.count), builder.gep(accs, [lt.index]))
+    return accs
+
+
+def _store_token_sums(e, builder, accs, tn, t0, outs, nout, r):
+    """out[t0 + i, r] = horizontal sum of accs[i] for i < tn."""
+    with cgutils.for_range(builder, tn) as lt:
+        t = builder.add(t0, lt.index)
+        res = _hsum(e, builder.load(builder.gep(accs, [lt.index])))
+        builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r)]))
+
+
 MULTI_MAX_T = 16  # tokens per call of the multi-token row kernels (accumulators on the stack)
 
 
@@ -184,22 +206,14 @@ def _typer_dot_multi(kind: str):
             fa, o_, nb_, ta, xqa, xda, xsa, outa, r_, t0_, tn_ = args
             fty, _, _, tty, xqty, xdty, xsty, outty = sig.args[:8]
             e = Emit(context, builder, fty, fa, tty, ta)
-            xqs = context.make_array(xqty)(context, builder, xqa)
-            xds = context.make_array(xdty)(context, builder, xda)
-            xss = context.make_array(xsty)(context, builder, xsa)
-            outs = context.make_array(outty)(context, builder, outa)
-            n = cgutils.unpack_tuple(builder, xqs.shape, 2)[1]
-            ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
-            nxs = cgutils.unpack_tuple(builder, xss.shape, 2)[1]
-            nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
+            (xqs, n), (xds, ndx) = _rows_2d(context, builder, xqty, xqa), _rows_2d(context, builder, xdty, xda)
+            (xss, nxs), (outs, nout) = _rows_2d(context, builder, xsty, xsa), _rows_2d(context, builder, outty, outa)
             maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
             dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
             # one 8-lane float accumulator per token: the block's 16 int32 lanes are folded to 8
             # before the conversion, and the mins go into the same accumulator (fewer float
             # instructions and accumulator loads / stores per token and block)
-            accs = cgutils.alloca_once(builder, V(F32, 8), size=MULTI_MAX_T)
-            with cgutils.for_range(builder, tn_) as lt:
-                builder.store(ir.Constant(V(F32, 8), [0.0] * 8), builder.gep(accs, [lt.index]))
+            accs = _token_accs(builder, V(F32, 8), tn_)
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
@@ -247,10 +261,7 @@ def _typer_dot_multi(kind: str):
                     if mins is not None:
                         acc = builder.fsub(acc, mins, flags=FAST)
                     builder.store(acc, ap)
-            with cgutils.for_range(builder, tn_) as lt:
-                t = builder.add(t0_, lt.index)
-                res = _hsum(e, builder.load(builder.gep(accs, [lt.index])))
-                builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
+            _store_token_sums(e, builder, accs, tn_, t0_, outs, nout, r_)
             return context.get_dummy_value()
         return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
                           types.int64), cg
@@ -274,18 +285,12 @@ def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, t
         fa, o_, nb_, ta, xua, xda, _, outa, r_, t0_, tn_ = args
         fty, _, _, tty, xuty, xdty, _, outty = sig.args[:8]
         e = Emit(context, builder, fty, fa, tty, ta)
-        xus = context.make_array(xuty)(context, builder, xua)
-        xds = context.make_array(xdty)(context, builder, xda)
-        outs = context.make_array(outty)(context, builder, outa)
-        n = cgutils.unpack_tuple(builder, xus.shape, 2)[1]
-        ndx = cgutils.unpack_tuple(builder, xds.shape, 2)[1]
-        nout = cgutils.unpack_tuple(builder, outs.shape, 2)[1]
+        (xus, n), (xds, ndx) = _rows_2d(context, builder, xuty, xua), _rows_2d(context, builder, xdty, xda)
+        outs, nout = _rows_2d(context, builder, outty, outa)
         vnni = _vnni(builder)
         zero16 = ir.Constant(V(I32, 16), [0] * 16)
         k128 = builder.bitcast(e.k8(-128, 64), V(I32, 16))  # 0x80 bytes: 128 as the unsigned operand
-        accs = cgutils.alloca_once(builder, V(F32, 16), size=MULTI_MAX_T)
-        with cgutils.for_range(builder, tn_) as lt:
-            builder.store(ir.Constant(V(F32, 16), [0.0] * 16), builder.gep(accs, [lt.index]))
+        accs = _token_accs(builder, V(F32, 16), tn_)
 
         def pair(p):  # block pair p (blocks 2p, 2p + 1) -> (w as <16 x i32>, correction, scales)
             oa = builder.add(o_, builder.mul(p, ir.Constant(I64, 68)))
@@ -321,10 +326,7 @@ def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, t
         p0 = builder.mul(nquads, ir.Constant(I64, 4))
         with cgutils.for_range(builder, builder.sub(npairs, p0)) as pl:  # the last 0-3 pairs
             step([builder.add(p0, pl.index)])
-        with cgutils.for_range(builder, tn_) as lt:
-            t = builder.add(t0_, lt.index)
-            res = _hsum(e, builder.load(builder.gep(accs, [lt.index])))
-            builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
+        _store_token_sums(e, builder, accs, tn_, t0_, outs, nout, r_)
         return context.get_dummy_value()
     return types.void(flat, types.int64, types.int64, tab, xu, xd, xs, out, types.int64, types.int64,
                       types.int64), cg
