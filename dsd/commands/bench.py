@@ -1,7 +1,10 @@
 """dsd bench: prefill and decode speed, bytes read per token, and the memory roofline."""
 from __future__ import annotations
 
-HELP = "benchmark a model in one process (prefill, decode, bytes/token, roofline; optionally llama.cpp)"
+HELP = ("benchmark a model in one process (prefill, decode, bytes/token, roofline) beside the C "
+        "yardsticks (llama.cpp's / ik_llama.cpp's llama-bench, --against)")
+
+LLAMA_CPP_PYTHON = "llama-cpp-python (Python loop, understates llama.cpp by ~25%; cross-check only)"
 
 
 def add_arguments(p) -> None:
@@ -9,8 +12,14 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", "-t", type=int, default=None)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--against", action="append", default=[], metavar="LLAMA_BENCH",
+                   help="a llama-bench binary (llama.cpp or ik_llama.cpp; repeatable) to run after dsd on the "
+                        "same file, threads and token counts, decode at the prompt's depth; prints dsd/it ratios "
+                        "(build them with bench/build_yardsticks.sh: ~/.cache/dsd-yardsticks/*/llama-bench)")
+    p.add_argument("--repeat", "-r", type=int, default=3, metavar="R",
+                   help="llama-bench repetitions per test for --against (its -r; default 3)")
     p.add_argument("--llama-cpp", action="store_true",
-                   help="also run llama.cpp (llama-cpp-python) on the same file and thread count")
+                   help="also run " + LLAMA_CPP_PYTHON.replace("%", "%%") + " on the same file and thread count")
     p.add_argument("--profile", action="store_true", help="split decode time into kernels vs the rest")
     p.add_argument("--batch", type=int, default=0, metavar="B",
                    help="also decode B sequences per step (continuous batching, one process): aggregate "
@@ -22,7 +31,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from dsd.shard import bench
+    from dsd.shard import bench, yardstick
     from dsd.shard.engine import Engine
 
     if args.prompt_tokens < 1 or args.decode_tokens < 1:
@@ -31,6 +40,11 @@ def run(args) -> int:
     if args.batch < 0 or args.batch == 1:
         print("dsd bench: --batch must be 2 or more (0 = skip)", file=sys.stderr)
         return 2
+    if args.repeat < 1:
+        print("dsd bench: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    # check the yardsticks (exist, run, are llama-bench) before spending minutes on dsd's run
+    yardsticks = [yardstick.Yardstick(path) for path in args.against]
     engine = Engine(args.model, threads=args.threads)
     res = bench.bench_engine(engine, args.prompt_tokens, args.decode_tokens)
     res["read_gb_s"] = bench.measure_read_bandwidth()
@@ -51,8 +65,21 @@ def run(args) -> int:
             lc = res["llama_cpp"]
             res["decode_vs_llama_cpp"] = res["decode_tok_s"] / lc["decode_tok_s"]
             res["prefill_vs_llama_cpp"] = res["prefill_tok_s"] / lc["prefill_tok_s"]
+            lc["label"] = LLAMA_CPP_PYTHON
             if args.batch:
                 res["llama_cpp_batched"] = bench.bench_llama_cpp_batched(engine.path, engine.threads, args.batch)
+                res["llama_cpp_batched"]["label"] = LLAMA_CPP_PYTHON
+    if yardsticks:
+        path, threads = engine.path, engine.threads
+        del engine  # free dsd's copy of the weights before llama-bench loads its own
+        import gc
+        gc.collect()
+        architecture = yardstick.gguf_architecture(path)
+        res["yardsticks"] = [
+            yardstick.compare(res, y.run(path, threads, args.prompt_tokens, args.decode_tokens,
+                                         depth=args.prompt_tokens, repeat=args.repeat, architecture=architecture),
+                              res["read_gb_s"])
+            for y in yardsticks]
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -70,12 +97,17 @@ def run(args) -> int:
         print(f"decode profile  {p['ms_per_token']:.2f} ms/token at {p['context']} cached tokens = "
               f"{p['ms_in_weight_products']:.2f} ms weight products + {p['ms_in_attention']:.2f} ms "
               f"attention + {p['ms_other']:.2f} ms other (norms, RoPE, Python)")
+    for y in res.get("yardsticks", ()):
+        print(f"{y['name']}: {yardstick.describe(y)}")
+        print(f"  dsd / {y['name']}: prefill {y['prefill_ratio']:.2f}x, decode {y['decode_ratio']:.2f}x "
+              f"(its decode at {100 * y['roofline_fraction']:.0f}% of the roofline, with dsd's bytes/token)")
     if "llama_cpp" in res:
         lc = res["llama_cpp"]
-        print(f"llama.cpp       prefill {lc['prefill_tok_s']:.1f} tok/s (first {lc['prefill_first_tok_s']:.1f}), decode {lc['decode_tok_s']:.1f} tok/s "
-              f"(llama-cpp-python {lc['llama_cpp_version']}, same threads)")
-        print(f"dsd/llama.cpp   prefill {res['prefill_vs_llama_cpp']:.2f}x, decode {res['decode_vs_llama_cpp']:.2f}x")
-    for who, key in (("batched", "batched"), ("llama.cpp batch", "llama_cpp_batched")):
+        print(f"{LLAMA_CPP_PYTHON} {lc['llama_cpp_version']}:")
+        print(f"  prefill {lc['prefill_tok_s']:.1f} tok/s (first {lc['prefill_first_tok_s']:.1f}), decode "
+              f"{lc['decode_tok_s']:.1f} tok/s, same threads; dsd/it prefill {res['prefill_vs_llama_cpp']:.2f}x, "
+              f"decode {res['decode_vs_llama_cpp']:.2f}x")
+    for who, key in (("batched", "batched"), ("llama-cpp-python batch", "llama_cpp_batched")):
         if key in res:
             b = res[key]
             print(f"{who:15s} {b['batch']} sequences: {b['aggregate_tok_s']:.1f} tok/s aggregate "
