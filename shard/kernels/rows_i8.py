@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
-from .rows import F32, I8, I16, I32, I64, FAST, V, Emit, _by_kind, _hsum, k_scales_int
+from .rows import PREFETCH_BYTES, F32, I8, I16, I32, I64, FAST, V, Emit, _by_kind, _hsum, k_scales_int
 
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"  # (acc <16 x i32>, u8 x64 as <16 x i32>, s8 x64 as <16 x i32>)
 _PMADDUBSW = "llvm.x86.avx512.pmaddubs.w.512"  # (u8 x64, s8 x64) -> adjacent pairs summed, <32 x i16>
@@ -111,6 +111,7 @@ def _typer_dot_k(q5: bool):
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                e.prefetch(e.at(ob, PREFETCH_BYTES))
                 us, scvs, d, mv = _k_block(e, builder, ob, q5)
                 isum = zero16
                 x0 = builder.mul(b, ir.Constant(I64, 256))
@@ -145,6 +146,7 @@ def _typer_dot_q6k(typingctx, flat, o, nb, tab, xq, xd, xb):
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
             ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
+            e.prefetch(e.at(ob, PREFETCH_BYTES))
             us, sc8 = _q6k_values(e, builder, ob)
             scvs = _pair_scales(builder, e, builder.sext(sc8, V(I16, 16)), 16)
             x0 = builder.mul(b, ir.Constant(I64, 256))
@@ -217,6 +219,7 @@ def _typer_dot_multi(kind: str):
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                e.prefetch(e.at(ob, PREFETCH_BYTES))
                 if q6:
                     us, sc8 = _q6k_values(e, builder, ob)
                     scvs = _pair_scales(builder, e, builder.sext(sc8, V(I16, 16)), 16)
@@ -295,6 +298,7 @@ def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, t
         def pair(p):  # block pair p (blocks 2p, 2p + 1) -> (w as <16 x i32>, correction, scales)
             oa = builder.add(o_, builder.mul(p, ir.Constant(I64, 68)))
             ob = builder.add(oa, ir.Constant(I64, 34))
+            e.prefetch(e.at(oa, PREFETCH_BYTES))
             w = builder.bitcast(e.cat(e.ld(e.at(oa, 2), 32), e.ld(e.at(ob, 2), 32)), V(I32, 16))
             two = builder.insert_element(builder.insert_element(
                 ir.Constant(V(F32, 2), None), e.f16(oa), ir.Constant(I32, 0)), e.f16(ob), ir.Constant(I32, 1))
@@ -356,6 +360,7 @@ def _typer_dot_q4_1(typingctx, flat, o, nb, tab, xq, xd, xs):
             oa = builder.add(o_, builder.mul(ba, ir.Constant(I64, 20)))
             # an odd last block reads its own bytes twice (in bounds) and weighs them by 0
             ob = builder.select(has_b, builder.add(oa, ir.Constant(I64, 20)), oa)
+            e.prefetch(e.at(oa, PREFETCH_BYTES))
             qa, qb = e.ld(e.at(oa, 4), 16), e.ld(e.at(ob, 4), 16)
             u = e.cat(e.cat(e.lo4(qa), e.hi4(qa)), e.cat(e.lo4(qb), e.hi4(qb)))
             xv = _load(builder, context, xqty, xqa, builder.mul(ba, ir.Constant(I64, 32)), V(I32, 16))
