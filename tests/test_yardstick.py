@@ -32,6 +32,7 @@ IK_HELP = """usage: llama-bench [options]
   -defer, --defer-experts             (default: 0)
   -fa, --flash-attn <0|1>             (default: 1)
   -mla, --mla-use <0|1|2>             (default: 3)
+  -rtr, --run-time-repack <0|1>       (default: 0)
   -fmoe, --fused-moe <0|1>            (default: 1)
 """
 
@@ -102,7 +103,7 @@ def test_llama_cpp_prefill_and_decode_at_depth(tmp_path, llama_file):
     prefill, decode = calls()
     for argv in (prefill, decode):
         assert opt(argv, "-m") == llama_file and opt(argv, "-t") == "3" and opt(argv, "-r") == "4"
-        assert opt(argv, "-o") == "json" and "-fmoe" not in argv and "-mla" not in argv
+        assert opt(argv, "-o") == "json" and "-fmoe" not in argv and "-mla" not in argv and "-rtr" not in argv
     assert (opt(prefill, "-p"), opt(prefill, "-n"), opt(prefill, "-d")) == ("32", "0", None)
     assert (opt(decode, "-p"), opt(decode, "-n"), opt(decode, "-d")) == ("0", "8", "32")
     assert res["kind"] == "llama.cpp" and res["name"] == "llama.cpp@abc1234"
@@ -124,16 +125,16 @@ def test_ik_flags_for_deepseek2_files_only(tmp_path, llama_file, deepseek_file):
     binary, calls = fake_llama_bench(tmp_path, ik=True)
     res = yardstick.run_yardstick(binary, deepseek_file, threads=2, prompt_tokens=24, decode_tokens=6)
     assert res["kind"] == "ik_llama.cpp" and res["architecture"] == "deepseek2"
-    assert res["engine_flags"] == ["-fmoe", "1", "-mla", "3", "-fa", "1"]
+    assert res["engine_flags"] == ["-fmoe", "1", "-rtr", "1", "-mla", "3", "-fa", "1"]
     prefill, decode = calls()
     for argv in (prefill, decode):
-        assert (opt(argv, "-fmoe"), opt(argv, "-mla"), opt(argv, "-fa")) == ("1", "3", "1")
+        assert (opt(argv, "-fmoe"), opt(argv, "-rtr"), opt(argv, "-mla"), opt(argv, "-fa")) == ("1", "1", "3", "1")
     # ik's llama-bench has no -d: the decode test is -gp (prompt untimed, then the timed tokens)
     assert opt(decode, "-gp") == "24,6" and opt(decode, "-n") == "0" and "-d" not in decode
     assert res["depth_applied"] and res["decode_tok_s"] == DECODE_TS and res["decode_tokens"] == 6
 
     res = yardstick.run_yardstick(binary, llama_file, threads=2, prompt_tokens=24, decode_tokens=6)
-    assert res["engine_flags"] == ["-fmoe", "1"]
+    assert res["engine_flags"] == ["-fmoe", "1", "-rtr", "1"]
     for argv in calls()[2:]:
         assert opt(argv, "-fmoe") == "1" and "-mla" not in argv and "-fa" not in argv
 
@@ -247,3 +248,27 @@ def test_bench_against_checks_binaries_before_running_dsd(tmp_path, capsys, fake
     assert missing in err and "does not exist" in err and "Traceback" not in err
     assert fake_dsd_run == []  # dsd's (minutes-long) run never started
 
+
+
+def test_suite_runs_dsd_bench_against_and_tabulates_ratios(tmp_path, llama_file):
+    """bench/suite.py end to end on a tiny model (real `dsd bench`, fake llama-bench): the table
+    holds dsd's ratios to the yardstick and each yardstick's flags; the plot is a PNG."""
+    import argparse
+    from bench import suite
+
+    binary, calls = fake_llama_bench(tmp_path, ik=True)
+    model = suite.SuiteModel("tiny", "tiny llama: a test model", 8, 2)
+    entry = suite.run_model(model, llama_file, argparse.Namespace(threads=2, repeat=1), [binary])
+    pp, tg = calls()
+    assert opt(pp, "-p") == "8" and opt(tg, "-gp") == "8,2" and opt(pp, "-r") == "1"
+    run = {"date": "today", "threads": 2, "repeat": 1, "host": {"cpu": "test", "cpus": 2, "load_average": [0.0] * 3},
+           "models": [entry]}
+    table = suite.markdown(run)
+    res = entry["result"]
+    assert f"**{res['prefill_tok_s'] / PREFILL_TS:.2f}×**" in table
+    assert f"**{res['decode_tok_s'] / DECODE_TS:.2f}×**" in table
+    assert "ik_llama.cpp@abc1234" in table and "decode tg2 @ depth 8" in table and "flags -fmoe 1 -rtr 1" in table
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "suite.png"
+    suite.plot(run, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
