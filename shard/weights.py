@@ -71,6 +71,75 @@ class Linear:
         return kernels.dequantize(self.raw, self.ggml_type, self.cols)
 
 
+def _root(a: np.ndarray):
+    """The object that owns an array's memory (an mmap, a node-local buffer, or the array)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
+
+
+class FusedLinear:
+    """Matrices of one type and column count that multiply the same x (llama's q / k / v,
+    MLA's q_a and kv_a, a SwiGLU's gate and up): __call__(x [T, cols]) -> [out_i [T, rows_i]].
+
+    One token (decode) runs all of them in ONE kernel call: they lie in one buffer (the file's
+    mmap in one process, a worker's node-local buffer in the daemon), so each is cut into chunks
+    of g rows (g = gcd of the row counts) and the chunks' byte offsets feed the gathered matvec
+    kernel, one parallel region instead of one per matrix (~5-20 us each here, the larger part
+    of a small model's decode step).  Every row is the same row kernel on the same quantized x
+    as in the separate calls, so the results are bit-identical to them.  More tokens, matrices
+    from different buffers or float-type tail columns: one call per matrix, as before."""
+
+    def __init__(self, parts: list[Linear]):
+        self.parts = parts
+        self._plan = self._chunk_plan(parts)
+
+    @staticmethod
+    def _chunk_plan(parts):
+        import math
+
+        p0 = parts[0]
+        same = all(p.ggml_type == p0.ggml_type and p.cols == p0.cols for p in parts)
+        if len(parts) < 2 or not same or not kernels.has_simd_rows(p0.ggml_type, p0.cols):
+            return None
+        raws = [p.raw for p in parts]
+        if any(r.ndim != 2 or r.strides[1] != 1 or r.shape[0] == 0 or r.strides[0] < r.shape[1]
+               for r in raws):
+            return None
+        root = _root(raws[0])
+        rstride = raws[0].strides[0]
+        if any(_root(r) is not root or r.strides[0] != rstride for r in raws):
+            return None
+        ptrs = [r.__array_interface__["data"][0] for r in raws]
+        lo = int(np.argmin(ptrs))
+        span = max(p + (r.shape[0] - 1) * rstride + r.shape[1] for p, r in zip(ptrs, raws)) - ptrs[lo]
+        from numpy.lib.stride_tricks import as_strided
+        flat = as_strided(raws[lo], shape=(span,), strides=(1,))  # one allocation (same root)
+        flat.flags.writeable = False
+        g = math.gcd(*[r.shape[0] for r in raws])
+        offs = np.asarray([p - ptrs[lo] + c * g * rstride for p, r in zip(ptrs, raws)
+                           for c in range(r.shape[0] // g)], dtype=np.int64)
+        bounds = np.cumsum([0] + [r.shape[0] for r in raws]).tolist()
+        return flat, offs, rstride, g, bounds, np.zeros(len(offs), np.int64)
+
+    @property
+    def fused(self) -> bool:
+        return self._plan is not None
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if self._plan is None or x.shape[0] != 1:
+            return [p(x) for p in self.parts]
+        flat, offs, rstride, g, bounds, xi = self._plan
+        p0 = self.parts[0]
+        X = x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, np.float32)
+        out = np.empty((len(offs), g), dtype=np.float32)
+        for p in self.parts:
+            ReadCounter.bytes += p.nbytes
+        kernels.matvec_offsets(flat, offs, rstride, g, p0.ggml_type, p0.cols, X, xi, out)
+        out = out.reshape(1, -1)
+        return [out[:, a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 class Embedding:
     """Token embedding table E [vocab, D] (any quant type); lookup dequantizes only the used rows."""
 

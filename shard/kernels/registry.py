@@ -391,17 +391,39 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
         for i in range(k):
             matvec(stack[ids[i]], ggml_type, X[xi[i]], out[i])
         return out
-    offs = ids * mstride
-    nbytes = k * nrows * rb
+    _offset_products(qt, flat, ids * mstride, rstride, nrows, nb, X, xi, out)
+    return out
+
+
+def has_simd_rows(ggml_type: int, n_cols: int) -> bool:
+    """True when rows of n_cols elements are whole SIMD blocks of the type (no float-type tail
+    columns), i.e. matvec_offsets can compute them."""
+    qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
+    return n_cols % qt.simd_bs == 0
+
+
+def matvec_offsets(flat: np.ndarray, offs: np.ndarray, rstride: int, nrows: int, ggml_type: int,
+                   n_cols: int, X: np.ndarray, xi: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[i, r] = (row r of the matrix at byte flat[offs[i]]) . X[xi[i]]: the core of matvec_gather
+    for callers that prepared everything once (weights.FusedLinear: several matrices in one
+    buffer, cut into equal row chunks, computed in one parallel region).  No validation: flat is
+    a read-only 1-D uint8 view, offs / xi int64 [k], X float32 C-contiguous [n, n_cols],
+    out float32 C-contiguous [k, nrows], and has_simd_rows(ggml_type, n_cols)."""
+    qt = QUANT_TYPES[ggml_type]
+    _offset_products(qt, flat, offs, rstride, nrows, n_cols // qt.simd_bs, X, xi, out)
+    return out
+
+
+def _offset_products(qt, flat, offs, rstride, nrows, nb, X, xi, out) -> None:
+    nbytes = offs.shape[0] * nrows * nb * qt.simd_ts
     if INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS:
         _int8_products(flat, offs, rstride, nrows, nb, X, xi, out, nbytes, qt.ggml_type)
-        return out
+        return
     par = _par_ok(nbytes)
     t0 = time.perf_counter()
     _entry(dv.mv_gather_parallel if par else dv.mv_gather_serial, qt.ggml_type, type(flat), flat, offs,
            rstride, nrows, nb, qt.gsz, F16_TABLE, *_perm(qt.ggml_type, nb, qt.simd_bs), X, xi, out)
     _note(par, nbytes, time.perf_counter() - t0)
-    return out
 
 
 def _fused(qt, raw, flat, stride, nb, main, n_cols, X, o) -> None:

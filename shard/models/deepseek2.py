@@ -28,7 +28,7 @@ from dsd.shard import ops
 from dsd.shard.batch import Batch
 from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
 from dsd.shard.moe import moe_ffn_from_weights
-from dsd.shard.weights import ExpertStack
+from dsd.shard.weights import ExpertStack, FusedLinear
 
 
 @dataclass
@@ -136,6 +136,8 @@ class MLAttention:
         self.H = H = q_rows // (nope + a.qk_rope)
         self.wkv_a = w.linear(p + "attn_kv_a_mqa.weight")       # [kv_lora + rope, D]
         self.kv_norm = w.vector(p + "attn_kv_a_norm.weight")     # [kv_lora]
+        if self.wq_a is not None:  # both multiply x: one kernel call in decode
+            self.w_qa_kva = FusedLinear([self.wq_a, self.wkv_a])
         self.wo = w.linear(p + "attn_output.weight")             # [D, H*v]
         self.k_b_f32 = self.k_b = None
         if w.has(p + "attn_k_b.weight"):
@@ -158,8 +160,11 @@ class MLAttention:
         row [rms(c) ; rope(k_pe)])."""
         a = self.a
         T, kvl = x.shape[0], a.kv_lora_rank
-        q_in = x if self.wq is not None else ops.rms_norm(self.wq_a(x), self.q_a_norm, a.norm_eps)
-        ckv = self.wkv_a(x)                                     # [T, kv_lora + rope]
+        if self.wq is not None:
+            q_in, ckv = x, self.wkv_a(x)                        # ckv [T, kv_lora + rope]
+        else:
+            qa, ckv = self.w_qa_kva(x)                          # [T, q_lora], [T, kv_lora + rope]
+            q_in = ops.rms_norm(qa, self.q_a_norm, a.norm_eps)
         lat = np.empty((T, kvl + a.qk_rope), dtype=np.float32)
         lat[:, :kvl] = ops.rms_norm(ckv[:, :kvl], self.kv_norm, a.norm_eps)
         lat[:, kvl:] = self.rope.apply(ckv[:, None, kvl:], batch.positions)[:, 0]

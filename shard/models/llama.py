@@ -13,7 +13,7 @@ import numpy as np
 from dsd.shard import ops
 from dsd.shard.batch import Batch
 from dsd.shard.kv_cache import SequenceCache
-from dsd.shard.weights import Embedding
+from dsd.shard.weights import Embedding, FusedLinear
 
 
 @dataclass
@@ -74,9 +74,11 @@ class DenseFFN:
 
     def __init__(self, gate, up, down):
         self.gate, self.up, self.down = gate, up, down
+        self.gate_up = FusedLinear([gate, up])  # decode: both in one kernel call
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.down(ops.silu_mul(self.gate(x), self.up(x)))
+        g, u = self.gate_up(x)
+        return self.down(ops.silu_mul(g, u))
 
 
 class Attention:
@@ -87,6 +89,7 @@ class Attention:
         self.layer = i
         self.wq, self.wk = w.linear(p + "attn_q.weight"), w.linear(p + "attn_k.weight")
         self.wv, self.wo = w.linear(p + "attn_v.weight"), w.linear(p + "attn_output.weight")
+        self.w_qkv = FusedLinear([self.wq, self.wk, self.wv])  # decode: one kernel call
         self.args, self.rope = args, rope
         self.scale = ops.default_attn_scale(args.head_dim)
 
@@ -94,9 +97,9 @@ class Attention:
         """x [T, D] -> q [T, H, Dh], k [T, Hkv, Dh], v [T, Hkv, Dh] (before RoPE)."""
         a = self.args
         T = x.shape[0]
-        return (self.wq(x).reshape(T, a.n_heads, a.head_dim),
-                self.wk(x).reshape(T, a.n_kv_heads, a.head_dim),
-                self.wv(x).reshape(T, a.n_kv_heads, a.head_dim))
+        q, k, v = self.w_qkv(x)
+        return (q.reshape(T, a.n_heads, a.head_dim), k.reshape(T, a.n_kv_heads, a.head_dim),
+                v.reshape(T, a.n_kv_heads, a.head_dim))
 
     def __call__(self, x: np.ndarray, batch: Batch) -> np.ndarray:
         a = self.args
