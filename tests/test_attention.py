@@ -119,3 +119,40 @@ def test_sequence_cache_dtype_and_views():
         np.testing.assert_array_equal(kv["k"], rows.astype(dt).swapaxes(0, 1))
     assert SequenceCache(1, 10).append(0, 0, heads_first=True, x=rows[:2])["x"].dtype == np.float32
     assert SequenceCache(1, 10, kv_dtype=np.float16).append(0, 0, x=rows[:2])["x"].dtype == np.float32
+
+
+@pytest.mark.parametrize("Hkv,g,L", [(3, 3, 700), (1, 16, 513), (4, 2, 300), (2, 1, 129)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_decode_split_over_positions_matches_serial(Hkv, g, L, dtype):
+    """The flash-decoding split (partial softmax sums combined by log-sum-exp) equals the one-pass
+    kernel to float rounding, for every split count, and the float64 reference."""
+    from dsd.shard.kernels import attention as ak
+
+    rng = np.random.default_rng(L)
+    Dk, Dv = 64, 48
+    q = rng.standard_normal((Hkv * g, Dk)).astype(np.float32)
+    k = rng.standard_normal((Hkv, L, Dk)).astype(dtype)
+    v = rng.standard_normal((Hkv, L, Dv)).astype(dtype)
+    kk, vv = (a.view(np.uint16) if dtype == np.float16 else a for a in (k, v))
+    ref = np.empty((Hkv * g, Dv), np.float32)
+    ak.decode_serial(q, kk, vv, np.float32(0.125), ref)
+    s = np.einsum("jgd,jld->jgl", q.reshape(Hkv, g, Dk).astype(np.float64), k.astype(np.float64)) * 0.125
+    p = np.exp(s - s.max(axis=2, keepdims=True))
+    exact = (np.einsum("jgl,jld->jgd", p, v.astype(np.float64)) / p.sum(axis=2)[..., None]).reshape(Hkv * g, Dv)
+    np.testing.assert_allclose(ref, exact, atol=1e-4)
+    for nsplit in (1, 2, 3, 7):
+        out = np.empty_like(ref)
+        ak.decode_split(q, kk, vv, np.float32(0.125), out, nsplit)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_count_balances_items_over_threads():
+    from dsd.shard.kernels.attention import SPLIT_MIN_POSITIONS, n_splits
+
+    assert n_splits(3, 4096, 1) == 0             # one thread: the serial kernel
+    assert n_splits(3, 60, 2) == 0               # too few positions to be worth a parallel region
+    for threads in range(2, 65):
+        for Hkv in (1, 2, 3, 8, 16):
+            ns = n_splits(Hkv, 8192, threads)
+            assert ns >= 1 and Hkv * ns >= 2 * threads or 8192 // ns < 2 * SPLIT_MIN_POSITIONS
+            assert 8192 // ns >= SPLIT_MIN_POSITIONS

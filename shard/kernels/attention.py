@@ -18,7 +18,7 @@ Dk must be a multiple of 16 (callers fall back to numpy otherwise).
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -111,6 +111,21 @@ def vexp_sum(typingctx, s, off, n, m):
     return types.float32(s, types.int64, types.int64, types.float32), cg
 
 
+# K rows ahead that the QK kernel prefetches (and the PV kernel: one position block ahead):
+# the KV rows of a head are a long sequential read that the hardware prefetchers restart at
+# every 4 KiB page; as for the weight rows (rows.PREFETCH_BYTES), software prefetch keeps loads
+# in flight.
+PREFETCH_ROWS = 8
+
+
+def _prefetch(builder, ptr):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(ir.IntType(8)), ir.IntType(32),
+                                                          ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, ir.PointerType(ir.IntType(8))), ir.Constant(ir.IntType(32), 0),
+                      ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)])
+
+
 LBLOCK = 64  # positions per pass of the PV kernel: their V rows stay in L1 across the Dv chunks
 
 
@@ -141,6 +156,7 @@ def make_pv(G):
                         builder.store(x, accs[i])
                     with cgutils.for_range(builder, nl) as ll:
                         l = builder.add(l0, ll.index)
+                        _prefetch(builder, builder.gep(pv, [builder.add(builder.mul(builder.add(l, lb), vs1_), c)]))
                         vv = _ld16k(context, builder, sig.args[2],
                                     builder.gep(pv, [builder.add(builder.mul(l, vs1_), c)]))
                         for i in range(G):
@@ -170,6 +186,7 @@ def make_qk(G):
             with cgutils.for_range(builder, L_) as ll:
                 l = ll.index
                 krow = builder.gep(pk, [builder.mul(l, ks1_)])
+                _prefetch(builder, builder.gep(pk, [builder.mul(builder.add(l, ir.Constant(I64, PREFETCH_ROWS)), ks1_)]))
                 for i in range(G):
                     builder.store(_c16(0.0), accs[i])
                 with cgutils.for_range(builder, builder.udiv(Dk_, ir.Constant(I64, 16))) as cl:
@@ -196,7 +213,23 @@ qk1, qk2, qk3, qk4 = (make_qk(G) for G in (1, 2, 3, 4))
 @njit(cache=True, fastmath=True, inline="always")
 def _head(q, k, v, scale, out, j, g, s):
     """kv head j: scores s [g, L] scratch (C-order); adds into out[j*g : (j+1)*g] (zeroed by
-    the caller). Query heads go in groups of up to 4 (the register-resident accumulators)."""
+    the caller) the softmax-weighted sum of v. Query heads go in groups of up to 4."""
+    mx = np.empty(g, np.float32)
+    tot = np.empty(g, np.float32)
+    _head_partial(q, k, v, scale, out, j, g, s, mx, tot)
+    Dv = v.shape[2]
+    for i in range(g):  # normalise the g output rows (Dv values) instead of g*L weights
+        inv = np.float32(1.0) / tot[i]
+        for d in range(Dv):
+            out[j * g + i, d] *= inv
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _head_partial(q, k, v, scale, out, j, g, s, mx, tot):
+    """_head without the final normalisation: adds sum_l exp(s_l - m) v_l into out's rows of kv
+    head j and stores m (the max score) and sum_l exp(s_l - m) of each of its g query heads in
+    mx[i] / tot[i] (the pieces a split over positions combines).  Query heads go in groups of
+    up to 4 (the register-resident accumulators)."""
     L, Dk, Dv = k.shape[1], k.shape[2], v.shape[2]
     ks0, ks1 = k.strides[0] // k.itemsize, k.strides[1] // k.itemsize
     vs0, vs1 = v.strides[0] // v.itemsize, v.strides[1] // v.itemsize
@@ -216,7 +249,6 @@ def _head(q, k, v, scale, out, j, g, s):
             else:
                 qk1(k, ko, ks1, q, h * Dk, s, so, L, nl, Dk, scale)
     n16 = L - L % 16
-    tot = np.empty(g, np.float32)
     for i in range(g):  # unnormalised softmax over positions, in place: exp(s - max)
         m = s[i, 0]
         for l in range(1, L):
@@ -227,6 +259,7 @@ def _head(q, k, v, scale, out, j, g, s):
             s[i, l] = e
             t += e
         tot[i] = t
+        mx[i] = m
     for l0 in range(0, L, LBLOCK):
         nl = min(LBLOCK, L - l0)
         vo = j * vs0 + l0 * vs1
@@ -242,10 +275,6 @@ def _head(q, k, v, scale, out, j, g, s):
                 pv2(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
             else:
                 pv1(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
-    for i in range(g):  # normalise the g output rows (Dv values) instead of g*L weights
-        inv = np.float32(1.0) / tot[i]
-        for d in range(Dv):
-            out[j * g + i, d] *= inv
 
 
 @njit(cache=True, fastmath=True)
@@ -257,6 +286,63 @@ def decode_serial(q, k, v, scale, out):
     out[:, :] = 0.0
     for j in range(Hkv):
         _head(q, k, v, scale, out, j, g, s)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def decode_split(q, k, v, scale, out, nsplit):
+    """decode_serial split over (kv head, position range) work items so every thread has work
+    (flash-decoding): each item's unnormalised partial sum, max and total are combined per query
+    head with the log-sum-exp rule  out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) t_c."""
+    Hkv, L = k.shape[0], k.shape[1]
+    H, Dv = q.shape[0], v.shape[2]
+    g = H // Hkv
+    po = np.zeros((nsplit, H, Dv), np.float32)
+    pm = np.full((nsplit, H), -np.inf, np.float32)
+    pt = np.zeros((nsplit, H), np.float32)
+    for it in prange(Hkv * nsplit):
+        j = it // nsplit
+        c = it - j * nsplit
+        a = c * L // nsplit
+        b = (c + 1) * L // nsplit
+        if b > a:
+            s = np.empty((g, b - a), np.float32)
+            mx = np.empty(g, np.float32)
+            tot = np.empty(g, np.float32)
+            _head_partial(q, k[:, a:b], v[:, a:b], scale, po[c], j, g, s, mx, tot)
+            for i in range(g):
+                pm[c, j * g + i] = mx[i]
+                pt[c, j * g + i] = tot[i]
+    for h in range(H):
+        M = pm[0, h]
+        for c in range(1, nsplit):
+            M = max(M, pm[c, h])
+        den = np.float32(0)
+        for d in range(Dv):
+            out[h, d] = 0
+        for c in range(nsplit):
+            if pt[c, h] > 0:
+                f = np.exp(pm[c, h] - M)
+                den += f * pt[c, h]
+                for d in range(Dv):
+                    out[h, d] += f * po[c, h, d]
+        inv = np.float32(1.0) / den
+        for d in range(Dv):
+            out[h, d] *= inv
+
+
+# Positions per work item of decode_split: below this a split costs more (a parallel region,
+# partial buffers, the combine) than the serial kernel spends on the keys.
+SPLIT_MIN_POSITIONS = 128
+
+
+def n_splits(Hkv: int, L: int, threads: int) -> int:
+    """Position ranges per kv head for decode_split (0: run decode_serial): enough (kv head,
+    range) items for 2 per thread (an odd head count then still balances within one item),
+    each of at least SPLIT_MIN_POSITIONS positions."""
+    if threads < 2 or Hkv * L < 2 * SPLIT_MIN_POSITIONS:
+        return 0
+    want = -(-2 * threads // Hkv)
+    return max(1, min(want, L // SPLIT_MIN_POSITIONS))
 
 
 def supported(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> bool:
@@ -281,5 +367,11 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
     if k.dtype == np.float16:
         k, v = k.view(np.uint16), v.view(np.uint16)
-    decode_serial(q, k, v, np.float32(scale), out)
+    import numba
+
+    nsplit = n_splits(k.shape[0], k.shape[1], numba.get_num_threads())
+    if nsplit:
+        decode_split(q, k, v, np.float32(scale), out, nsplit)
+    else:
+        decode_serial(q, k, v, np.float32(scale), out)
     return out
