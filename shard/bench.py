@@ -45,6 +45,8 @@ def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128) -> 
     warm = model.new_cache(64)
     model.forward(Batch.single(warm, ids[:8]))
     model.forward(Batch.single(warm, [ids[-1]]))
+    from dsd.shard.kernels.attention import warm_up as attention_warm_up
+    attention_warm_up()  # the split decode kernel runs only past ~128 cached positions
 
     # prefill twice: the first prompt also faults in the weights it touches (in one process they
     # are views of the file's mmap); the second is the steady state of a running server
@@ -108,46 +110,45 @@ def bench_llama_cpp(path: str, threads: int, prompt_tokens: int = 512, decode_to
 
 
 def profile_decode(engine, decode_tokens: int = 64, context: int = 512) -> dict:
-    """Where decode time goes at `context` cached tokens: weight products (kernels), attention
-    over the KV cache, and everything else (norms, RoPE, sampling-free Python glue)."""
-    from dsd.shard import kernels, ops
+    """Where decode time goes at `context` cached tokens, measured per decoded token: kernel
+    calls and numba parallel regions, wall time inside numba kernels (weight products,
+    attention, norms / RoPE; kernels.stats) and outside them (Python glue, numpy temporaries,
+    routing, argmax): step time minus the kernels' own wall time."""
     from dsd.shard.batch import Batch
+    from dsd.shard.kernels import stats
 
     model = engine.model
     cache = model.new_cache(context + decode_tokens + 16)
-    model.forward(Batch.single(cache, synthetic_prompt(model.args.vocab_size, context)))
-    spent = {"w": 0.0, "a": 0.0}
-    # every weight product goes through these kernels-package entry points (Linear, ExpertStack)
-    names = ("matvec", "matmul", "matvec_gather")
-    orig = {n: getattr(kernels, n) for n in names}
-    orig_att = ops.attention
-
-    def timed(fn, key):
-        def call(*a, **k):
-            t = time.perf_counter()
-            r = fn(*a, **k)
-            spent[key] += time.perf_counter() - t
-            return r
-        return call
-
-    for n in names:
-        setattr(kernels, n, timed(orig[n], "w"))
-    ops.attention = timed(orig_att, "a")
+    prompt = synthetic_prompt(model.args.vocab_size, context)
+    model.forward(Batch.single(cache, prompt))
+    tok = prompt[-1]
+    for _ in range(2):  # load every specialisation this context length uses
+        tok = int(np.argmax(model.forward(Batch.single(cache, [tok]))[-1]))
+    stats.reset()
+    stats.enabled = True
     try:
-        tok = 100
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
             tok = int(np.argmax(model.forward(Batch.single(cache, [tok]))[-1]))
         total = time.perf_counter() - t0
     finally:
-        for n in names:
-            setattr(kernels, n, orig[n])
-        ops.attention = orig_att
+        stats.enabled = False
     n = decode_tokens
+    per = stats.snapshot(n)
+    attn = {k: v for k, v in per.items() if k.startswith("attention")}
+    elem = {k: v for k, v in per.items() if k in ("rms_norm_rows", "rope_rows")}
+    weights = {k: v for k, v in per.items() if k not in attn and k not in elem}
+    inside = sum(v[2] for v in per.values())
     return {"context": context, "ms_per_token": 1000 * total / n,
-            "ms_in_weight_products": 1000 * spent["w"] / n,
-            "ms_in_attention": 1000 * spent["a"] / n,
-            "ms_other": 1000 * (total - spent["w"] - spent["a"]) / n}
+            "ms_in_weight_products": 1000 * sum(v[2] for v in weights.values()),
+            "ms_in_attention": 1000 * sum(v[2] for v in attn.values()),
+            "ms_in_norm_rope": 1000 * sum(v[2] for v in elem.values()),
+            "ms_outside_kernels": 1000 * (total / n - inside),
+            "outside_fraction": (total / n - inside) / (total / n),
+            "kernel_calls_per_token": sum(v[0] for v in per.values()),
+            "parallel_regions_per_token": sum(v[1] for v in per.values()),
+            "kernels": {k: {"calls": v[0], "parallel_regions": v[1], "ms": 1000 * v[2]}
+                        for k, v in sorted(per.items(), key=lambda kv: -kv[1][2])}}
 
 
 def batch_prompts(vocab: int, batch: int) -> list[list[int]]:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from dsd.shard.kernels import attention as attn_kernels
+from dsd.shard.kernels import stats as kernel_stats
 from dsd.shard.kernels.elementwise import rms_norm_rows, rope_rows
 
 
@@ -18,6 +19,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [..., D] float32 -> x / rms(x) * weight (computed in float32 like llama.cpp)."""
     if x.dtype == np.float32 and weight.dtype == np.float32 and x.flags.c_contiguous and x.ndim >= 2:
         rows = x.reshape(-1, x.shape[-1])  # per-head norms: [T, H, Dh] -> [T*H, Dh]
+        if kernel_stats.enabled:
+            return kernel_stats.timed("rms_norm_rows", rms_norm_rows, rows, weight, np.float32(eps),
+                                      np.empty_like(rows)).reshape(x.shape)
         return rms_norm_rows(rows, weight, np.float32(eps), np.empty_like(rows)).reshape(x.shape)
     return rms_norm_numpy(x, weight, eps)
 
@@ -75,8 +79,8 @@ class RopeTable:
         """x [T, heads, Dh] (only the first n_rot dims rotate) -> rotated copy."""
         self._ensure(positions)
         if x.dtype == np.float32 and x.flags.c_contiguous:
-            return rope_rows(x, self.cos, self.sin, positions, self.n_rot, self.style == "neox",
-                             np.empty_like(x))
+            args = (x, self.cos, self.sin, positions, self.n_rot, self.style == "neox", np.empty_like(x))
+            return kernel_stats.timed("rope_rows", rope_rows, *args) if kernel_stats.enabled else rope_rows(*args)
         return self.apply_numpy(x, positions)
 
     def _ensure(self, positions: np.ndarray) -> None:

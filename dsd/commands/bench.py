@@ -96,7 +96,11 @@ def run(args) -> int:
         p = res["decode_profile"]
         print(f"decode profile  {p['ms_per_token']:.2f} ms/token at {p['context']} cached tokens = "
               f"{p['ms_in_weight_products']:.2f} ms weight products + {p['ms_in_attention']:.2f} ms "
-              f"attention + {p['ms_other']:.2f} ms other (norms, RoPE, Python)")
+              f"attention + {p['ms_in_norm_rope']:.2f} ms norms/RoPE + {p['ms_outside_kernels']:.2f} ms "
+              f"outside numba kernels ({100 * p['outside_fraction']:.1f}%)")
+        print(f"                {p['kernel_calls_per_token']:.0f} kernel calls and "
+              f"{p['parallel_regions_per_token']:.0f} parallel regions per token; top: " +
+              ", ".join(f"{k} {v['calls']:.0f}x {v['ms']:.2f} ms" for k, v in list(p['kernels'].items())[:4]))
     for y in res.get("yardsticks", ()):
         print(f"{y['name']}: {yardstick.describe(y)}")
         print(f"  dsd / {y['name']}: prefill {y['prefill_ratio']:.2f}x, decode {y['decode_ratio']:.2f}x "

@@ -369,9 +369,29 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
         k, v = k.view(np.uint16), v.view(np.uint16)
     import numba
 
+    from . import stats
+
     nsplit = n_splits(k.shape[0], k.shape[1], numba.get_num_threads())
-    if nsplit:
+    if stats.enabled:
+        if nsplit:
+            stats.timed("attention_decode_split", decode_split, q, k, v, np.float32(scale), out, nsplit)
+        else:
+            stats.timed("attention_decode_serial", decode_serial, q, k, v, np.float32(scale), out)
+    elif nsplit:
         decode_split(q, k, v, np.float32(scale), out, nsplit)
     else:
         decode_serial(q, k, v, np.float32(scale), out)
     return out
+
+
+def warm_up() -> None:
+    """Load (or compile) both decode kernels for float32 and float16 caches, on views shaped like
+    the KV cache's (a position range of a [Hkv, capacity, D] buffer), so that the first long
+    context does not compile decode_split in the middle of a request (~3 s)."""
+    q = np.zeros((2, 16), np.float32)
+    out = np.empty((2, 16), np.float32)
+    for dt in (np.float32, np.uint16):
+        buf = np.zeros((1, 8, 16), dt)
+        k = v = buf[:, :4]
+        decode_serial(q, k, v, np.float32(1.0), out)
+        decode_split(q, k, v, np.float32(1.0), out, 2)

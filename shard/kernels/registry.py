@@ -26,6 +26,7 @@ from ._common import F16_TABLE
 from . import dequant as dq
 from . import drivers as dv
 from . import drivers_i8 as di
+from . import stats as _stats
 from .rows import DECODERS, USE_PERM
 from .rows_i8 import MULTI_KINDS
 from .rows_perm import PERM_DECODERS
@@ -169,6 +170,8 @@ def _entry(fn, kind, variant, *args):
     key = (fn, kind, variant)
     ep = _EP.get(key)
     if ep is not None:
+        if _stats.enabled:
+            return _stats.timed(fn.__name__, ep, kind, *args)
         return ep(kind, *args)
     res = fn(kind, *args)  # compiles (or loads from the on-disk cache) the literal specialisation
     sig = (nbtypes.literal(kind),) + tuple(typeof(a) for a in args)
@@ -551,6 +554,8 @@ def warm_up(ggml_types) -> float:
                 for call in calls:
                     _par_off_until = 0.0  # a loading call looks like a stall to the back-off
                     call()
+        from .attention import warm_up as attention_warm_up
+        attention_warm_up()
     finally:
         PAR_MIN_BYTES = saved
         _par_off_until = 0.0  # the first (loading) calls looked like stalls to the back-off
