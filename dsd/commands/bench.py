@@ -10,6 +10,8 @@ LLAMA_CPP_PYTHON = "llama-cpp-python (Python loop, understates llama.cpp by ~25%
 def add_arguments(p) -> None:
     p.add_argument("--model", "-m", default=None, help="GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--mmap", action="store_true",
+                   help="compute from the file's mapping (zero copy) instead of a huge-page copy of the weights")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--against", action="append", default=[], metavar="LLAMA_BENCH",
@@ -45,8 +47,9 @@ def run(args) -> int:
         return 2
     # check the yardsticks (exist, run, are llama-bench) before spending minutes on dsd's run
     yardsticks = [yardstick.Yardstick(path) for path in args.against]
-    engine = Engine(args.model, threads=args.threads)
+    engine = Engine(args.model, threads=args.threads, weights="mmap" if args.mmap else "auto")
     res = bench.bench_engine(engine, args.prompt_tokens, args.decode_tokens)
+    res["weight_pages"] = engine.weight_pages
     res["read_gb_s"] = bench.measure_read_bandwidth()
     res["roofline_tok_s"] = res["read_gb_s"] * 1e9 / res["bytes_per_token"]
     res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
@@ -85,6 +88,7 @@ def run(args) -> int:
         return 0
     print(f"model           {res['model']}")
     print(f"threads         {res['threads']}")
+    print(f"weights         {engine.weight_pages}")
     print(f"prefill         {res['prefill_tok_s']:8.1f} tok/s  ({res['prompt_tokens']}-token prompt, the second one; "
           f"first {res['prefill_first_tok_s']:.1f})")
     print(f"decode          {res['decode_tok_s']:8.1f} tok/s  ({res['decode_tokens']} tokens, "

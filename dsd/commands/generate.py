@@ -15,6 +15,8 @@ def add_arguments(p) -> None:
     src.add_argument("--chat", "-c", help="a user message, formatted with the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--mmap", action="store_true",
+                   help="compute from the file's mapping (zero copy) instead of a huge-page copy of the weights")
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
     add_sampling_arguments(p)
 
@@ -25,7 +27,7 @@ def run(args) -> int:
     from dsd.shard.engine import Engine
     from dsd.shard.sampling import SamplingParams
 
-    engine = Engine(args.model, threads=args.threads)
+    engine = Engine(args.model, threads=args.threads, weights="mmap" if args.mmap else "auto")
     params = SamplingParams(**sampling_kwargs(args))
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -9,6 +9,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", required=True, help='token ids, e.g. "1 2 3" (spaces or commas)')
     p.add_argument("--out", "-o", required=True, help="output .npy file")
     p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--mmap", action="store_true",
+                   help="compute from the file's mapping (zero copy) instead of a huge-page copy of the weights")
 
 
 def run(args) -> int:
@@ -23,7 +25,7 @@ def run(args) -> int:
         raise DsdError(f"--tokens must be integers separated by spaces, got {args.tokens!r}") from None
     if not tokens:
         raise DsdError("--tokens is empty; give at least one token id")
-    engine = Engine(args.model, threads=args.threads)
+    engine = Engine(args.model, threads=args.threads, weights="mmap" if args.mmap else "auto")
     vocab = engine.model.args.vocab_size
     bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
