@@ -28,8 +28,14 @@ from __future__ import annotations
 
 import numpy as np
 
+import os
+
 from dsd.shard import ops
-from dsd.shard.weights import SMALL_BATCH_MAX, ExpertStack, Linear
+from dsd.shard.weights import SMALL_BATCH_MAX, ExpertStack, FusedExperts, Linear
+
+# Decode-sized batches run the routed experts as weights.FusedExperts (two fused kernel calls);
+# DSD_UNFUSED_MOE=1 keeps the three gathered products (A/B benchmarks, tests).
+FUSED_MOE = os.environ.get("DSD_UNFUSED_MOE", "") in ("", "0")
 
 GATING_SOFTMAX = 1  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX (also the default when absent)
 GATING_SIGMOID = 2  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (DeepSeek V3/R1)
@@ -151,6 +157,7 @@ class RoutedExperts:
             self._down_s = ExpertStack(down_exps.raw[:, :, b0:b1], down_exps.ggml_type, r1 - r0,
                                        down_exps.name, down_exps.expert_ids)
         self._views: dict[int, tuple[Linear, Linear, Linear]] = {}
+        self._fused = None  # FusedExperts over the share's stacks
         self.bytes_read = 0
         self.calls = 0
         self.expert_evals = 0  # (expert, call) pairs computed
@@ -207,9 +214,10 @@ class RoutedExperts:
 
 
     def _gathered(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Decode-sized T: every owned (token, chosen expert) pair in three kernel calls (gate,
-        up, down over all pairs) instead of three per expert.  An expert chosen by several tokens
-        is read once from memory, then from cache."""
+        """Decode-sized T: every owned (token, chosen expert) pair in two fused kernel calls
+        (weights.FusedExperts), or three gathered ones (gate, up, down over all pairs) where the stacks do not
+        allow fusing, instead of three per expert.  An expert chosen by several tokens is read
+        once from memory, then from cache."""
         T = x.shape[0]
         D = self.down_exps.rows
         ids = np.asarray(ids).reshape(T, -1)
@@ -221,6 +229,15 @@ class RoutedExperts:
             return np.zeros((T, D), dtype=np.float32)
         pe = [flat[i] for i in own]                       # expert of each owned pair
         tok = np.asarray(own, dtype=np.int64) // k        # its token
+        if FUSED_MOE:
+            if self._fused is None:  # made on the first decode step
+                self._fused = FusedExperts(self._gate_s, self._up_s, self._down_s)
+            if self._fused.ok:
+                distinct = set(pe)
+                self.bytes_read += sum(self.expert_nbytes(e) for e in distinct)
+                self.expert_evals += len(distinct)
+                w = np.asarray(weights, dtype=np.float32).reshape(-1)[own]
+                return self._fused(x, pe, tok, w)
         xs = np.ascontiguousarray(x, dtype=np.float32)
         h = ops.silu_mul(self._gate_s.gather(pe, xs, tok), self._up_s.gather(pe, xs, tok))  # [P, F']
         y = self._down_s.gather(pe, h)                                                         # [P, D]

@@ -78,6 +78,26 @@ def _root(a: np.ndarray):
     return a if a.base is None else a.base
 
 
+def common_flat(arrays: list[np.ndarray]):
+    """(read-only 1-D uint8 view spanning all the arrays, byte offset of each in it) when they
+    are views of one allocation (same root; non-negative strides, contiguous inner rows, as
+    weight bytes are), so one kernel call can address them all; else None."""
+    from numpy.lib.stride_tricks import as_strided
+
+    if any(a.dtype != np.uint8 or a.size == 0 or a.strides[-1] != 1 or min(a.strides) < 0
+           or any(st < a.shape[-1] for st in a.strides[:-1]) for a in arrays):
+        return None
+    root = _root(arrays[0])
+    if any(_root(a) is not root for a in arrays):
+        return None
+    ptrs = [a.__array_interface__["data"][0] for a in arrays]
+    ends = [p + sum((n - 1) * st for n, st in zip(a.shape, a.strides)) + 1 for p, a in zip(ptrs, arrays)]
+    lo = int(np.argmin(ptrs))
+    flat = as_strided(arrays[lo], shape=(max(ends) - ptrs[lo],), strides=(1,))
+    flat.flags.writeable = False
+    return flat, [p - ptrs[lo] for p in ptrs]
+
+
 class FusedLinear:
     """Matrices of one type and column count that multiply the same x (llama's q / k / v,
     MLA's q_a and kv_a, a SwiGLU's gate and up): __call__(x [T, cols]) -> [out_i [T, rows_i]].
@@ -103,21 +123,15 @@ class FusedLinear:
         if len(parts) < 2 or not same or not kernels.has_simd_rows(p0.ggml_type, p0.cols):
             return None
         raws = [p.raw for p in parts]
-        if any(r.ndim != 2 or r.strides[1] != 1 or r.shape[0] == 0 or r.strides[0] < r.shape[1]
-               for r in raws):
+        if any(r.ndim != 2 or r.shape[0] == 0 for r in raws):
             return None
-        root = _root(raws[0])
+        common = common_flat(raws)
         rstride = raws[0].strides[0]
-        if any(_root(r) is not root or r.strides[0] != rstride for r in raws):
+        if common is None or any(r.strides[0] != rstride for r in raws):
             return None
-        ptrs = [r.__array_interface__["data"][0] for r in raws]
-        lo = int(np.argmin(ptrs))
-        span = max(p + (r.shape[0] - 1) * rstride + r.shape[1] for p, r in zip(ptrs, raws)) - ptrs[lo]
-        from numpy.lib.stride_tricks import as_strided
-        flat = as_strided(raws[lo], shape=(span,), strides=(1,))  # one allocation (same root)
-        flat.flags.writeable = False
+        flat, bases = common
         g = math.gcd(*[r.shape[0] for r in raws])
-        offs = np.asarray([p - ptrs[lo] + c * g * rstride for p, r in zip(ptrs, raws)
+        offs = np.asarray([b + c * g * rstride for b, r in zip(bases, raws)
                            for c in range(r.shape[0] // g)], dtype=np.int64)
         bounds = np.cumsum([0] + [r.shape[0] for r in raws]).tolist()
         return flat, offs, rstride, g, bounds, np.zeros(len(offs), np.int64)
@@ -138,6 +152,47 @@ class FusedLinear:
         kernels.matvec_offsets(flat, offs, rstride, g, p0.ggml_type, p0.cols, X, xi, out)
         out = out.reshape(1, -1)
         return [out[:, a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+class FusedExperts:
+    """A decode step's routed experts in two kernel calls (kernels.experts_gate_up / _down_sum):
+    __call__(x [T, cols], pe [P] expert ids, tok int64 [P] sorted token of each pair, w [P]
+    routing weights) -> [T, D] = sum over each token's pairs of w * down(silu(gate x) * up x).
+    gate / up / down: ExpertStacks [E, F, cols] / [E, F, cols] / [E, D, F] (a worker's expert
+    subset or row share are views; gate and up must lie in one buffer).  `ok` is False when the
+    stacks do not allow it (different buffers or types, float-type tail columns): the caller
+    then runs the gathered products."""
+
+    def __init__(self, gate: "ExpertStack", up: "ExpertStack", down: "ExpertStack"):
+        self.gate, self.up, self.down = gate, up, down
+        common = common_flat([gate.raw, up.raw])
+        self.ok = (common is not None and gate.ggml_type == up.ggml_type
+                   and gate.raw.strides == up.raw.strides
+                   and gate.expert_ids == up.expert_ids == down.expert_ids
+                   and kernels.has_simd_rows(gate.ggml_type, gate.cols)
+                   and kernels.has_simd_rows(down.ggml_type, down.cols))
+        if self.ok:
+            self._flat, (self._gbase, self._ubase) = common
+            self._mstride, self._rstride = gate.raw.strides[0], gate.raw.strides[1]
+            self._dflat, self._dmstride, self._drstride = down.view
+            self._matrix_bytes = sum(st.raw.shape[1] * st.raw.shape[2] for st in (gate, up, down))
+
+    def __call__(self, x: np.ndarray, pe: list, tok: np.ndarray, w: np.ndarray) -> np.ndarray:
+        g, d = self.gate, self.down
+        T = x.shape[0]
+        loc = np.asarray([g._local[e] for e in pe], dtype=np.int64)
+        X = x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, np.float32)
+        H = np.empty((len(pe), g.rows), np.float32)   # [P, F]: silu(gate x) * up x per pair
+        kernels.experts_gate_up(self._flat, self._gbase + loc * self._mstride, self._ubase + loc * self._mstride,
+                                self._rstride, g.rows, g.ggml_type, g.cols, X, tok, H)
+        t = np.arange(T)
+        lo = np.searchsorted(tok, t, side="left").astype(np.int64)   # token t's pairs: lo[t]:hi[t]
+        hi = np.searchsorted(tok, t, side="right").astype(np.int64)
+        out = np.empty((T, d.rows), np.float32)
+        kernels.experts_down_sum(self._dflat, loc * self._dmstride, self._drstride, d.rows, d.ggml_type, d.cols,
+                                 H, lo, hi, np.ascontiguousarray(w, dtype=np.float32), out)
+        ReadCounter.bytes += len(set(pe)) * self._matrix_bytes  # each distinct expert read once
+        return out
 
 
 class Embedding:

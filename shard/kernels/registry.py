@@ -417,6 +417,41 @@ def matvec_offsets(flat: np.ndarray, offs: np.ndarray, rstride: int, nrows: int,
     return out
 
 
+def experts_gate_up(flat, goffs, uoffs, rstride: int, nrows: int, ggml_type: int, n_cols: int,
+                    X: np.ndarray, xi: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """H[i, r] = silu(gate_i[r] . X[xi[i]]) * (up_i[r] . X[xi[i]]) in one parallel region, gate_i /
+    up_i the matrices at byte flat[goffs[i]] / flat[uoffs[i]] (kernels/experts.py).  Prepared
+    arguments as for matvec_offsets; H float32 C-contiguous [len(goffs), nrows]."""
+    from . import experts as ex
+
+    qt = QUANT_TYPES[ggml_type]
+    nb = n_cols // qt.simd_bs
+    if INT8_ACTIVATIONS and ggml_type in _I8_KINDS:
+        _entry(ex.gate_up_i8, ggml_type, (type(flat), X.flags.writeable),
+               flat, goffs, uoffs, rstride, nrows, nb, F16_TABLE, X, xi, H)
+    else:
+        _entry(ex.gate_up_float, ggml_type, (type(flat), X.flags.writeable), flat, goffs, uoffs, rstride,
+               nrows, nb, qt.gsz, F16_TABLE, *_perm(ggml_type, nb, qt.simd_bs), X, xi, H)
+    return H
+
+
+def experts_down_sum(flat, doffs, rstride: int, nrows: int, ggml_type: int, n_cols: int, H: np.ndarray,
+                     pair_lo: np.ndarray, pair_hi: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[t, r] = sum_{p in pair_lo[t]:pair_hi[t]} w[p] * (down_p[r] . H[p]) in one parallel region
+    (kernels/experts.py); out float32 C-contiguous [len(pair_lo), nrows]."""
+    from . import experts as ex
+
+    qt = QUANT_TYPES[ggml_type]
+    nb = n_cols // qt.simd_bs
+    if INT8_ACTIVATIONS and ggml_type in _I8_KINDS:
+        _entry(ex.down_sum_i8, ggml_type, (type(flat), H.flags.writeable),
+               flat, doffs, rstride, nrows, nb, F16_TABLE, H, pair_lo, pair_hi, w, out)
+    else:
+        _entry(ex.down_sum_float, ggml_type, (type(flat), H.flags.writeable), flat, doffs, rstride, nrows,
+               nb, qt.gsz, F16_TABLE, *_perm(ggml_type, nb, qt.simd_bs), H, pair_lo, pair_hi, w, out)
+    return out
+
+
 def _offset_products(qt, flat, offs, rstride, nrows, nb, X, xi, out) -> None:
     nbytes = offs.shape[0] * nrows * nb * qt.simd_ts
     if INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS:
