@@ -134,11 +134,20 @@ def yardstick_names(suite: dict) -> list[str]:
     return names
 
 
+NOISY = 0.15  # relative standard deviation of a yardstick's repetitions that marks its cell
+
+
+def _noisy_mark(y: dict, phase: str) -> str:
+    return " †" if y[phase + "_stddev_tok_s"] > NOISY * y[phase + "_tok_s"] else ""
+
+
 def markdown(suite: dict) -> str:
     names = yardstick_names(suite)
     lines = [f"Suite run {suite['date']}, {suite['threads']} threads, llama-bench -r {suite['repeat']}; "
              f"{suite['host']['cpu']}, {suite['host']['cpus']} CPUs, load average at start "
-             f"{suite['host']['load_average'][0]:.2f}.", ""]
+             f"{suite['host']['load_average'][0]:.2f}"
+             + (f", at the end {suite['host']['load_average_end'][0]:.2f}" if "load_average_end" in suite["host"] else "")
+             + ".", ""]
     head = ["model", "test", "dsd"] + names + [f"dsd / {_kind(n)}" for n in names]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in suite["models"]:
@@ -149,13 +158,21 @@ def markdown(suite: dict) -> str:
             row = [m["label"].split(":")[0], test, f"**{res[phase + '_tok_s']:.1f}**"]
             for name in names:
                 y = ys.get(name)
-                row.append(f"{y[phase + '_tok_s']:.1f} ± {y[phase + '_stddev_tok_s']:.1f}" if y else "—")
+                row.append(f"{y[phase + '_tok_s']:.1f} ± {y[phase + '_stddev_tok_s']:.1f}{_noisy_mark(y, phase)}"
+                           if y else "—")
             for name in names:
                 y = ys.get(name)
                 row.append(f"**{y[phase + '_ratio']:.2f}×**" if y else "—")
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "tok/s; yardsticks: mean ± standard deviation over the repetitions; dsd: one timed run "
-              "(prefill: the second prompt; decode: the tokens after the prompt).", ""]
+              "(prefill: the second prompt; decode: the tokens after the prompt)."]
+    noisy = [(m, y, phase) for m in suite["models"] for y in m["result"].get("yardsticks", ())
+             for phase in ("prefill", "decode") if _noisy_mark(y, phase)]
+    if noisy:
+        lines.append(f"† repetitions differed by more than {100 * NOISY:.0f}% (the host was busy; re-run): " + "; ".join(
+            f"{m['label'].split(':')[0]} {y['name']} {phase} samples "
+            + ", ".join(f"{v:.1f}" for v in y[phase + "_samples_tok_s"]) for m, y, phase in noisy) + ".")
+    lines.append("")
     head = ["model", "weights read / token (dsd)", "read bandwidth", "roofline", "dsd decode"] + \
         [f"{_kind(n)} decode" for n in names]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -277,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 if model.key == "ds12":
                     entry["note"] = shape_note(path)
                 suite["models"].append(entry)
+            suite["host"]["load_average_end"] = list(os.getloadavg())
         paths = write_outputs(suite, args.out, not args.no_plot)
     except DsdError as e:
         print(f"python -m bench: error: {e}", file=sys.stderr)

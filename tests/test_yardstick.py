@@ -198,7 +198,9 @@ def fake_dsd_run(monkeypatch, llama_file):
     built = []
 
     class FakeEngine:
-        def __init__(self, model_path=None, threads=None):
+        weight_pages = "fake"
+
+        def __init__(self, model_path=None, threads=None, **options):
             built.append((model_path, threads))
             self.path, self.threads = llama_file, threads or 2
 

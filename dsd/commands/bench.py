@@ -88,7 +88,7 @@ def run(args) -> int:
         return 0
     print(f"model           {res['model']}")
     print(f"threads         {res['threads']}")
-    print(f"weights         {engine.weight_pages}")
+    print(f"weights         {res['weight_pages']}")
     print(f"prefill         {res['prefill_tok_s']:8.1f} tok/s  ({res['prompt_tokens']}-token prompt, the second one; "
           f"first {res['prefill_first_tok_s']:.1f})")
     print(f"decode          {res['decode_tok_s']:8.1f} tok/s  ({res['decode_tokens']} tokens, "
