@@ -21,9 +21,10 @@ from .rows import deq_any, dot_any, dotm2_any, dotm3_any
 ROW_CHUNK = 8  # rows per parallel work item of the fused matmul (one scratch row per item)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def xsums(x, gsz):
-    """Sums of x over consecutive gsz-element groups (the offset terms of Q4_1/Q4_K/Q2_K...)."""
+    """Sums of x over consecutive gsz-element groups (the offset terms of Q4_1/Q4_K/Q2_K...).
+    No fastmath: a sequential sum, the same wherever it is inlined (batch invariance)."""
     n = x.shape[0] // gsz
     xs = np.empty(n, np.float32)
     for i in range(n):
@@ -282,20 +283,46 @@ def mm_direct_serial(kind, flat, stride, nrows, nb, n, tab, X, out):
 
 @njit(cache=True, fastmath=True)
 def _prep_vectors(X, gsz, perm, fac):
-    """Per input vector X[j]: the permuted/scaled copy and the group sums mv_* build for one x."""
+    """Per input vector X[j]: the permuted/scaled copy and the group sums mv_* build for one x
+    (the same functions, so every driver sees a token's x exactly as matvec does)."""
     n = X.shape[0]
     ng = X.shape[1] // gsz
     XP = np.empty((n, perm.shape[0]), np.float32)
     XS = np.empty((n, ng), np.float32)
     for j in range(n):
-        for i in range(perm.shape[0]):
-            XP[j, i] = X[j, perm[i]] * fac[i]
-        for g in range(ng):
-            s = np.float32(0)
-            for q in range(gsz):
-                s += X[j, g * gsz + q]
-            XS[j, g] = s
+        XP[j] = permute(X[j], perm, fac)
+        XS[j] = xsums(X[j], gsz)
     return XP, XS
+
+
+ROWDOT_BLOCK = 16  # rows per work item of mm_rowdot (their bytes stay in L1/L2 across the tokens)
+
+
+@njit(cache=True, fastmath=True)
+def _rowdot_block(kind, flat, stride, r0, r1, nb, tab, XP, XS, out):
+    literally(kind)
+    for t in range(XP.shape[0]):
+        for r in range(r0, r1):
+            out[t, r] = dot_any(kind, flat, r * stride, nb, tab, XP[t], XS[t])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_rowdot_parallel(kind, flat, stride, nrows, nb, gsz, tab, perm, fac, X, out):
+    """out[t, r] = row r . X[t] with matvec's own row kernel and prepared x for every token:
+    the batch-invariant T-vector product (registry.BATCH_INVARIANT).  Each row is decoded once
+    per token (no sharing across tokens, unlike mm_fused*)."""
+    literally(kind)
+    XP, XS = _prep_vectors(X, gsz, perm, fac)
+    for i in prange((nrows + ROWDOT_BLOCK - 1) // ROWDOT_BLOCK):
+        _rowdot_block(kind, flat, stride, i * ROWDOT_BLOCK, min(nrows, (i + 1) * ROWDOT_BLOCK), nb, tab,
+                      XP, XS, out)
+
+
+@njit(cache=True, fastmath=True)
+def mm_rowdot_serial(kind, flat, stride, nrows, nb, gsz, tab, perm, fac, X, out):
+    literally(kind)
+    XP, XS = _prep_vectors(X, gsz, perm, fac)
+    _rowdot_block(kind, flat, stride, 0, nrows, nb, tab, XP, XS, out)
 
 
 @njit(cache=True, parallel=True, fastmath=True)

@@ -94,6 +94,33 @@ def _has_vnni() -> bool:
 INT8_ACTIVATIONS = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_vnni()
 
 
+# Batch invariance (DSD_DETERMINISTIC=1, or batch_invariant()): every product computes a token's
+# row with the same arithmetic whatever the other rows of X are and however many there are --
+# matvec's row kernel on the token's own prepared (or 8-bit quantized) x.  The K-quants' 8-bit
+# kernels are invariant in either mode (the multi-token kernel runs the one-token kernel's
+# arithmetic per token, rows_i8._token_block); in this mode Q4_1 also takes its 8-bit
+# multi-token kernel (slower than the float kernels for prompts), Q8_0 keeps float x for every T,
+# and every float-x product with T >= 2 runs drivers.mm_rowdot (each row decoded per token)
+# instead of the fused kernels or dequantize + sgemm.
+BATCH_INVARIANT = os.environ.get("DSD_DETERMINISTIC", "") not in ("", "0")
+
+
+class batch_invariant:
+    """Context manager: batch-invariant products (see BATCH_INVARIANT) while inside."""
+
+    def __init__(self, on: bool = True):
+        self.on = on
+
+    def __enter__(self):
+        global BATCH_INVARIANT
+        self._saved, BATCH_INVARIANT = BATCH_INVARIANT, self.on
+        return self
+
+    def __exit__(self, *exc):
+        global BATCH_INVARIANT
+        BATCH_INVARIANT = self._saved
+
+
 class exact_activations:
     """Context manager: float32 activations in every product (the exact path) while inside."""
 
@@ -488,6 +515,27 @@ def _fused(qt, raw, flat, stride, nb, main, n_cols, X, o) -> None:
         o += X[:, main:] @ _float_cols(raw[:, main * it:], qt.ggml_type).T
 
 
+def _rowdot(qt, raw, flat, stride, nb, main, n_cols, X, out):
+    """Batch-invariant float-x product (drivers.mm_rowdot): out[t] == matvec(raw, X[t]) bit for bit."""
+    T, nrows = X.shape[0], raw.shape[0]
+    o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
+    nbytes = nrows * raw.shape[1]
+    par = _par_ok(nbytes)
+    if nb:
+        _entry(dv.mm_rowdot_parallel if par else dv.mm_rowdot_serial, qt.ggml_type,
+               (type(flat), X.flags.writeable), flat, stride, nrows, nb, qt.gsz, F16_TABLE,
+               *_perm(qt.ggml_type, nb, qt.simd_bs), X, o)
+    else:
+        o[:] = 0
+    if main < n_cols:  # float-type tail columns, per token as matvec adds them
+        tail = _float_cols(raw[:, main * _FLOAT_ITEM[qt.ggml_type]:], qt.ggml_type)
+        for t in range(T):
+            o[t] += tail @ X[t, main:]
+    if o is not out:
+        out[:] = o
+    return out
+
+
 def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | None = None):
     """X @ W.T for X float32 (T, n_cols), W raw blocks (rows, row_bytes) -> float32 (T, rows).
 
@@ -514,6 +562,13 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         matvec(raw, ggml_type, X[0], out[0])
         return out
     int8 = INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI
+    if BATCH_INVARIANT:
+        if not (int8 and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols):
+            return _rowdot(qt, raw, flat, stride, nb, main, n_cols, X, out)
+    elif qt.ggml_type == G.Q4_1:
+        # the float kernels are faster for T >= 2 (fused: 1.2-1.35x at T = 8; dequantize + sgemm
+        # 2.5x at T = 512: the 8-bit multi-token kernel is load-bound, one x load per vpdpbusd)
+        int8 = False
     if int8 and qt.ggml_type == G.Q8_0:
         # Q8_0 only for prompt products (more vectors than a decode batch has; rows of block
         # pairs): batched decode keeps the float kernels, as one-token decode does (SmolLM2's

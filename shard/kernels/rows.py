@@ -24,7 +24,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-FAST = ("fast",)
+# No "reassoc": LLVM must not reorder a row's sum differently where the same row kernel is inlined
+# into different drivers (matvec, gathered, batch-invariant products must agree bit for bit).
+FAST = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")
 
 
 def V(t, n):

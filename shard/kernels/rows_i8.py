@@ -82,6 +82,42 @@ def _pair_scales(builder, e, sc16, per: int):
             for c in range(4)]
 
 
+# Flags of the per-token accumulation: no reassociation and no implicit contraction, so LLVM
+# cannot reorder a token's sum differently in the one-token kernels (accumulators in registers)
+# and the multi-token ones (accumulators on the stack); multiply-adds are explicit llvm.fma.
+STRICT = ("nnan", "ninf", "nsz", "arcp")
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, one rounding (llvm.fma on a vector or scalar float)."""
+    ty = a.type
+    name = f"llvm.fma.v{ty.count}f32" if isinstance(ty, ir.VectorType) else "llvm.fma.f32"
+    return builder.call(_fn(builder, name, ty, [ty] * 3), [a, b, c])
+
+
+def _hsum_strict(e, v):
+    """Horizontal sum of a float vector in a fixed tree (halves added pairwise)."""
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        v = e.b.fadd(e.shuf(v, range(h)), e.shuf(v, range(h, n)), flags=STRICT)
+        n = h
+    return e.b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _token_block(e, builder, acc, isum, d, dx, mins):
+    """acc (<8 x float>) + one super-block's contribution for one token: the 16 int32 lanes of
+    isum folded to 8 (exact), converted, times d * dx, minus the mins term (<8 x float> or None).
+    The one-token and the multi-token kernels both call this, so a token's product is the same
+    float computation whatever the number of tokens beside it (batch invariance)."""
+    isum8 = builder.add(e.shuf(isum, range(8)), e.shuf(isum, range(8, 16)))
+    s = builder.fmul(d, dx, flags=STRICT)
+    acc = _fma(builder, builder.sitofp(isum8, V(F32, 8)), e.splat(s, 8), acc)
+    if mins is not None:
+        acc = builder.fsub(acc, mins, flags=STRICT)
+    return acc
+
+
 def _typer_dot_k(q5: bool):
     bb = 176 if q5 else 144
 
@@ -93,8 +129,7 @@ def _typer_dot_k(q5: bool):
             fty, _, _, tty, xqty, xdty, xsty = sig.args
             e = Emit(context, builder, fty, fa, tty, ta)
             zero16 = ir.Constant(V(I32, 16), [0] * 16)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
-            macc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
+            acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
             maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
             dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
             with cgutils.for_range(builder, nb_) as loop:
@@ -114,14 +149,11 @@ def _typer_dot_k(q5: bool):
                     xv = _load(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 64 * c)), V(I8, 64))
                     pairs = builder.bitcast(builder.call(maddubs, [u, xv]), V(I32, 16))
                     isum = builder.call(dpwssd, [isum, pairs, scp[c]])
-                s = builder.fmul(d, _load(builder, context, xdty, xda, b, F32), flags=FAST)
-                f = builder.sitofp(isum, V(F32, 16))
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(f, e.splat(s, 16), flags=FAST),
-                                           flags=FAST), acc)
                 xsv = _load(builder, context, xsty, xsa, builder.mul(b, ir.Constant(I64, 8)), V(F32, 8))
-                builder.store(builder.fadd(builder.load(macc), builder.fmul(mv, xsv, flags=FAST), flags=FAST),
-                              macc)
-            return builder.fsub(_hsum(e, builder.load(acc)), _hsum(e, builder.load(macc)), flags=FAST)
+                mins = builder.fmul(mv, xsv, flags=STRICT)
+                dx = _load(builder, context, xdty, xda, b, F32)
+                builder.store(_token_block(e, builder, builder.load(acc), isum, d, dx, mins), acc)
+            return _hsum_strict(e, builder.load(acc))
         return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
     return typer
 
@@ -138,7 +170,7 @@ def _typer_dot_q6k(typingctx, flat, o, nb, tab, xq, xd, xb):
         e = Emit(context, builder, fty, fa, tty, ta)
         maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
         dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
         with cgutils.for_range(builder, nb_) as loop:
             b = loop.index
             ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 210)))
@@ -154,11 +186,9 @@ def _typer_dot_q6k(typingctx, flat, o, nb, tab, xq, xd, xb):
             xbv = _load(builder, context, xbty, xba, builder.mul(b, ir.Constant(I64, 16)), V(I32, 16))
             off = builder.shl(builder.mul(builder.sext(sc8, V(I32, 16)), xbv), ir.Constant(V(I32, 16), [5] * 16))
             isum = builder.sub(isum, off)
-            s = builder.fmul(e.f16(e.at(ob, 208)), _load(builder, context, xdty, xda, b, F32), flags=FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(isum, V(F32, 16)),
-                                                                       e.splat(s, 16), flags=FAST),
-                                       flags=FAST), acc)
-        return _hsum(e, builder.load(acc))
+            dx = _load(builder, context, xdty, xda, b, F32)
+            builder.store(_token_block(e, builder, builder.load(acc), isum, e.f16(e.at(ob, 208)), dx, None), acc)
+        return _hsum_strict(e, builder.load(acc))
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xb), cg
 
 
@@ -180,7 +210,7 @@ def _store_token_sums(e, builder, accs, tn, t0, outs, nout, r):
     """out[t0 + i, r] = horizontal sum of accs[i] for i < tn."""
     with cgutils.for_range(builder, tn) as lt:
         t = builder.add(t0, lt.index)
-        res = _hsum(e, builder.load(builder.gep(accs, [lt.index])))
+        res = _hsum_strict(e, builder.load(builder.gep(accs, [lt.index])))
         builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r)]))
 
 
@@ -250,16 +280,10 @@ def _typer_dot_multi(kind: str):
                         xsp = builder.bitcast(builder.gep(xss.data, [xo]), ir.PointerType(V(F32, 8)))
                         xsv = builder.load(xsp)
                         xsv.align = 4
-                        mins = builder.fmul(mv, xsv, flags=FAST)
-                    isum8 = builder.add(e.shuf(isum, range(8)), e.shuf(isum, range(8, 16)))
+                        mins = builder.fmul(mv, xsv, flags=STRICT)
                     dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
-                    s = builder.fmul(d, dx, flags=FAST)
                     ap = builder.gep(accs, [lt.index])
-                    acc = builder.fadd(builder.load(ap), builder.fmul(builder.sitofp(isum8, V(F32, 8)),
-                                                                      e.splat(s, 8), flags=FAST), flags=FAST)
-                    if mins is not None:
-                        acc = builder.fsub(acc, mins, flags=FAST)
-                    builder.store(acc, ap)
+                    builder.store(_token_block(e, builder, builder.load(ap), isum, d, dx, mins), ap)
             _store_token_sums(e, builder, accs, tn_, t0_, outs, nout, r_)
             return context.get_dummy_value()
         return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
@@ -332,51 +356,186 @@ def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, t
                       types.int64), cg
 
 
+def _q4_1_pair(e, builder, o_, ba, nb_):
+    """Weight side of Q4_1 blocks ba, ba + 1 (20-byte blocks: d | m | 16 nibble bytes, elements
+    0-15 low nibbles, 16-31 high; w = d q + m) -> (q as <16 x i32> for vpdpbusd, d_a, d_b, m_a,
+    m_b, has_b).  An odd last block reads its own bytes twice (in bounds); has_b weighs them 0."""
+    bb = builder.add(ba, ir.Constant(I64, 1))
+    has_b = builder.icmp_unsigned("<", bb, nb_)
+    oa = builder.add(o_, builder.mul(ba, ir.Constant(I64, 20)))
+    ob = builder.select(has_b, builder.add(oa, ir.Constant(I64, 20)), oa)
+    e.prefetch(e.at(oa, PREFETCH_BYTES))
+    qa, qb = e.ld(e.at(oa, 4), 16), e.ld(e.at(ob, 4), 16)
+    u = builder.bitcast(e.cat(e.cat(e.lo4(qa), e.hi4(qa)), e.cat(e.lo4(qb), e.hi4(qb))), V(I32, 16))
+    return u, e.f16(oa), e.f16(ob), e.f16(e.at(oa, 2)), e.f16(e.at(ob, 2)), has_b
+
+
+def _q4_1_token(e, builder, vnni, w, xv, dxa, dxb, xsa, xsb, acc, macc):
+    """One token's share of a Q4_1 block pair: acc (<16 x float>) += (q . xq per block) * d dx,
+    macc (float) += m_a X_a + m_b X_b.  Shared by the one- and multi-token kernels, so a token's
+    product does not depend on how many tokens share the call (batch invariance)."""
+    u, da, db, ma16, mb16, has_b = w
+    zero16 = ir.Constant(V(I32, 16), [0] * 16)
+    dp = builder.call(vnni, [zero16, u, xv])
+    sa = builder.fmul(da, dxa, flags=STRICT)
+    sb = builder.select(has_b, builder.fmul(db, dxb, flags=STRICT), ir.Constant(F32, 0.0))
+    pair = builder.insert_element(builder.insert_element(ir.Constant(V(F32, 2), None), sa,
+                                                         ir.Constant(I32, 0)), sb, ir.Constant(I32, 1))
+    sv = e.shuf(pair, [0] * 8 + [1] * 8)
+    acc = _fma(builder, builder.sitofp(dp, V(F32, 16)), sv, acc)
+    ma = builder.fmul(ma16, xsa, flags=STRICT)
+    mb = builder.select(has_b, builder.fmul(mb16, xsb, flags=STRICT), ir.Constant(F32, 0.0))
+    return acc, builder.fadd(macc, builder.fadd(ma, mb, flags=STRICT), flags=STRICT)
+
+
+def _q4_1_quad(e, builder, o_, q):
+    """Weight side of Q4_1 blocks 8q .. 8q + 7 (160 bytes) -> (4 block pairs' q as <16 x i32>,
+    their d and m as <8 x float>)."""
+    ob = builder.add(o_, builder.mul(q, ir.Constant(I64, 160)))
+    for k in (0, 64, 128):
+        e.prefetch(e.at(ob, PREFETCH_BYTES + k))
+    us = []
+    for p in range(4):
+        qa, qb = e.ld(e.at(ob, 40 * p + 4), 16), e.ld(e.at(ob, 40 * p + 24), 16)
+        us.append(builder.bitcast(e.cat(e.cat(e.lo4(qa), e.hi4(qa)), e.cat(e.lo4(qb), e.hi4(qb))), V(I32, 16)))
+    d8 = m8 = ir.Constant(V(F32, 8), None)
+    for i in range(8):
+        d8 = builder.insert_element(d8, e.f16(e.at(ob, 20 * i)), ir.Constant(I32, i))
+        m8 = builder.insert_element(m8, e.f16(e.at(ob, 20 * i + 2)), ir.Constant(I32, i))
+    return us, d8, m8
+
+
+def _q4_1_quad_token(e, builder, vnni, w, xvs, dx8, xs8, acc, macc8):
+    """One token's share of 8 Q4_1 blocks: acc (<16 x float>) += per block pair (q . xq) * d dx,
+    macc8 (<8 x float>) += m X per block.  Shared by the one- and multi-token kernels, so a
+    token's product does not depend on how many tokens share the call (batch invariance)."""
+    us, d8, m8 = w
+    zero16 = ir.Constant(V(I32, 16), [0] * 16)
+    s8 = builder.fmul(d8, dx8, flags=STRICT)
+    for p in range(4):
+        dp = builder.call(vnni, [zero16, us[p], xvs[p]])
+        acc = _fma(builder, builder.sitofp(dp, V(F32, 16)), e.shuf(s8, [2 * p] * 8 + [2 * p + 1] * 8), acc)
+    return acc, builder.fadd(macc8, builder.fmul(m8, xs8, flags=STRICT), flags=STRICT)
+
+
+def _vload(builder, data, off, ty, align):
+    v = builder.load(builder.bitcast(builder.gep(data, [off]), ir.PointerType(ty)))
+    v.align = align
+    return v
+
+
 def _typer_dot_q4_1(typingctx, flat, o, nb, tab, xq, xd, xs):
-    """Q4_1 row (20-byte blocks: d | m | 16 nibble bytes, elements 0-15 low nibbles, 16-31 high;
-    w = d q + m) against x quantized per 32 elements (xq int8 [>= n + 32, zero padded],
-    xd float32 [n/32 + 1]; xs float32 [n/32] exact block sums of x):
+    """Q4_1 row (nb blocks) against x quantized per 32 elements (xq int8 [>= n + 32, zero
+    padded], xd float32 [n/32 + 1]; xs float32 [n/32] exact block sums of x):
         sum w x = sum_b d_b dx_b (sum q xq) + m_b X_b.
-    Two blocks per vpdpbusd (lanes 0-7 the first, 8-15 the second); an odd last block pairs
-    with zeros (the padding of xq, and a zero scale)."""
+    Two blocks per vpdpbusd (lanes 0-7 the first, 8-15 the second), 8 blocks per pass with
+    their scales as one vector; the last nb % 8 blocks pair by pair, an odd last block with
+    zeros (the padding of xq, and a zero scale)."""
     def cg(context, builder, sig, args):
         fa, o_, nb_, ta, xqa, xda, xsa = args
         fty, _, _, tty, xqty, xdty, xsty = sig.args
         e = Emit(context, builder, fty, fa, tty, ta)
-        zero16 = ir.Constant(V(I32, 16), [0] * 16)
+        xqd = context.make_array(xqty)(context, builder, xqa).data
+        xdd = context.make_array(xdty)(context, builder, xda).data
+        xsd = context.make_array(xsty)(context, builder, xsa).data
         acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 16), [0.0] * 16))
+        macc8 = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
         macc = cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0))
         vnni = _vnni(builder)
+        nq = builder.udiv(nb_, ir.Constant(I64, 8))
+        with cgutils.for_range(builder, nq) as loop:
+            q = loop.index
+            w = _q4_1_quad(e, builder, o_, q)
+            b0 = builder.mul(q, ir.Constant(I64, 8))
+            x0 = builder.mul(b0, ir.Constant(I64, 32))
+            xvs = [_vload(builder, xqd, builder.add(x0, ir.Constant(I64, 64 * p)), V(I32, 16), 1) for p in range(4)]
+            a, m = _q4_1_quad_token(e, builder, vnni, w, xvs, _vload(builder, xdd, b0, V(F32, 8), 4),
+                                    _vload(builder, xsd, b0, V(F32, 8), 4), builder.load(acc), builder.load(macc8))
+            builder.store(a, acc)
+            builder.store(m, macc8)
         two = ir.Constant(I64, 2)
-        npairs = builder.udiv(builder.add(nb_, ir.Constant(I64, 1)), two)
-        with cgutils.for_range(builder, npairs) as loop:
-            ba = builder.mul(loop.index, two)
+        bt = builder.mul(nq, ir.Constant(I64, 8))
+        ntail = builder.udiv(builder.add(builder.sub(nb_, bt), ir.Constant(I64, 1)), two)
+        with cgutils.for_range(builder, ntail) as loop:
+            ba = builder.add(bt, builder.mul(loop.index, two))
+            w = _q4_1_pair(e, builder, o_, ba, nb_)
             bb = builder.add(ba, ir.Constant(I64, 1))
-            has_b = builder.icmp_unsigned("<", bb, nb_)
-            oa = builder.add(o_, builder.mul(ba, ir.Constant(I64, 20)))
-            # an odd last block reads its own bytes twice (in bounds) and weighs them by 0
-            ob = builder.select(has_b, builder.add(oa, ir.Constant(I64, 20)), oa)
-            e.prefetch(e.at(oa, PREFETCH_BYTES))
-            qa, qb = e.ld(e.at(oa, 4), 16), e.ld(e.at(ob, 4), 16)
-            u = e.cat(e.cat(e.lo4(qa), e.hi4(qa)), e.cat(e.lo4(qb), e.hi4(qb)))
             xv = _load(builder, context, xqty, xqa, builder.mul(ba, ir.Constant(I64, 32)), V(I32, 16))
-            dp = builder.call(vnni, [zero16, builder.bitcast(u, V(I32, 16)), xv])
             dxa = _load(builder, context, xdty, xda, ba, F32)
             dxb = _load(builder, context, xdty, xda, bb, F32)  # xd has one padding entry
-            sa = builder.fmul(e.f16(oa), dxa, flags=FAST)
-            sb = builder.select(has_b, builder.fmul(e.f16(ob), dxb, flags=FAST), ir.Constant(F32, 0.0))
-            pair = builder.insert_element(builder.insert_element(ir.Constant(V(F32, 2), None), sa,
-                                                                 ir.Constant(I32, 0)), sb, ir.Constant(I32, 1))
-            sv = e.shuf(pair, [0] * 8 + [1] * 8)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(dp, V(F32, 16)), sv,
-                                                                       flags=FAST), flags=FAST), acc)
-            ma = builder.fmul(e.f16(e.at(oa, 2)), _load(builder, context, xsty, xsa, ba, F32), flags=FAST)
-            mb = builder.select(has_b, builder.fmul(e.f16(e.at(ob, 2)), _load(builder, context, xsty, xsa,
-                                                                             builder.select(has_b, bb, ba), F32),
-                                                    flags=FAST), ir.Constant(F32, 0.0))
-            builder.store(builder.fadd(builder.load(macc), builder.fadd(ma, mb, flags=FAST), flags=FAST), macc)
-        return builder.fadd(_hsum(e, builder.load(acc)), builder.load(macc), flags=FAST)
+            xsa_ = _load(builder, context, xsty, xsa, ba, F32)
+            xsb_ = _load(builder, context, xsty, xsa, builder.select(w[5], bb, ba), F32)
+            a, m = _q4_1_token(e, builder, vnni, w, xv, dxa, dxb, xsa_, xsb_, builder.load(acc), builder.load(macc))
+            builder.store(a, acc)
+            builder.store(m, macc)
+        mins = builder.fadd(_hsum_strict(e, builder.load(macc8)), builder.load(macc), flags=STRICT)
+        return builder.fadd(_hsum_strict(e, builder.load(acc)), mins, flags=STRICT)
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+
+
+def _typer_dot_multi_q4_1(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
+    """Q4_1 row against the token rows t0 <= t < t0 + tn of x quantized as for _typer_dot_q4_1
+    (xq int8 [T, n + 32], xd [T, n/32 + 1], xs [T, n/32]) -> out[t, r]: each block decoded
+    once for all tn tokens; per token exactly the one-token kernel's arithmetic."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, xsa, outa, r_, t0_, tn_ = args
+        fty, _, _, tty, xqty, xdty, xsty, outty = sig.args[:8]
+        e = Emit(context, builder, fty, fa, tty, ta)
+        (xqs, n), (xds, ndx) = _rows_2d(context, builder, xqty, xqa), _rows_2d(context, builder, xdty, xda)
+        (xss, nxs), (outs, nout) = _rows_2d(context, builder, xsty, xsa), _rows_2d(context, builder, outty, outa)
+        vnni = _vnni(builder)
+        accs = _token_accs(builder, V(F32, 16), tn_)
+        macc8s = _token_accs(builder, V(F32, 8), tn_)
+        maccs = cgutils.alloca_once(builder, F32, size=MULTI_MAX_T)
+        with cgutils.for_range(builder, tn_) as lt:
+            builder.store(ir.Constant(F32, 0.0), builder.gep(maccs, [lt.index]))
+
+        def ldf(arr, row_len, t, i):
+            return builder.load(builder.gep(arr.data, [builder.add(builder.mul(t, row_len), i)]))
+
+        nq = builder.udiv(nb_, ir.Constant(I64, 8))
+        with cgutils.for_range(builder, nq) as loop:
+            q = loop.index
+            w = _q4_1_quad(e, builder, o_, q)
+            b0 = builder.mul(q, ir.Constant(I64, 8))
+            x0 = builder.mul(b0, ir.Constant(I64, 32))
+            with cgutils.for_range(builder, tn_) as lt:
+                t = builder.add(t0_, lt.index)
+                xo = builder.add(builder.mul(t, n), x0)
+                xvs = [_vload(builder, xqs.data, builder.add(xo, ir.Constant(I64, 64 * p)), V(I32, 16), 1)
+                       for p in range(4)]
+                dx8 = _vload(builder, xds.data, builder.add(builder.mul(t, ndx), b0), V(F32, 8), 4)
+                xs8 = _vload(builder, xss.data, builder.add(builder.mul(t, nxs), b0), V(F32, 8), 4)
+                ap, mp = builder.gep(accs, [lt.index]), builder.gep(macc8s, [lt.index])
+                a, m = _q4_1_quad_token(e, builder, vnni, w, xvs, dx8, xs8, builder.load(ap), builder.load(mp))
+                builder.store(a, ap)
+                builder.store(m, mp)
+        two = ir.Constant(I64, 2)
+        bt = builder.mul(nq, ir.Constant(I64, 8))
+        ntail = builder.udiv(builder.add(builder.sub(nb_, bt), ir.Constant(I64, 1)), two)
+        with cgutils.for_range(builder, ntail) as loop:
+            ba = builder.add(bt, builder.mul(loop.index, two))
+            w = _q4_1_pair(e, builder, o_, ba, nb_)
+            bb = builder.add(ba, ir.Constant(I64, 1))
+            with cgutils.for_range(builder, tn_) as lt:
+                t = builder.add(t0_, lt.index)
+                off = builder.add(builder.mul(t, n), builder.mul(ba, ir.Constant(I64, 32)))
+                xv = _vload(builder, xqs.data, off, V(I32, 16), 1)
+                ap, mp = builder.gep(accs, [lt.index]), builder.gep(maccs, [lt.index])
+                a, m = _q4_1_token(e, builder, vnni, w, xv, ldf(xds, ndx, t, ba), ldf(xds, ndx, t, bb),
+                                   ldf(xss, nxs, t, ba), ldf(xss, nxs, t, builder.select(w[5], bb, ba)),
+                                   builder.load(ap), builder.load(mp))
+                builder.store(a, ap)
+                builder.store(m, mp)
+        with cgutils.for_range(builder, tn_) as lt:
+            t = builder.add(t0_, lt.index)
+            mins = builder.fadd(_hsum_strict(e, builder.load(builder.gep(macc8s, [lt.index]))),
+                                builder.load(builder.gep(maccs, [lt.index])), flags=STRICT)
+            res = builder.fadd(_hsum_strict(e, builder.load(builder.gep(accs, [lt.index]))), mins, flags=STRICT)
+            builder.store(res, builder.gep(outs.data, [builder.add(builder.mul(t, nout), r_)]))
+        return context.get_dummy_value()
+    return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
+                      types.int64), cg
 
 
 # The row kernels by GGML type id, chosen at typing time from a literal first argument (the
@@ -389,6 +548,7 @@ dot_i8_any = _by_kind({_Q4_K: _typer_dot_k(False), _Q5_K: _typer_dot_k(True), _Q
                        _Q4_1: _typer_dot_q4_1}, "dot_i8_any", 7)
 # (kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn): one row against tn <= 16 vectors
 dot_i8_multi_any = _by_kind({_Q4_K: _typer_dot_multi("q4k"), _Q5_K: _typer_dot_multi("q5k"),
-                             _Q6_K: _typer_dot_multi("q6k"), _Q8_0: _typer_dot_multi_q8_0},
+                             _Q6_K: _typer_dot_multi("q6k"), _Q8_0: _typer_dot_multi_q8_0,
+                             _Q4_1: _typer_dot_multi_q4_1},
                             "dot_i8_multi_any", 11)
-MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K, _Q8_0)  # Q8_0: prompts, rows of an even number of blocks
+MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K, _Q4_1, _Q8_0)  # Q8_0: prompts, rows of an even number of blocks
