@@ -181,7 +181,8 @@ class RoutedExperts:
 
     def __call__(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         T = x.shape[0]
-        if T <= SMALL_BATCH_MAX:
+        if T <= SMALL_BATCH_MAX or ops.batch_invariant_mode():
+            # (batch invariance: a prompt's tokens take the decode path's arithmetic)
             return self._gathered(x, ids, weights)
         out = np.zeros((T, self.down_exps.rows), dtype=np.float32)
         ids = np.asarray(ids).reshape(T, -1)

@@ -11,13 +11,17 @@ import math
 import numpy as np
 
 from dsd.shard.kernels import attention as attn_kernels
+from dsd.shard.kernels import batch_invariant_mode  # noqa: F401  (also for moe.py)
 from dsd.shard.kernels import stats as kernel_stats
 from dsd.shard.kernels.elementwise import rms_norm_rows, rope_rows
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [..., D] float32 -> x / rms(x) * weight (computed in float32 like llama.cpp)."""
-    if x.dtype == np.float32 and weight.dtype == np.float32 and x.flags.c_contiguous and x.ndim >= 2:
+    if x.dtype == np.float32 and weight.dtype == np.float32:
+        # every float32 input through the same row kernel (a column slice or a 1-D decode row is
+        # copied first): a row's norm must not depend on how it reached here (batch invariance)
+        x = np.ascontiguousarray(x)
         rows = x.reshape(-1, x.shape[-1])  # per-head norms: [T, H, Dh] -> [T*H, Dh]
         if kernel_stats.enabled:
             return kernel_stats.timed("rms_norm_rows", rms_norm_rows, rows, weight, np.float32(eps),
@@ -78,7 +82,10 @@ class RopeTable:
     def apply(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """x [T, heads, Dh] (only the first n_rot dims rotate) -> rotated copy."""
         self._ensure(positions)
-        if x.dtype == np.float32 and x.flags.c_contiguous:
+        if x.dtype == np.float32:
+            # always the row kernel (strided views copied first), so that a row's rotation does
+            # not depend on whether its batch's view happened to be contiguous (batch invariance)
+            x = np.ascontiguousarray(x)
             args = (x, self.cos, self.sin, positions, self.n_rot, self.style == "neox", np.empty_like(x))
             return kernel_stats.timed("rope_rows", rope_rows, *args) if kernel_stats.enabled else rope_rows(*args)
         return self.apply_numpy(x, positions)
@@ -118,6 +125,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: f
     n, H, _ = q.shape
     Hkv, L, _ = k.shape
     g = H // Hkv
+    if n > 1 and batch_invariant_mode():
+        # batch invariance: every query as the decode step at its position computes it (the
+        # prompt path's BLAS products block by the chunk's shape, so a prompt's tokens would
+        # otherwise differ from the same tokens decoded one at a time or chunked differently)
+        out = np.empty((n, H, v.shape[-1]), dtype=np.float32)
+        for i in range(n):
+            end = q_pos0 + i + 1
+            out[i] = attention(q[i:i + 1], k[:, :end], v[:, :end], q_pos0 + i, scale)[0]
+        return out
     if n == 1 and attn_kernels.supported(q[0], k, v):
         # decode: fused SIMD kernel (kernels/attention.py), ~3x faster than the matmul path
         return attn_kernels.decode(q[0], k, v, scale)[None]

@@ -19,7 +19,8 @@ TOKEN_COUNTS = (2, 3, 8, 16, 17, 40)  # decode batches, the fused-kernel limit, 
 
 
 def _cols(gt):
-    return 512 if gt in (G.Q2_K, G.Q3_K, G.Q4_K, G.Q5_K, G.Q6_K) else 320  # 320: a Q8_0 pair tail
+    # 320: a Q8_0 pair tail; one block per row (32, MLA's q_lora in tiny models) is its own case
+    return (256, 512) if gt in (G.Q2_K, G.Q3_K, G.Q4_K, G.Q5_K, G.Q6_K) else (32, 320)
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
@@ -29,8 +30,11 @@ def test_token_row_same_alone_batched_and_gathered(gt, int8, parallel, monkeypat
     if int8 and not registry.INT8_ACTIVATIONS:
         pytest.skip("this CPU has no AVX-512 VNNI: no 8-bit activation path to check (float-x runs)")
     monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
-    rng = np.random.default_rng(int(gt) * 7 + int8)
-    n = _cols(gt)
+    for n in _cols(gt):
+        _check_alone_batched_gathered(gt, n, int8, np.random.default_rng(int(gt) * 7 + int8 + n))
+
+
+def _check_alone_batched_gathered(gt, n, int8, rng):
     stack = np.stack([random_raw(gt, 40, n, rng, True) for _ in range(2)])
     X = rng.standard_normal((max(TOKEN_COUNTS), n)).astype(np.float32)
     X[3] *= 40  # one token with large activations (its own 8-bit scales)
@@ -84,3 +88,84 @@ def test_mode_is_off_by_default_and_scoped():
             assert registry.BATCH_INVARIANT is False
         assert registry.BATCH_INVARIANT is True
     assert registry.BATCH_INVARIANT is before
+
+
+# -- end to end: a sequence's logits do not depend on what it is batched with -----------------
+
+def _step(model, work):
+    """One forward batch over [(cache, new tokens)] -> the last row of logits of each sequence."""
+    from dsd.shard.batch import Batch, Segment
+
+    toks, pos, segs, rows, start = [], [], [], [], 0
+    for cache, new in work:
+        n = len(new)
+        segs.append(Segment(cache, start, n, cache.length))
+        toks += list(new)
+        pos += range(cache.length, cache.length + n)
+        start += n
+        rows.append(start - 1)
+    b = Batch(tokens=np.asarray(toks, np.int64), positions=np.asarray(pos, np.int64), segments=segs,
+              logit_rows=np.asarray(rows))
+    return model.forward(b)
+
+
+def _run(model, prompts, chunks, steps):
+    """Greedy-decode every prompt together: prefill in rounds of `chunks` tokens per prompt (a
+    prompt's last chunk may share a batch with others' decode steps), then `steps` decode
+    batches.  Returns each prompt's logits rows (one per generated token)."""
+    caches = [model.new_cache(128) for _ in prompts]
+    todo = [list(p) for p in prompts]
+    out = [[] for _ in prompts]
+    while any(len(o) < steps for o in out):
+        work, who = [], []
+        for i, c in enumerate(caches):
+            if todo[i]:
+                n = chunks[i] or len(todo[i])
+                work.append((c, todo[i][:n]))
+                todo[i] = todo[i][n:]
+                who.append((i, not todo[i]))  # logits count once the prompt is in
+            elif len(out[i]) < steps:
+                work.append((c, [int(np.argmax(out[i][-1]))]))
+                who.append((i, True))
+        logits = _step(model, work)
+        for (i, keep), row in zip(who, logits):
+            if keep:
+                out[i].append(row.copy())
+    return [np.stack(o) for o in out]
+
+
+def _models(tmp_path):
+    from .test_gguf_file import smollm2_path
+    from .tiny_moe import write_tiny_deepseek2, write_tiny_qwen3moe
+
+    yield "smollm2", smollm2_path()
+    yield "qwen3moe", write_tiny_qwen3moe(tmp_path / "q3.gguf", qtype=G.Q8_0, seed=4)
+    yield "deepseek2", write_tiny_deepseek2(tmp_path / "ds.gguf", qtype=G.Q8_0, q_lora=32, seed=5)
+
+
+def test_greedy_logits_same_alone_beside_others_and_chunked(tmp_path):
+    """With the mode on, a prompt's logits are bit-identical whether it runs alone (one prefill
+    batch), beside three other prompts (one prefill batch of ~80 tokens, then decode batches of
+    4), or prefilled in chunks of 7 while others decode -- for a dense model and two MoE models
+    (DeepSeek's MLA and shared experts, Qwen3's per-head norms).  Without it SmolLM2's prompt
+    products run sgemm, whose sums depend on the batch: the same comparison differs."""
+    from dsd.shard.gguf_file import open_gguf
+    from dsd.shard.models import build_model
+
+    rng = np.random.default_rng(0)
+    for name, path in _models(tmp_path):
+        model = build_model(open_gguf(path))
+        vocab = model.args.vocab_size
+        prompts = [rng.integers(1, vocab, size=n).tolist() for n in (21, 18, 25, 17)]
+        with batch_invariant():
+            alone = _run(model, prompts[:1], [0], 6)[0]
+            together = _run(model, prompts, [0, 0, 0, 0], 6)
+            chunked = _run(model, prompts[1::-1], [0, 7], 6)[1]  # prompt 0 in chunks of 7
+        for label, got in (("beside 3 others", together[0]), ("chunked by 7", chunked)):
+            assert np.array_equal(got, alone), f"{name}: logits {label} differ from alone " \
+                f"(max {np.abs(got - alone).max():.3g}, greedy {got.argmax(1)} vs {alone.argmax(1)})"
+        if name == "smollm2":
+            with batch_invariant(False):
+                a = _run(model, prompts[:1], [0], 2)[0]
+                b = _run(model, prompts, [0, 0, 0, 0], 2)[0]
+            assert not np.array_equal(a, b), "default mode unexpectedly batch-invariant: the mode's cost may be avoidable"

@@ -26,7 +26,18 @@ from numba.extending import intrinsic
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 # No "reassoc": LLVM must not reorder a row's sum differently where the same row kernel is inlined
 # into different drivers (matvec, gathered, batch-invariant products must agree bit for bit).
-FAST = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")
+FAST = ("nnan", "ninf", "nsz", "arcp", "afn")
+
+
+def fma(builder, a, b, c):
+    """a * b + c with one rounding (llvm.fma, scalar or vector float32).  FAST has no "contract":
+    whether LLVM fuses a fmul into the next fadd depends on the code around an inlined kernel, so
+    the same row would round differently in matvec and in a multi-token driver; the kernels say
+    where they want an FMA instead (batch invariance)."""
+    ty = a.type
+    name = f"llvm.fma.v{ty.count}f32" if isinstance(ty, ir.VectorType) else "llvm.fma.f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
+    return builder.call(fn, [a, b, c])
 
 
 def V(t, n):
@@ -318,19 +329,20 @@ def _emit_blocks(context, builder, e, sig, args, accs, count, first, dec, bs, ts
                 eoff, q = (eoff,), (q,)
             t = None
             for eo, qv in zip(eoff, q):
-                p = builder.fmul(qv, _xptr(context, builder, xty, xa, e.at(xb, eo), qv.type.count), flags=FAST)
-                t = p if t is None else builder.fadd(t, p, flags=FAST)
+                xv = _xptr(context, builder, xty, xa, e.at(xb, eo), qv.type.count)
+                t = builder.fmul(qv, xv, flags=FAST) if t is None else fma(builder, qv, xv, t)
             n = t.type.count
             while n > 16:
                 n //= 2
                 t = builder.fadd(e.shuf(t, range(n)), e.shuf(t, range(n, 2 * n)), flags=FAST)
             if n < 16:
                 t = e.shuf(t, list(range(n)) + [n] * (16 - n), ir.Constant(t.type, [0.0] * n))
+            a = accs[i % 2]
             if s is not None:
                 sv = s if isinstance(s.type, ir.VectorType) else e.splat(s, 16)
-                t = builder.fmul(sv, t, flags=FAST)
-            a = accs[i % 2]
-            builder.store(builder.fadd(builder.load(a), t, flags=FAST), a)
+                builder.store(fma(builder, sv, t, builder.load(a)), a)
+            else:
+                builder.store(builder.fadd(builder.load(a), t, flags=FAST), a)
         if ng:
             xsd = context.make_array(xsty)(context, builder, xsa).data
             # offsets per block: block b's groups are xs[b*ng/factor ...], contiguous
@@ -340,8 +352,7 @@ def _emit_blocks(context, builder, e, sig, args, accs, count, first, dec, bs, ts
                 xsv.align = 4
             else:
                 xsv = builder.load(builder.gep(xsd, [xo]))
-            builder.store(builder.fadd(builder.load(macc), builder.fmul(blk.mvec, xsv, flags=FAST),
-                                       flags=FAST), macc)
+            builder.store(fma(builder, blk.mvec, xsv, builder.load(macc)), macc)
     if not ng:
         return None
     m = builder.load(macc)
@@ -440,6 +451,9 @@ def make_dot_multi(dec, bs, ts, tb, name):
                         xp = builder.bitcast(builder.gep(rows[t], [e.at(xb, eoff)]), ir.PointerType(V(F32, n)))
                         xv = builder.load(xp)
                         xv.align = 4
+                        if n == 16:
+                            builder.store(fma(builder, w, xv, builder.load(accs[t])), accs[t])
+                            continue
                         p = builder.fmul(w, xv, flags=FAST)
                         k = n
                         while k > 16:

@@ -331,7 +331,7 @@ def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, t
             isum = builder.sub(builder.call(vnni, [zero16, xv, w]), corr)
             dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), p)]))
             f = builder.fmul(builder.sitofp(isum, V(F32, 16)), e.splat(dx, 16), flags=FAST)
-            return builder.fadd(part, builder.fmul(f, sv, flags=FAST), flags=FAST)
+            return _fma(builder, f, sv, part)
 
         def step(ps):  # decode pairs ps once, then every token: their terms summed in registers
             dec = [pair(p) for p in ps]
