@@ -21,10 +21,45 @@ _SCALE_FIELDS = {
 }
 # "min" fields hold a positive offset subtracted from the values; about half the mean
 _MIN_RATIO = {Q.Q4_1: -7.5, Q.Q5_1: -15.5, Q.Q2_K: 1.5, Q.Q4_K: 7.5, Q.Q5_K: 15.5}
+# The low-bit types (gguf-py cannot quantize them): byte offset of the fp16 d (None: IQ1_M's d
+# lies in the top nibbles of its four scale words; MXFP4 has an E8M0 exponent byte instead) and
+# the rms of an element per unit of d with random grid indices, signs and sub-block scales
+# (measured with gguf.quants.dequantize on 4096 random blocks)
+_IQ_FIELDS = {
+    Q.IQ1_S: (0, 7.2), Q.IQ1_M: (None, 7.2), Q.IQ2_XXS: (0, 53.4), Q.IQ2_XS: (0, 56.1), Q.IQ2_S: (0, 56.4),
+    Q.IQ3_XXS: (0, 142.4), Q.IQ3_S: (0, 140.4), Q.IQ4_NL: (0, 67.5), Q.IQ4_XS: (0, 1245.0),
+    Q.MXFP4: (0, 2.92), Q.TQ1_0: (52, 0.816), Q.TQ2_0: (64, 0.816),
+}
 
 
 def supported_types() -> list[str]:
-    return ["F32", "F16"] + [t.name for t in _SCALE_FIELDS]
+    return ["F32", "F16"] + [t.name for t in _SCALE_FIELDS] + [t.name for t in _IQ_FIELDS]
+
+
+def _iq_blocks(qtype: Q, nb: int, rng: np.random.Generator, std: float) -> np.ndarray:
+    """nb random blocks [nb, type_size] of a low-bit type whose elements have rms ~ std: random
+    bytes (every grid index, sign pattern and sub-block scale is valid), then the scale field;
+    TQ1_0 / TQ2_0 bytes are valid ternary encodings (what llama-quantize writes: no TQ2_0 code 3,
+    TQ1_0 bytes ceil(v * 256 / 243) of 5 base-3 digits v < 243)."""
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(nb, ts), dtype=np.uint8)
+    off, unit = _IQ_FIELDS[qtype]
+    if qtype == Q.TQ1_0:
+        v = rng.integers(0, 243, size=(nb, 52))
+        raw[:, :52] = (v * 256 + 242) // 243
+    elif qtype == Q.TQ2_0:
+        t = rng.integers(0, 3, size=(nb, 64, 4))
+        raw[:, :64] = (t << np.array([0, 2, 4, 6])).sum(axis=-1)
+    if qtype == Q.MXFP4:  # scale 2^(e - 127), one power of two for the tensor
+        raw[:, 0] = int(np.clip(np.round(np.log2(std / unit)) + 127, 1, 254))
+        return raw
+    d = ((std / unit) * rng.uniform(0.75, 1.25, size=nb)).astype(np.float16).view(np.uint16)
+    if off is not None:
+        raw[:, off:off + 2] = d.astype("<u2").view(np.uint8).reshape(nb, 2)
+    else:
+        for i in range(4):  # nibble i of d = top nibble of scale word i (byte 49 + 2 i)
+            raw[:, 49 + 2 * i] = (raw[:, 49 + 2 * i] & 0x0F) | (((d >> (4 * i)) & 15) << 4).astype(np.uint8)
+    return raw
 
 
 def random_blocks(qtype: int, shape: tuple[int, ...], rng: np.random.Generator, std: float = 0.02) -> np.ndarray:
@@ -37,12 +72,14 @@ def random_blocks(qtype: int, shape: tuple[int, ...], rng: np.random.Generator, 
         a = (rng.standard_normal((outer, cols), dtype=np.float32) * std).astype(
             np.float32 if qtype == Q.F32 else np.float16)
         return a.view(np.uint8).reshape(*shape[:-1], -1)
-    if qtype not in _SCALE_FIELDS:
+    if qtype not in _SCALE_FIELDS and qtype not in _IQ_FIELDS:
         raise ValueError(f"synthetic weights support {', '.join(supported_types())}, not {qtype.name}")
     bs, ts = GGML_QUANT_SIZES[qtype]
     if cols % bs:
         raise ValueError(f"rows of {cols} elements cannot be stored as {qtype.name} (block {bs})")
     nb = outer * (cols // bs)
+    if qtype in _IQ_FIELDS:
+        return _iq_blocks(qtype, nb, rng, std).reshape(*shape[:-1], (cols // bs) * ts)
     raw = rng.integers(0, 256, size=(nb, ts), dtype=np.uint8)
     d_fields, m_fields, unit = _SCALE_FIELDS[qtype]
     d = (std / unit) * rng.uniform(0.75, 1.25, size=nb).astype(np.float32)
@@ -85,6 +122,16 @@ class SynthSpec:
     qtype: str = "Q4_K"
     fallback_qtype: str = "Q8_0"  # rows whose length is not a multiple of qtype's block (1408, 128)
     seed: int = 0
+    # unsloth-style mixes (their dynamic quants keep attention, shared experts, embeddings and
+    # head at higher precision than the routed experts): a type per tensor role, "" = qtype
+    expert_type: str = ""       # ffn_{gate,up}_exps (and ffn_down_exps unless expert_down_type)
+    expert_down_type: str = ""  # ffn_down_exps
+    attn_type: str = ""         # attn_q*, attn_kv_a_mqa, attn_k_b, attn_v_b, attn_output
+    shared_type: str = ""       # ffn_*_shexp
+    dense_type: str = ""        # the leading dense layers' ffn_{gate,up,down}
+    embd_type: str = ""         # token_embd
+    output_type: str = ""       # output (the head)
+    overrides: dict | None = None  # tensor name -> type (tests: every type in one file)
 
 
 def _tensor_plan(s: SynthSpec):
@@ -120,8 +167,29 @@ def _tensor_plan(s: SynthSpec):
     return t
 
 
-def _choose_type(s: SynthSpec, shape) -> Q:
-    main, fb = Q[s.qtype], Q[s.fallback_qtype]
+def _role_type(s: SynthSpec, name: str) -> str:
+    """The type asked for the tensor `name` (its role's type, or qtype)."""
+    if s.overrides and name in s.overrides:
+        return s.overrides[name]
+    if name == "token_embd.weight":
+        role = s.embd_type
+    elif name == "output.weight":
+        role = s.output_type
+    elif "_exps." in name:
+        role = (s.expert_down_type or s.expert_type) if "ffn_down" in name else s.expert_type
+    elif "_shexp." in name:
+        role = s.shared_type
+    elif ".attn_" in name:
+        role = s.attn_type
+    elif ".ffn_" in name:
+        role = s.dense_type
+    else:
+        role = ""
+    return role or s.qtype
+
+
+def _choose_type(s: SynthSpec, shape, name: str = "") -> Q:
+    main, fb = Q[_role_type(s, name)], Q[s.fallback_qtype]
     if shape[-1] % GGML_QUANT_SIZES[main][0] == 0:
         return main
     if shape[-1] % GGML_QUANT_SIZES[fb][0] == 0:
@@ -196,7 +264,7 @@ def write_synthetic(path, spec: SynthSpec | None = None, progress=None) -> dict:
     t0 = time.perf_counter()
     plan = []
     for name, shape, kind in _tensor_plan(s):
-        qt = Q.F32 if kind in ("norm", "f32") else _choose_type(s, shape)
+        qt = Q.F32 if kind in ("norm", "f32") else _choose_type(s, shape, name)
         bs, ts = GGML_QUANT_SIZES[qt]
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // bs) * ts
         plan.append((name, shape, kind, qt, nbytes))

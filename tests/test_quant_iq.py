@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as G
 from gguf import quants as gq
 
 from dsd.errors import DsdError
-from dsd.shard.kernels import products_iq as piq
+from dsd.shard import kernels
 from dsd.shard.kernels import registry
 
 IQ = [G.IQ1_S, G.IQ1_M, G.IQ2_XXS, G.IQ2_XS, G.IQ2_S, G.IQ3_XXS, G.IQ3_S, G.IQ4_NL, G.IQ4_XS,
@@ -73,7 +73,7 @@ def assert_bits_equal(got, ref):
 
 
 def deq(raw, gt, n_cols):
-    return piq.dequantize(raw, int(gt), n_cols)
+    return kernels.dequantize(raw, int(gt), n_cols)
 
 
 def _blocks(gt, n, rng):
@@ -283,14 +283,14 @@ def test_matvec_and_matmul_match_float64(gt, parallel, monkeypatch):
     rng, n, raw, W = _product_case(gt, int(gt) * 11 + parallel)
     for rows in (1, 7, 203):  # odd counts: partial 16-row work items
         x = rng.standard_normal(n).astype(np.float32)
-        got = piq.matvec(raw[:rows], int(gt), x)
+        got = kernels.matvec(raw[:rows], int(gt), x)
         assert got.shape == (rows,)
         assert_close_product(got, W[:rows] @ x, np.abs(W[:rows]) @ np.abs(x))
     for T in (2, 8, 40):  # a decode batch, the fused kernel, a prompt (dequantize + sgemm)
         X = rng.standard_normal((T, n)).astype(np.float32)
         X[1] *= 30
         out = np.full((T, raw.shape[0]), np.nan, np.float32)
-        assert piq.matmul(raw, int(gt), X, out=out) is out
+        assert kernels.matmul(raw, int(gt), X, out=out) is out
         assert_close_product(out, X.astype(np.float64) @ W.T, np.abs(X.astype(np.float64)) @ np.abs(W).T)
 
 
@@ -309,9 +309,7 @@ def test_matvec_gather_matches_float64(gt, parallel, monkeypatch):
     X = rng.standard_normal((3, n)).astype(np.float32)
 
     def gather(st, X, ids, xi):
-        flat, ms, rs = registry.stack_view(st)
-        out = np.empty((len(ids), st.shape[1]), np.float32)
-        return piq.gather(st, int(gt), flat, ms, rs, np.asarray(ids, np.int64), X, np.asarray(xi, np.int64), out)
+        return kernels.matvec_gather(st, int(gt), ids, X, xi)
 
     got = gather(stack, X, ids, xi)
     for i, (e, j) in enumerate(zip(ids, xi)):
@@ -334,7 +332,75 @@ def test_batch_invariant_rows_equal_matvec(gt, parallel, monkeypatch):
     X = rng.standard_normal((40, n)).astype(np.float32)
     X[3] *= 40
     with registry.batch_invariant():
-        alone = np.stack([piq.matvec(raw, int(gt), X[t]) for t in range(40)])
+        alone = np.stack([kernels.matvec(raw, int(gt), X[t]) for t in range(40)])
         for T in (2, 3, 8, 16, 17, 40):
-            got = piq.matmul(raw, int(gt), X[:T])
+            got = kernels.matmul(raw, int(gt), X[:T])
             assert np.array_equal(got, alone[:T]), T
+
+
+# -- the model paths: fused experts, fused linears, embedding lookup, warm-up ------------------
+
+@pytest.mark.parametrize("gt", [G.IQ1_M, G.IQ3_XXS, G.MXFP4, G.TQ2_0], ids=lambda g: g.name)
+def test_fused_experts_and_fused_linear_equal_separate_calls(gt, monkeypatch):
+    """weights.FusedExperts (registry.experts_gate_up / experts_down_sum) equals the gathered
+    path bit for bit and the float64 product of the reference weights; weights.FusedLinear
+    (registry.matvec_offsets over row chunks of one buffer) equals separate matvecs bit for bit."""
+    from dsd.shard import ops
+    from dsd.shard.weights import ExpertStack, FusedExperts, FusedLinear, Linear
+
+    monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0)
+    rng = np.random.default_rng(int(gt) + 1200)
+    bs, ts = GGML_QUANT_SIZES[gt]
+    D, F, E = 256, 512 if bs == 256 else 256, 4
+    buf = random_raw(gt, 2 * E * F, D, rng)  # gate and up stacks in one buffer
+    gate, up = (ExpertStack(buf[i * E * F:(i + 1) * E * F].reshape(E, F, -1), int(gt), D) for i in range(2))
+    down = ExpertStack(random_raw(gt, E * D, F, rng).reshape(E, D, -1), int(gt), F)
+    fused = FusedExperts(gate, up, down)
+    assert fused.ok
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    pe, tok = [2, 0, 3, 2, 1], np.array([0, 0, 1, 2, 2])
+    w = rng.uniform(0.1, 1, size=5).astype(np.float32)
+    got = fused(x, pe, tok, w)
+    h = ops.silu_mul(gate.gather(pe, x, tok), up.gather(pe, x, tok))
+    y = down.gather(pe, h) * w[:, None]
+    want = np.stack([y[tok == t].sum(axis=0) for t in range(3)])
+    np.testing.assert_array_equal(got, want)
+    Wg, Wu, Wd = (np.stack([reference(st.raw[e], gt, st.cols) for e in range(E)]).astype(np.float64)
+                  for st in (gate, up, down))
+    ref = np.zeros((3, D))
+    for p, (e, t) in enumerate(zip(pe, tok)):
+        a = Wg[e] @ x[t]
+        ref[t] += w[p] * (Wd[e] @ ((a / (1 + np.exp(-a))) * (Wu[e] @ x[t])))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    lins = [Linear(buf[:96], int(gt), D), Linear(buf[96:160], int(gt), D), Linear(buf[160:480], int(gt), D)]
+    fl = FusedLinear(lins)
+    assert fl.fused
+    for a, b in zip(fl(x[:1]), lins):
+        np.testing.assert_array_equal(a[0], kernels.matvec(b.raw, int(gt), x[0]))
+
+
+def test_embedding_lookup_and_warm_up():
+    """Token embedding rows of every type dequantize as the reference's rows (a row lookup
+    through weights.Embedding), and warm_up loads every kernel the types use."""
+    from dsd.shard.weights import Embedding, Linear
+
+    rng = np.random.default_rng(1300)
+    for gt in IQ:
+        bs = GGML_QUANT_SIZES[gt][0]
+        table = random_raw(gt, 50, 2 * bs, rng)
+        ids = np.array([7, 0, 49, 7])
+        got = Embedding(Linear(table, int(gt), 2 * bs))(ids)
+        assert_bits_equal(got, reference(table, gt, 2 * bs)[ids])
+    assert registry.warm_up([int(t) for t in IQ]) >= 0
+
+
+def test_registry_knows_the_types():
+    """Block geometry for the planners and weight loaders (quant_type / row_bytes /
+    has_simd_rows), and a clear refusal of a row that is not whole blocks."""
+    for gt in IQ:
+        bs, ts = GGML_QUANT_SIZES[gt]
+        qt = kernels.quant_type(int(gt))
+        assert (qt.name, qt.block_size, qt.type_size) == (gt.name, bs, ts)
+        assert kernels.row_bytes(int(gt), 4 * bs) == 4 * ts and kernels.has_simd_rows(int(gt), 4 * bs)
+        with pytest.raises(DsdError, match="block size"):
+            kernels.row_bytes(int(gt), bs + 32 if bs == 256 else 48)

@@ -26,7 +26,7 @@ from numba import njit, prange
 from dsd.errors import GGUFError
 
 from ._common import F16_TABLE
-from .dequant_iq import IQ_TYPES, deq_row, deq_rows_parallel, deq_rows_serial
+from .dequant_iq import BLOCK_DECODERS, IQ_TYPES, deq_row, deq_rows_parallel, deq_rows_serial  # noqa: F401
 
 ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch row each; static prange schedule)
 SMALL_T = 16        # up to this many vectors: fused kernel (each row decoded once for all of them)

@@ -27,6 +27,7 @@ from . import dequant as dq
 from . import drivers as dv
 from . import drivers_i8 as di
 from . import stats as _stats
+from . import products_iq as _piq
 from .rows import DECODERS, USE_PERM
 from .rows_i8 import MULTI_KINDS
 from .rows_perm import PERM_DECODERS
@@ -176,6 +177,11 @@ _register(G.Q3_K, dq.deq_q3_k)
 _register(G.Q4_K, dq.deq_q4_k)
 _register(G.Q5_K, dq.deq_q5_k)
 _register(G.Q6_K, dq.deq_q6_k)
+# the low-bit types (IQ1_S ... IQ4_XS, MXFP4, TQ1_0, TQ2_0): their own decoders and products in
+# dequant_iq.py / products_iq.py; each entry point below hands them over first
+for _k, (_bs, _ts) in _piq.IQ_TYPES.items():
+    QUANT_TYPES[_k] = QuantType(_k, G(_k).name, _bs, _ts, _piq.BLOCK_DECODERS[_k], _bs, _ts, 32)
+_IQ = frozenset(_piq.IQ_TYPES)
 
 def _wide_vectors() -> bool:
     """True when numba compiles for AVX-512 (32 vector registers): the fused small-batch matmul
@@ -299,6 +305,8 @@ def _geometry(qt: QuantType, raw: np.ndarray):
 def dequantize(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
     """raw (rows, row_bytes) uint8 -> float32 (rows, n_cols), bit-exact with gguf-py."""
     qt = quant_type(ggml_type)
+    if qt.ggml_type in _IQ:
+        return _piq.dequantize(raw, qt.ggml_type, n_cols)
     _flat(raw, row_bytes(ggml_type, n_cols))  # validates raw against n_cols
     flat, stride, n_cols, nb, main = _geometry(qt, raw)
     out = np.empty((raw.shape[0], n_cols), dtype=np.float32)
@@ -343,6 +351,8 @@ def _int8_products(flat, offs, stride, nrows, nb, X, xi, out, nbytes, kind) -> N
 def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | None = None):
     """W @ x for W given as raw blocks (rows, row_bytes); x float32 (n_cols,) -> (rows,)."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
+    if qt.ggml_type in _IQ:
+        return _piq.matvec(raw, qt.ggml_type, x, out)
     flat, stride, n_cols, nb, main = _geometry(qt, raw)
     x = _vec(x, n_cols)
     nrows = raw.shape[0]
@@ -416,6 +426,8 @@ def matvec_gather(stack: np.ndarray, ggml_type: int, ids, X: np.ndarray, xi=None
     n_cols = rb // qt.type_size * qt.block_size
     if rb % qt.type_size or X.shape[1] != n_cols:
         raise GGUFError(f"X has {X.shape[1]} columns, the {qt.name} matrices {n_cols}")
+    if qt.ggml_type in _IQ:
+        return _piq.gather(stack, qt.ggml_type, flat, mstride, rstride, ids, X, xi, out)
     nb = n_cols // qt.simd_bs
     if nb * qt.simd_bs < n_cols:  # float-type tail columns: per-matrix kernels handle them
         for i in range(k):
@@ -439,6 +451,8 @@ def matvec_offsets(flat: np.ndarray, offs: np.ndarray, rstride: int, nrows: int,
     buffer, cut into equal row chunks, computed in one parallel region).  No validation: flat is
     a read-only 1-D uint8 view, offs / xi int64 [k], X float32 C-contiguous [n, n_cols],
     out float32 C-contiguous [k, nrows], and has_simd_rows(ggml_type, n_cols)."""
+    if ggml_type in _IQ:
+        return _piq.offsets(flat, offs, rstride, nrows, ggml_type, n_cols, X, xi, out)
     qt = QUANT_TYPES[ggml_type]
     _offset_products(qt, flat, offs, rstride, nrows, n_cols // qt.simd_bs, X, xi, out)
     return out
@@ -451,6 +465,8 @@ def experts_gate_up(flat, goffs, uoffs, rstride: int, nrows: int, ggml_type: int
     arguments as for matvec_offsets; H float32 C-contiguous [len(goffs), nrows]."""
     from . import experts as ex
 
+    if ggml_type in _IQ:
+        return _piq.gate_up(flat, goffs, uoffs, rstride, nrows, ggml_type, n_cols, X, xi, H)
     qt = QUANT_TYPES[ggml_type]
     nb = n_cols // qt.simd_bs
     if INT8_ACTIVATIONS and ggml_type in _I8_KINDS:
@@ -468,6 +484,8 @@ def experts_down_sum(flat, doffs, rstride: int, nrows: int, ggml_type: int, n_co
     (kernels/experts.py); out float32 C-contiguous [len(pair_lo), nrows]."""
     from . import experts as ex
 
+    if ggml_type in _IQ:
+        return _piq.down_sum(flat, doffs, rstride, nrows, ggml_type, n_cols, H, pair_lo, pair_hi, w, out)
     qt = QUANT_TYPES[ggml_type]
     nb = n_cols // qt.simd_bs
     if INT8_ACTIVATIONS and ggml_type in _I8_KINDS:
@@ -545,6 +563,8 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
     read and dequantized once per 16 and dotted with them; longer prompts: dequantize tiles of
     rows (bit-exact SIMD dequant) and let numpy's sgemm do the product."""
     qt = QUANT_TYPES.get(ggml_type) or quant_type(ggml_type)
+    if qt.ggml_type in _IQ:
+        return _piq.matmul(raw, qt.ggml_type, X, out)
     flat, stride, n_cols, nb, main = _geometry(qt, raw)
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != n_cols:
@@ -633,6 +653,9 @@ def warm_up(ggml_types) -> float:
     try:
         for gt in sorted({int(t) for t in ggml_types}):
             qt = quant_type(gt)
+            if gt in _IQ:
+                _piq.warm_up(gt)
+                continue
             cols = 2 * max(qt.block_size, qt.simd_bs or qt.block_size)  # 2 blocks: Q8_0's 8-bit prompt kernel takes pairs
             raw = np.zeros((2, 4, row_bytes(gt, cols)), dtype=np.uint8)
             calls = [lambda: matvec(raw[0], gt, np.zeros(cols, np.float32)),
