@@ -210,7 +210,11 @@ def _add_metadata(w, s: SynthSpec, tok: dict) -> None:
     from gguf import GGUFValueType as V
 
     a = "deepseek2"
-    w.add_name(f"dsd synthetic DeepSeek-V2-Lite-shaped {s.layers}-layer {s.qtype}")
+    mix = "".join(f" {r}={t}" for r, t in (("experts", s.expert_type), ("down", s.expert_down_type),
+                                               ("attn", s.attn_type), ("shared", s.shared_type),
+                                               ("dense", s.dense_type), ("embd", s.embd_type),
+                                               ("output", s.output_type)) if t)
+    w.add_name(f"dsd synthetic DeepSeek-V2-Lite-shaped {s.layers}-layer {s.qtype}{mix}")
     w.add_block_count(s.layers)
     w.add_context_length(s.context)
     w.add_embedding_length(s.hidden)

@@ -12,6 +12,17 @@ _FLAGS = {
     "shared": "shared experts", "expert_ffn": "expert intermediate size", "dense_ffn": "dense FFN size",
     "dense_lead": "leading dense layers", "seed": "random seed",
 }
+# flag -> SynthSpec field: a type per tensor role (unsloth's dynamic quants keep attention,
+# shared experts, embeddings and head above the routed experts' type); default: --type
+_ROLE_TYPES = {
+    "expert_type": "routed experts (ffn_{gate,up,down}_exps), e.g. IQ2_XXS, IQ1_S, TQ1_0, MXFP4",
+    "expert_down_type": "routed experts' ffn_down_exps (default: --expert-type)",
+    "attn_type": "attention projections (attn_q*, attn_kv_a_mqa, attn_k_b, attn_v_b, attn_output)",
+    "shared_type": "shared experts (ffn_*_shexp)",
+    "dense_type": "the leading dense layers' FFN",
+    "embd_type": "token embeddings (token_embd)",
+    "output_type": "the output head (output)",
+}
 
 
 def add_arguments(p) -> None:
@@ -21,12 +32,15 @@ def add_arguments(p) -> None:
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--arch", default="deepseek2", choices=["deepseek2"], help="architecture (deepseek2)")
     p.add_argument("--type", dest="qtype", default=d.qtype,
-                   help="quant type of the weight matrices (default Q4_K; e.g. Q8_0, Q4_0, Q6_K)")
+                   help="quant type of the weight matrices (default Q4_K; e.g. Q8_0, Q6_K, IQ4_XS, IQ2_XXS, TQ1_0)")
     p.add_argument("--fallback-type", dest="fallback_qtype", default=d.fallback_qtype,
                    help="type for rows not a multiple of --type's block, e.g. 1408-wide (default Q8_0)")
     for name, help_ in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name),
                        help=f"{help_} (default {getattr(d, name)})")
+    for name, help_ in _ROLE_TYPES.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default="", metavar="TYPE",
+                       help=f"type of the {help_}")
     p.add_argument("--no-yarn", action="store_true", help="plain RoPE instead of V2-Lite's YaRN scaling")
     p.add_argument("--force", "-f", action="store_true", help="overwrite OUT if it exists")
 
@@ -40,13 +54,16 @@ def run(args) -> int:
 
     if os.path.exists(args.out) and not args.force:
         raise DsdError(f"{args.out} exists; pass --force to overwrite it")
-    for flag in ("qtype", "fallback_qtype"):
+    for flag in ("qtype", "fallback_qtype", *_ROLE_TYPES):
         val = getattr(args, flag).upper()
+        if flag in _ROLE_TYPES and not val:
+            continue  # the role takes --type
         if val not in supported_types():
             raise DsdError(f"--{flag.replace('qtype', 'type').replace('_', '-')} {val} is not supported; "
                            f"choose one of {', '.join(supported_types())}")
         setattr(args, flag, val)
     kw = {k: getattr(args, k) for k in _FLAGS}
+    kw.update({k: getattr(args, k) for k in _ROLE_TYPES})
     spec = SynthSpec(qtype=args.qtype, fallback_qtype=args.fallback_qtype, **kw)
     if args.no_yarn:
         spec.yarn_factor, spec.context = 1.0, 4096
