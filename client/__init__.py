@@ -62,6 +62,22 @@ class Chunk:
 _POLL_MS = 500
 
 
+def _reply(data: bytes) -> dict:
+    """A daemon reply checked against protocol.TO_CLIENT (a malformed one fails the call)."""
+    try:
+        return P.decode(data, P.TO_CLIENT)
+    except P.ProtocolError as e:
+        raise RequestFailed(f"the daemon sent a malformed reply ({e}); is the client the same dsd "
+                            f"version as the daemon?") from None
+
+
+def _request(type_: str, **fields) -> dict:
+    try:
+        return P.build(P.TO_DAEMON, type_, **fields)
+    except P.ProtocolError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def _raise(msg: dict):
     kind, text = msg.get("kind"), msg.get("message", "request failed")
     if kind in (P.INVALID, "version"):
@@ -77,6 +93,9 @@ class _Base:
         self.endpoint = P.ctl_endpoint(self.socket_dir)
 
     def _check_running(self) -> int:
+        from dsd.daemon.instance_dir import check_instance_dir
+
+        check_instance_dir(self.socket_dir)   # UnsafeSocketDir if another user could swap it
         pid = P.read_pid(self.socket_dir)
         if pid is None or not os.path.exists(os.path.join(self.socket_dir, "ctl.sock")):
             raise DaemonNotRunning(f"no dsd daemon is running (socket directory {self.socket_dir}); "
@@ -93,8 +112,7 @@ class _Base:
             return True
 
     def _gen_msg(self, stream: bool, sampling: dict, **src) -> dict:
-        return {"v": P.VERSION, "type": "generate", "id": uuid.uuid4().hex, "stream": bool(stream),
-                "params": sampling, **src}
+        return _request("generate", id=uuid.uuid4().hex, stream=bool(stream), params=sampling, **src)
 
     @staticmethod
     def _src_prompt(prompt) -> dict:
@@ -125,14 +143,14 @@ class Client(_Base):
         pid = self._check_running()
         s = self._socket()
         try:
-            s.send(P.pack({"v": P.VERSION, **msg}))
+            s.send(P.pack(_request(**{"type_" if k == "type" else k: v for k, v in msg.items()})))
             waited = 0.0
             while not s.poll(_POLL_MS):
                 waited += _POLL_MS / 1000
                 if not self._alive(pid) or waited >= self.timeout:
                     raise DaemonNotRunning(f"the dsd daemon (pid {pid}) does not answer on "
                                            f"{self.endpoint}; check `dsd status` and its log")
-            m = P.unpack(s.recv())
+            m = _reply(s.recv())
         finally:
             s.close(0)
         if m.get("type") == "error":
@@ -150,7 +168,7 @@ class Client(_Base):
                     if not self._alive(pid):
                         raise RequestFailed(f"the dsd daemon (pid {pid}) exited while serving "
                                             f"the request; see its log")
-                m = P.unpack(s.recv())
+                m = _reply(s.recv())
                 if m.get("type") == "error":
                     done = True
                     _raise(m)
@@ -165,7 +183,7 @@ class Client(_Base):
             if not done:  # the caller stopped early: tell the daemon to stop generating
                 s.setsockopt(zmq.LINGER, 200)
                 try:
-                    s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
+                    s.send(P.pack(_request("cancel", id=msg["id"])))
                 except zmq.ZMQError:
                     pass
             s.close(0 if done else 200)  # linger 0 would drop the queued cancel
@@ -218,14 +236,14 @@ class AsyncClient(_Base):
         pid = self._check_running()
         s = self._socket()
         try:
-            await s.send(P.pack({"v": P.VERSION, **msg}))
+            await s.send(P.pack(_request(**{"type_" if k == "type" else k: v for k, v in msg.items()})))
             waited = 0.0
             while not await s.poll(_POLL_MS):
                 waited += _POLL_MS / 1000
                 if not self._alive(pid) or waited >= self.timeout:
                     raise DaemonNotRunning(f"the dsd daemon (pid {pid}) does not answer on "
                                            f"{self.endpoint}; check `dsd status` and its log")
-            m = P.unpack(await s.recv())
+            m = _reply(await s.recv())
         finally:
             s.close(0)
         if m.get("type") == "error":
@@ -243,7 +261,7 @@ class AsyncClient(_Base):
                     if not self._alive(pid):
                         raise RequestFailed(f"the dsd daemon (pid {pid}) exited while serving "
                                             f"the request; see its log")
-                m = P.unpack(await s.recv())
+                m = _reply(await s.recv())
                 if m.get("type") == "error":
                     done = True
                     _raise(m)
@@ -258,7 +276,7 @@ class AsyncClient(_Base):
             if not done:
                 s.setsockopt(zmq.LINGER, 200)
                 try:
-                    s.send(P.pack({"v": P.VERSION, "type": "cancel", "id": msg["id"]}))
+                    s.send(P.pack(_request("cancel", id=msg["id"])))
                 except zmq.ZMQError:
                     pass
             s.close(0 if done else 200)  # linger 0 would drop the queued cancel

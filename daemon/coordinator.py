@@ -18,7 +18,7 @@ import time
 import zmq
 
 from dsd.daemon import protocol as P
-from dsd.daemon.shm_channel import Channel, remove_fifos, shm_prefix, stale_segments, unlink_segment
+from dsd.daemon.shm_channel import Channel, remove_fifos, shm_prefix
 
 
 class WorkerHandle:
@@ -35,6 +35,7 @@ class WorkerHandle:
         self.restarts = 0
         self.error = ""
         self.old_fds: list[int] = []
+        self.ident = None   # instance_dir.Identity of the current process (pid, start time, cmdline)
 
 
 class Daemon:
@@ -47,6 +48,8 @@ class Daemon:
         self.ever_ready = False
         self.ready = threading.Event()
         self.t_start = time.time()
+        self.bad_frames = {"ctl": 0, "workers": 0}   # frames refused (protocol.ProtocolError)
+        self._bad_logged = 0.0
 
     def log(self, msg: str) -> None:
         print(f"[dsd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -86,15 +89,13 @@ class Daemon:
         from dsd.shard.tokenizer import Tokenizer
         from dsd.daemon.placement import make_plan
 
+        from dsd.daemon.instance_dir import clean_stale, hold_lock
+
         P.make_socket_dir(self.sock_dir)
-        other = P.read_pid(self.sock_dir)
-        if other and other != os.getpid():
-            raise DsdError(f"a dsd daemon (pid {other}) is already running for instance "
-                           f"{self.cfg['instance']!r}; stop it with `dsd stop`")
-        for name in stale_segments(self.cfg["instance"]):   # left by a killed daemon
-            unlink_segment(name)
-        with open(P.pid_file(self.sock_dir), "w") as f:
-            f.write(str(os.getpid()))
+        self.lock_fd = hold_lock(self.sock_dir, self.cfg["instance"])   # DsdError if one runs
+        left = clean_stale(self.sock_dir, self.cfg["instance"])        # a crashed daemon's files
+        if left:
+            self.log(f"removed files of a previous daemon that did not stop cleanly: {', '.join(left)}")
         self.model_path = resolve_model(self.cfg["model"] or None)
         self.gguf = open_gguf(self.model_path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
@@ -132,9 +133,11 @@ class Daemon:
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ctl.setsockopt(zmq.LINGER, 0)
+        self.ctl.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
         self.ctl.bind(P.ctl_endpoint(self.sock_dir))
         self.wrk = self.ctx.socket(zmq.ROUTER)
         self.wrk.setsockopt(zmq.LINGER, 0)
+        self.wrk.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME)
         self.wrk.bind(P.workers_endpoint(self.sock_dir))
         self.out = self.ctx.socket(zmq.PULL)
         self.out.bind("inproc://out")
@@ -157,9 +160,17 @@ class Daemon:
     def _write_info(self) -> None:
         from dsd.daemon.config import log_path
 
+        from dsd.daemon.instance_dir import Identity
+
         info = {"pid": os.getpid(), "instance": self.cfg["instance"], "socket_dir": self.sock_dir,
                 "log_file": log_path(self.cfg), "shm": [h.channel.name for h in self.handles],
                 "workers": [h.pid for h in self.handles if h.pid]}
+        # start time + command line of each worker: `dsd stop` kills only these processes
+        for h in self.handles:
+            if h.pid and getattr(h, "ident", None) is None:
+                h.ident = Identity.of(h.pid)
+        info["worker_ids"] = {str(h.pid): [h.ident.start, h.ident.cmdline]
+                              for h in self.handles if h.pid and h.ident.start is not None}
         tmp = P.info_file(self.sock_dir) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(info, f)
@@ -184,6 +195,7 @@ class Daemon:
         env["OPENBLAS_NUM_THREADS"] = str(len(h.vnode.node_cpus) if borrow else (h.threads or len(h.vnode.cpus)))
         h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         h.pid = h.proc.pid
+        h.ident = None
         if h.pidfd is not None:
             h.old_fds.append(h.pidfd)
         h.pidfd = os.pidfd_open(h.pid)
@@ -204,7 +216,22 @@ class Daemon:
                     os.sched_setaffinity(int(tid), cpus)
                 except OSError:
                     pass
-        self.scheduler.run()
+        while True:   # an unexpected error in the engine fails its requests, never the daemon
+            try:
+                self.scheduler.run()
+                return
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                self.log(f"engine error: {type(exc).__name__}: {exc}; failing the in-flight requests")
+                try:
+                    self.scheduler.fail_all(f"the daemon failed this request: internal error "
+                                            f"{type(exc).__name__}: {exc}")
+                except Exception:
+                    self.scheduler.active = []
+                if self.scheduler.stopping or self.stopping:
+                    return
 
     def _with_driver(self) -> int | None:
         """The worker whose CPUs we share (rows mode on a shared node, one driving worker)."""
@@ -220,7 +247,7 @@ class Daemon:
         return self.plan.mode == "rows" and self.plan.n_workers > 1 and len(cpus) == len(set(cpus))
 
     def _assign(self, h: WorkerHandle) -> dict:
-        return {"type": "assign", "v": P.VERSION, "plan": self.plan.to_dict(), "node": h.vnode.node,
+        return P.build(P.TO_WORKER, "assign", plan=self.plan.to_dict(), node=h.vnode.node, **{
                 "cpus": list(h.vnode.cpus), "threads": h.threads, "pages": self.cfg["pages"],
                 # rows mode splits every heavy product, so each worker keeps its own CPUs and
                 # spins between the commands of a pass: on a shared node, workers that take turns
@@ -230,17 +257,48 @@ class Daemon:
                 "block_between": h.index == self._with_driver(),
                 "channel": h.channel.name, "channel_path": h.channel.path,
                 "spin_us": self.cfg["spin_us"], "context": self.context,
-                "coordinator_pid": os.getpid()}
+                "coordinator_pid": os.getpid()})
 
-    def _on_worker_msg(self, ident: bytes, msg: dict) -> None:
+    def _bad_frame(self, sock: str, why: str) -> None:
+        """Count a refused frame; log at most one line a second (a flood must not fill the log)."""
+        self.bad_frames[sock] += 1
+        now = time.monotonic()
+        if now - self._bad_logged >= 1.0:
+            self._bad_logged = now
+            self.log(f"refused a frame on {sock}.sock ({self.bad_frames[sock]} so far): {why}")
+
+    def _worker_of(self, ident: bytes, msg: dict) -> WorkerHandle | None:
+        """The worker a message comes from: identity b"w<index>" of a worker we started, the
+        same index in the message, and for hello/ready the pid we spawned."""
+        s = ident.decode("ascii", "replace")
+        if not (s[:1] == "w" and s[1:].isdigit() and int(s[1:]) < len(self.handles)):
+            raise P.ProtocolError(f"worker message from unknown identity {ident[:16]!r}")
+        h = self.handles[int(s[1:])]
+        if msg["index"] != h.index:
+            raise P.ProtocolError(f"worker {h.index} sent a message for index {msg['index']}")
+        if "pid" in msg and msg["pid"] != h.pid:
+            raise P.ProtocolError(f"worker {h.index} message names pid {msg['pid']}, not its pid {h.pid}")
+        return h
+
+    def _on_worker_frames(self, frames: list) -> None:
         try:
-            h = self.handles[int(ident[1:])]
-        except (ValueError, IndexError):
+            if len(frames) != 2:
+                raise P.ProtocolError(f"worker message of {len(frames) - 1} frames (one expected)")
+            msg = P.decode(frames[1], P.FROM_WORKER)
+            h = self._worker_of(frames[0], msg)
+        except P.ProtocolError as e:
+            self._bad_frame("workers", str(e))
             return
-        t = msg.get("type")
+        self._on_worker_msg(frames[0], h, msg)
+
+    def _on_worker_msg(self, ident: bytes, h: WorkerHandle, msg: dict) -> None:
+        t = msg["type"]
         if t == "hello":
-            if msg.get("v") != P.VERSION:
-                self._worker_failed(h, f"worker speaks protocol v{msg.get('v')}, coordinator v{P.VERSION}")
+            if msg["v"] != P.VERSION:
+                self._worker_failed(h, f"worker speaks protocol v{msg['v']}, coordinator v{P.VERSION}")
+                return
+            if h.state != "starting":
+                self._bad_frame("workers", f"worker {h.index} said hello again while {h.state}")
                 return
             h.state = "loading"
             self.wrk.send_multipart([ident, P.pack(self._assign(h))])
@@ -298,10 +356,47 @@ class Daemon:
     # -- clients -----------------------------------------------------------------------------
     def _send_client(self, ident: bytes, msg: dict) -> None:
         try:
-            self.ctl.send_multipart([ident, P.pack(msg)])
+            self.ctl.send_multipart([ident, P.pack(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH and msg.get("id") and msg.get("type") == "chunk":
-                self.scheduler.cancel(msg["id"], ident)  # the client went away: stop generating
+            # EHOSTUNREACH: the client went away; EAGAIN: it reads nothing and its queue is full.
+            # Either way stop generating for it (never block the loop on one client)
+            if msg.get("id") and msg.get("type") == "chunk":
+                self.scheduler.cancel(msg["id"], ident)
+            if e.errno != zmq.EHOSTUNREACH:
+                self._bad_frame("ctl", f"dropped a reply to a client that does not read ({e})")
+
+    def _error_reply(self, ident: bytes, rid, kind: str, message: str) -> None:
+        rid = rid if isinstance(rid, str) and len(rid) <= P.MAX_ID else None
+        self._send_client(ident, P.build(P.TO_CLIENT, "error", id=rid, kind=kind, message=message))
+
+    def _on_client_frames(self, frames: list) -> None:
+        ident = frames[0]
+        try:
+            if len(frames) != 2:
+                raise P.ProtocolError(f"client request of {len(frames) - 1} frames (one expected)")
+            msg = P.decode(frames[1], P.TO_DAEMON)
+        except P.ProtocolError as e:
+            self._bad_frame("ctl", str(e))
+            v = P.version_of(frames[-1])
+            if v is not None and v != P.VERSION:
+                self._error_reply(ident, None, "version", self._version_text(v))
+            else:
+                self._error_reply(ident, None, P.INVALID, f"{e}; see dsd/daemon/protocol.py")
+            return
+        try:
+            self._on_client(ident, msg)
+        except Exception as exc:   # a bug answering one request must not stop the daemon
+            import traceback
+
+            traceback.print_exc()
+            self.log(f"error answering a {msg['type']!r} request: {type(exc).__name__}: {exc}")
+            self._error_reply(ident, msg.get("id"), P.FAILED,
+                              f"internal error answering this request ({type(exc).__name__}: {exc}); "
+                              f"the daemon keeps running, see its log")
+
+    @staticmethod
+    def _version_text(v) -> str:
+        return (f"client protocol v{v} but daemon v{P.VERSION}; use the dsd of the running daemon")
 
     def engine_send(self, ident: bytes, msg: dict) -> None:
         """Called from the engine thread."""
@@ -313,38 +408,31 @@ class Daemon:
     def _on_client(self, ident: bytes, msg: dict) -> None:
         from dsd.daemon.requests import build_request, model_info, status
 
-        t = msg.get("type")
-        if msg.get("v") != P.VERSION:
-            self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": "version",
-                                      "message": f"client protocol v{msg.get('v')} but daemon "
-                                                 f"v{P.VERSION}; use the dsd of the running daemon"})
+        t = msg["type"]
+        if msg["v"] != P.VERSION:
+            self._error_reply(ident, msg.get("id"), "version", self._version_text(msg["v"]))
         elif t == "generate":
             if self.state == "failed":
-                self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": P.FAILED,
-                                          "message": f"the daemon failed: {self.error}"})
+                self._error_reply(ident, msg["id"], P.FAILED, f"the daemon failed: {self.error}")
                 return
             req, err = build_request(self, ident, msg)
             if err:
-                self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": P.INVALID,
-                                          "message": err})
+                self._error_reply(ident, msg["id"], P.INVALID, err)
             else:
                 self.scheduler.submit(req)
         elif t == "cancel":
-            self.scheduler.cancel(msg.get("id"), ident)
+            self.scheduler.cancel(msg["id"], ident)
         elif t == "status":
             self._send_client(ident, status(self))
         elif t == "model_info":
             self._send_client(ident, model_info(self))
         elif t == "hops":
-            self.scheduler.inbox.put(("hops", (ident, min(int(msg.get("n", 1000)), 100000))))
+            self.scheduler.inbox.put(("hops", (ident, msg.get("n", 1000))))
         elif t == "ping":
-            self._send_client(ident, {"type": "pong", "pid": os.getpid(), "state": self.state})
+            self._send_client(ident, P.build(P.TO_CLIENT, "pong", pid=os.getpid(), state=self.state))
         elif t == "shutdown":
-            self._send_client(ident, {"type": "ok"})
+            self._send_client(ident, P.build(P.TO_CLIENT, "ok"))
             self.stopping = True
-        else:
-            self._send_client(ident, {"type": "error", "id": msg.get("id"), "kind": P.INVALID,
-                                      "message": f"unknown request type {t!r}"})
 
     # -- main ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -397,16 +485,10 @@ class Daemon:
                 events = dict(poller.poll(200))
                 if self.wrk in events:
                     while self.wrk.poll(0):
-                        ident, data = self.wrk.recv_multipart()
-                        self._on_worker_msg(ident, P.unpack(data))
+                        self._on_worker_frames(self.wrk.recv_multipart())
                 if self.ctl in events:
                     while self.ctl.poll(0):
-                        frames = self.ctl.recv_multipart()
-                        try:
-                            msg = P.unpack(frames[-1])
-                        except Exception:
-                            continue
-                        self._on_client(frames[0], msg if isinstance(msg, dict) else {})
+                        self._on_client_frames(self.ctl.recv_multipart())
                 if self.out in events:
                     while self.out.poll(0):
                         ident, data = self.out.recv_multipart()
@@ -478,13 +560,17 @@ class Daemon:
                     sock.close(0)
                 except Exception:
                     pass
-        for f in ("ctl.sock", "workers.sock", "daemon.pid", "daemon.json"):
+        if getattr(self, "lock_fd", None) is None:
+            # another daemon holds the instance (or the directory was refused): its files are not ours
+            self.log("stopped")
+            return
+        for f in ("ctl.sock", "workers.sock", "daemon.json", "daemon.pid"):
             try:
-                if f == "daemon.pid" and P.read_pid(self.sock_dir) not in (None, os.getpid()):
-                    continue
                 os.unlink(os.path.join(self.sock_dir, f))
             except FileNotFoundError:
                 pass
+        os.close(self.lock_fd)   # the lock goes last: until now a new start waits for us
+        self.lock_fd = None
         try:
             os.rmdir(self.sock_dir)
         except OSError:

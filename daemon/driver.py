@@ -112,11 +112,13 @@ class Driver:
             raise WorkerDied(w, self._pids[w]) from None
         finally:
             h.outstanding = False
-        if not rh.get("ok", False):
-            if "dead_peer" in rh:  # the worker it asked for an expert share died
-                d = int(rh["dead_peer"])
+        if not isinstance(rh, dict) or not isinstance(arr, dict):
+            raise WorkerError(f"worker {w} sent a malformed reply header ({type(rh).__name__})")
+        if rh.get("ok", False) is not True:
+            d = rh.get("dead_peer")
+            if isinstance(d, int) and 0 <= d < len(self._pids):  # its peer died computing a share
                 raise WorkerDied(d, self._pids[d])
-            raise WorkerError(rh.get("error", f"worker {w} failed"))
+            raise WorkerError(str(rh.get("error", f"worker {w} failed")))
         return arr
 
     def drain(self) -> None:

@@ -73,7 +73,8 @@ def status(d) -> dict:
             "plan": d.plan.describe() if hasattr(d, "plan") else [],
             "numa_note": getattr(d, "numa_note", ""), "context": getattr(d, "context", None),
             "workers": workers, "scheduler": sched,
-            "embed_hop_us_median": hops[len(hops) // 2] / 1000 if hops else None}
+            "embed_hop_us_median": hops[len(hops) // 2] / 1000 if hops else None,
+            "refused_frames": dict(getattr(d, "bad_frames", {}))}
 
 
 def model_info(d) -> dict:

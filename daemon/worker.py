@@ -82,25 +82,34 @@ class Worker:
         self.peer_channels: dict = {}   # channel name -> Channel (driver side) of other workers
         self.peer_pids: dict = {}
 
-    def send(self, msg: dict) -> None:
+    def send(self, type_: str, **fields) -> None:
+        msg = P.build(P.FROM_WORKER, type_, index=self.index, **fields)
         with self.lock:
             self.sock.send(P.pack(msg))
 
     def recv(self, timeout_s: float) -> dict:
+        """The coordinator's next valid message (a frame that is not one is logged and skipped)."""
         import zmq
 
-        if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise TimeoutError("no assignment from the coordinator")
-        return P.unpack(self.sock.recv())
+        t_end = time.monotonic() + timeout_s
+        while True:
+            left = t_end - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000), zmq.POLLIN):
+                raise TimeoutError("no assignment from the coordinator")
+            data = self.sock.recv()
+            try:
+                return P.decode(data, P.TO_WORKER)
+            except P.ProtocolError as e:
+                log(self.index, f"ignored a frame from the coordinator: {e}")
 
     # -- startup -------------------------------------------------------------------------------
     def start(self) -> None:
         from dsd.daemon.placement import Plan
 
-        self.send({"type": "hello", "v": P.VERSION, "index": self.index, "pid": os.getpid()})
+        self.send("hello", pid=os.getpid())
         a = self.recv(60)
-        if a.get("type") != "assign" or a.get("v") != P.VERSION:
-            raise RuntimeError(f"unexpected handshake reply {a.get('type')} v{a.get('v')}")
+        if a["type"] != "assign" or a.get("v") != P.VERSION:
+            raise RuntimeError(f"unexpected handshake reply {a['type']} v{a.get('v')}")
         self.assign = a
         from dsd.numa import pin_to_node
 
@@ -128,7 +137,7 @@ class Worker:
             now = time.monotonic()
             if now - last[0] > 0.2 or done == total:
                 last[0] = now
-                self.send({"type": "progress", "index": self.index, "done": done, "total": total})
+                self.send("progress", done=int(done), total=int(total))
 
         t0 = time.perf_counter()
         self.gguf = open_gguf(plan.model_path)
@@ -153,8 +162,7 @@ class Worker:
         log(self.index, f"node {a['node']} CPUs {self.cpus} threads {self.threads}: "
                         f"{self.weights.nbytes / 2**20:.1f} MiB loaded in {self.load_s:.1f}s"
                         + (f" ({self.weights.buffer.report()})" if self.weights.buffer else ""))
-        self.send({"type": "ready", "v": P.VERSION, "index": self.index, "pid": os.getpid(),
-                   "stats": self.stats()})
+        self.send("ready", pid=os.getpid(), stats=self.stats())
 
     def warm_up(self) -> None:
         """Run this worker's stages once on zeros (one decode token, then a 5-token prefill) for
@@ -209,16 +217,20 @@ class Worker:
         next_stats = 0.0
         while not self.stop:
             if self.sock.poll(200, zmq.POLLIN):
-                msg = P.unpack(self.sock.recv())
-                if msg.get("type") == "stop":
+                try:
+                    msg = P.decode(self.sock.recv(), P.TO_WORKER)
+                except P.ProtocolError as e:
+                    log(self.index, f"ignored a frame from the coordinator: {e}")
+                    continue
+                if msg["type"] == "stop":
                     self.stop = True
                     self.ch.stop()
                     break
-                if msg.get("type") == "stats":
+                if msg["type"] == "stats":
                     next_stats = 0.0
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + 1.0
-                self.send({"type": "stats", "index": self.index, "stats": self.stats()})
+                self.send("stats", stats=self.stats())
 
     # -- compute loop --------------------------------------------------------------------------
     def batch(self, hdr: dict, tokens):
@@ -456,7 +468,7 @@ def main(sock_dir: str, index: int) -> int:
         from dsd.errors import is_user_error
 
         msg = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
-        w.send({"type": "fatal", "index": index, "message": msg})
+        w.send("fatal", message=msg[:60000])
         time.sleep(0.3)
         return 1
     w.serve()

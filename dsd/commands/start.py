@@ -71,9 +71,12 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     sock_dir = P.resolve_socket_dir(cfg["socket_dir"], cfg["instance"])
-    pid = P.read_pid(sock_dir)
-    if pid:
-        raise DsdError(f"a dsd daemon (pid {pid}) is already running for instance "
+    from dsd.daemon.instance_dir import make_instance_dir, running_daemon
+
+    make_instance_dir(sock_dir)        # refuses a directory another user could replace
+    other = running_daemon(sock_dir)   # the lock holder with its recorded identity, not any pid
+    if other:
+        raise DsdError(f"a dsd daemon (pid {other.pid}) is already running for instance "
                        f"{cfg['instance']!r}; stop it with `dsd stop` first")
     if args.foreground:
         from dsd.daemon.coordinator import run_daemon

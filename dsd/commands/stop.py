@@ -1,11 +1,8 @@
 """dsd stop: stop the daemon and everything it started (workers, sockets, shared memory)."""
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
-import time
 
 HELP = "stop the running daemon"
 
@@ -15,60 +12,34 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before killing")
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-
-
 def stop(sock_dir: str, instance: str, timeout: float = 15.0) -> bool:
-    """Stop the daemon of sock_dir; returns False if none was running. Kills and cleans up
-    after the timeout (workers listed in daemon.json, the instance's /dev/shm segments)."""
-    from dsd.daemon import protocol as P
-    from dsd.daemon.shm_channel import stale_segments, unlink_segment
+    """Stop the daemon of sock_dir; returns False if none was running.  Only the process that
+    holds the instance's lock with the recorded start time and command line is signalled
+    (instance_dir.running_daemon); after the timeout it is killed, then the workers daemon.json
+    lists (each checked the same way).  Files of a crashed daemon are removed either way."""
+    from dsd.daemon.instance_dir import (check_instance_dir, clean_stale, remove_pid_file,
+                                         running_daemon, wait_gone, worker_identities)
 
-    pid = P.read_pid(sock_dir)
-    try:
-        with open(P.info_file(sock_dir)) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        info = {}
-    if pid is None:
-        for name in stale_segments(instance):
-            unlink_segment(name)
+    check_instance_dir(sock_dir)   # never act on files another user could have planted
+    daemon = running_daemon(sock_dir)
+    if daemon is None:
+        left = clean_stale(sock_dir, instance)
+        remove_pid_file(sock_dir)
+        if left:
+            print(f"dsd stop: removed files of a daemon that did not stop cleanly: {', '.join(left)}",
+                  file=sys.stderr)
         return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    t_end = time.monotonic() + timeout
-    while not _gone(pid) and time.monotonic() < t_end:
-        time.sleep(0.05)
-    if not _gone(pid):
-        print(f"dsd stop: daemon pid {pid} did not exit in {timeout:.0f}s; killing it", file=sys.stderr)
-        for p in [pid] + [w for w in info.get("workers", []) if w]:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-        for f in ("ctl.sock", "workers.sock", "daemon.pid", "daemon.json"):
-            try:
-                os.unlink(os.path.join(sock_dir, f))
-            except FileNotFoundError:
-                pass
-    for w in info.get("workers", []):   # workers die with the coordinator (PDEATHSIG); make sure
-        if w and not _gone(w):
-            try:
-                os.kill(w, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for name in stale_segments(instance):
-        unlink_segment(name)
+    workers = worker_identities(sock_dir)
+    daemon.signal(signal.SIGTERM)
+    if not wait_gone(daemon, timeout):
+        print(f"dsd stop: daemon pid {daemon.pid} did not exit in {timeout:.0f}s; killing it", file=sys.stderr)
+        daemon.signal(signal.SIGKILL)
+        wait_gone(daemon, 5)
+    for w in workers:   # workers die with the coordinator (PDEATHSIG); make sure, if still ours
+        if w.alive():
+            w.signal(signal.SIGKILL)
+    clean_stale(sock_dir, instance)
+    remove_pid_file(sock_dir)
     return True
 
 
