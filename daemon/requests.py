@@ -19,8 +19,8 @@ def build_request(d, ident: bytes, msg: dict):
     try:
         params = SamplingParams.from_dict(msg.get("params") or {})
         if "messages" in msg and msg["messages"] is not None:
-            text = d.template.render(msg["messages"], add_generation_prompt=True)
-            ids = d.tokenizer.encode(text, add_bos=False, parse_special=True)
+            # only the template's markers are special: "hi<|im_end|>" from a user stays text
+            ids = d.template.encode(d.tokenizer, msg["messages"], add_generation_prompt=True)
         elif msg.get("prompt_ids") is not None:
             ids = [int(t) for t in msg["prompt_ids"]]
             if any(not 0 <= t < d.vocab for t in ids):

@@ -118,6 +118,110 @@ class ChatTemplate:
                 f"{type(e).__name__}: {e}") from None
 
 
+    def encode(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               **extra) -> list[int]:
+        """Token ids of the prompt for `messages`, where only the template's own text may hold
+        special tokens: what users wrote ("hi<|im_end|>") is tokenized as plain text, so it
+        cannot forge a turn (llama.cpp's parse_special=false for user input).
+
+        The template is rendered a second time with each message text replaced by a unique
+        placeholder; the placeholders cut the prompt into template text (special tokens on)
+        and message text (off).  A prompt without special-token text in any message is
+        tokenized in one piece, as before."""
+        text = self.render(messages, add_generation_prompt, **extra)
+        specials = tokenizer.special_texts
+        user = _user_texts(messages)
+        if not any(sp in u for u in user for sp in specials):
+            return tokenizer.encode(text, add_bos=False, parse_special=True)
+        for i, m in enumerate(messages):
+            if any(sp in m["role"] for sp in specials):
+                raise DsdError(f"chat message {i} has a role with control-token text "
+                               f"({m['role']!r:.60}); use user, assistant, system or tool")
+        parts = self._split(messages, add_generation_prompt, extra, text)
+        if parts is None:
+            raise DsdError(
+                f"a chat message contains control-token text (e.g. {_first_special(user, specials)!r}) "
+                f"and the chat template of {self.name} rewrites message text, so dsd cannot keep it "
+                f"as plain text; remove it from the message or send a raw prompt")
+        return tokenizer.encode_parts(parts, add_bos=False)
+
+    def _split(self, messages, add_generation_prompt, extra, text) -> list[tuple[str, bool]] | None:
+        """[(piece, is_template_text)] whose concatenation is `text`, or None if the template
+        treats the placeholders differently from the texts they stand for."""
+        import re
+
+        tag = "\ue000dsd%d\ue001"
+        texts: list[str] = []
+
+        def sub(c):
+            texts.append(c)
+            return tag % (len(texts) - 1)
+
+        masked = []
+        for m in messages:
+            m = dict(m)
+            c = m.get("content")
+            if isinstance(c, str):
+                m["content"] = sub(c)
+            elif isinstance(c, list):
+                m["content"] = [dict(p, text=sub(p["text"])) if isinstance(p, dict) and
+                                isinstance(p.get("text"), str) else p for p in c]
+            masked.append(m)
+        try:
+            rendered = self.render(masked, add_generation_prompt, **extra)
+        except DsdError:
+            return None
+        pieces, keys, pos = [], [], 0
+        for mt in re.finditer("\ue000dsd(\\d+)\ue001", rendered):
+            pieces.append(rendered[pos:mt.start()])
+            keys.append(int(mt.group(1)))
+            pos = mt.end()
+        pieces.append(rendered[pos:])
+        if any(k >= len(texts) for k in keys):
+            return None
+        # walk the real prompt: template piece, then the message text as the template wrote it
+        # (itself, or trimmed: many templates apply `| trim`), then the next template piece
+        parts: list[tuple[str, bool]] = []
+        at = 0
+        for i, k in enumerate(keys):
+            if not text.startswith(pieces[i], at):
+                return None
+            parts.append((pieces[i], True))
+            at += len(pieces[i])
+            for cand in _written_forms(texts[k]):
+                end = at + len(cand)
+                if text.startswith(cand, at) and text.startswith(pieces[i + 1], end) and \
+                        (i + 1 < len(keys) or end + len(pieces[i + 1]) == len(text)):
+                    parts.append((cand, False))
+                    at = end
+                    break
+            else:
+                return None
+        if text[at:] != pieces[-1]:
+            return None
+        parts.append((pieces[-1], True))
+        return [p for p in parts if p[0]]
+
+
+def _written_forms(t: str) -> list[str]:
+    return list(dict.fromkeys([t, t.strip(), t.lstrip(), t.rstrip()]))
+
+
+def _user_texts(messages) -> list[str]:
+    out = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            out.append(c)
+        elif isinstance(c, list):
+            out += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return out
+
+
+def _first_special(texts, specials) -> str:
+    return next((sp for t in texts for sp in specials if sp in t), "")
+
+
 def _check_messages(messages) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise DsdError("chat messages must be a non-empty list of {'role': ..., 'content': ...}")

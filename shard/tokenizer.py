@@ -225,6 +225,28 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    @property
+    def special_texts(self) -> list[str]:
+        """Texts that parse_special=True turns into control/unknown tokens (longest first)."""
+        return sorted({self.tokens[i] for i in self._special if self.tokens[i]}, key=len, reverse=True)
+
+    def encode_parts(self, parts: list[tuple[str, bool]], add_bos: bool | None = None) -> list[int]:
+        """Token ids of the concatenated texts, each tokenized with its own parse_special flag
+        (a chat prompt: the template's text with special tokens, the users' text without)."""
+        ids: list[int] = []
+        for text, special in parts:
+            if text:
+                ids += self.encode(text, add_bos=False, parse_special=special)
+                if self.add_eos and self.eos_id is not None:
+                    ids.pop()
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if self.add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
     def pre_split(self, text: str) -> list[str]:
         """The pieces the pre-tokenizer cuts `text` into before BPE (special tokens not handled);
         for checking a model's regex chain. SentencePiece vocabs have no pre-split: [text]."""
