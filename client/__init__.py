@@ -38,7 +38,10 @@ class InvalidRequest(DsdError):
 
 
 class RequestFailed(DsdError):
-    """The daemon accepted the request but failed while serving it (e.g. a worker died)."""
+    """The daemon accepted the request but failed while serving it (e.g. a worker died);
+    retry_after: seconds after which a retry should work (None: not known to help)."""
+
+    retry_after: float | None = None
 
 
 @dataclass
@@ -82,7 +85,9 @@ def _raise(msg: dict):
     kind, text = msg.get("kind"), msg.get("message", "request failed")
     if kind in (P.INVALID, "version"):
         raise InvalidRequest(text)
-    raise RequestFailed(text)
+    exc = RequestFailed(text)
+    exc.retry_after = msg.get("retry_after")   # seconds, when a retry should succeed (worker restart)
+    raise exc
 
 
 class _Base:

@@ -96,6 +96,16 @@ class Daemon:
         left = clean_stale(self.sock_dir, self.cfg["instance"])        # a crashed daemon's files
         if left:
             self.log(f"removed files of a previous daemon that did not stop cleanly: {', '.join(left)}")
+        self.http_sock = None
+        if self.cfg.get("http"):   # bind now: a taken port or a bad address fails the start
+            try:
+                from dsd.daemon.http_serve import bind, parse_http_address
+                import dsd.daemon.http_api  # noqa: F401  (starlette, uvicorn)
+            except ImportError as exc:
+                raise DsdError(f"--http: the HTTP API needs starlette and uvicorn ({exc}); "
+                               f"pip install 'dsd[http]' or drop --http") from None
+            self.http_addr = parse_http_address(self.cfg["http"])
+            self.http_sock = bind(*self.http_addr)
         self.model_path = resolve_model(self.cfg["model"] or None)
         self.gguf = open_gguf(self.model_path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
@@ -181,6 +191,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "dsd.cli", "worker", "--socket-dir", self.sock_dir,
                "--index", str(h.index)]
         env = dict(os.environ)
+        env.pop("DSD_API_KEY", None)   # the HTTP key stays in the coordinator
         # numba's OpenMP pool threads spin ~300k iterations after every parallel region before
         # sleeping.  Workers that share a node's CPUs (more --nodes than nodes) take turns on
         # them, so they spin 3000 (forward medians of --nodes 2 in three interleaved rounds:
@@ -365,6 +376,14 @@ class Daemon:
             if e.errno != zmq.EHOSTUNREACH:
                 self._bad_frame("ctl", f"dropped a reply to a client that does not read ({e})")
 
+    def _with_retry(self, msg: dict) -> dict:
+        """An engine error caused by a worker death says when to retry: about one worker load."""
+        if msg.get("type") == "error" and msg.get("kind") == P.FAILED and (
+                "retry the request" in str(msg.get("message")) or self.state == "restarting"):
+            loads = [float(h.stats.get("load_s") or 0) for h in self.handles]
+            msg["retry_after"] = round(max(loads + [5.0]) + 2, 1)
+        return msg
+
     def _error_reply(self, ident: bytes, rid, kind: str, message: str) -> None:
         rid = rid if isinstance(rid, str) and len(rid) <= P.MAX_ID else None
         self._send_client(ident, P.build(P.TO_CLIENT, "error", id=rid, kind=kind, message=message))
@@ -492,7 +511,7 @@ class Daemon:
                 if self.out in events:
                     while self.out.poll(0):
                         ident, data = self.out.recv_multipart()
-                        self._send_client(ident, P.unpack(data))
+                        self._send_client(ident, self._with_retry(P.unpack(data)))
                 for fd, h in list(fd_map.items()):
                     if fd in events and h.pidfd == fd and h.state not in ("dead", "stopped"):
                         self._on_worker_exit(h)
@@ -513,20 +532,22 @@ class Daemon:
         return 1 if self.error else 0
 
     def _start_http(self) -> None:
-        spec = self.cfg["http"]
-        host, _, port = spec.rpartition(":")
-        host = host or "127.0.0.1"
+        from dsd.daemon.http_serve import start_server
+
+        host, port = self.http_addr
         try:
-            from dsd.daemon.http_api import serve
-        except ImportError as exc:
-            self.log(f"--http: the HTTP API is not available ({exc})")
+            self.http_server = start_server(host, port, self.sock_dir, self.cfg.get("api_key"),
+                                            log_level="warning", sock=self.http_sock)
+        except Exception as exc:
+            self.fail(f"--http {self.cfg['http']}: the HTTP server did not start: {exc}")
             return
-        t = threading.Thread(target=serve, args=(host, int(port), self.sock_dir, self.cfg.get("api_key")),
-                             name="dsd-http", daemon=True)
-        t.start()
-        self.log(f"HTTP API on http://{host}:{port}")
+        self.log(f"HTTP API on {self.http_server.url}")
 
     def _cleanup(self) -> None:
+        if getattr(self, "http_server", None) is not None:
+            self.http_server.stop(timeout=5)
+        elif getattr(self, "http_sock", None) is not None:
+            self.http_sock.close()
         for h in getattr(self, "handles", []):
             if h.proc and h.proc.poll() is None:
                 try:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import hmac
 import inspect
-import ipaddress
 import json
 import logging
+import math
 import os
-import socket
-import threading
 import time
 
 import anyio
@@ -54,44 +52,9 @@ except ImportError:  # pragma: no cover - depends on which parts of dsd are inst
 
 log = logging.getLogger("dsd.http")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 8 * 1024 * 1024     # a full 128k-token context is ~0.5-1 MB of text
+BODY_TIMEOUT_S = 30.0                # a request body must arrive within this (slow clients)
 STATUS_TIMEOUT_S = 5.0
-
-
-def parse_http_address(spec: str | None) -> tuple[str, int]:
-    """'[HOST:]PORT' -> (host, port); HOST defaults to 127.0.0.1 so nothing outside this machine
-    can connect unless asked for explicitly. IPv6 hosts go in brackets: '[::1]:8080'."""
-    if spec is None or spec == "":
-        return DEFAULT_HOST, DEFAULT_PORT
-    s = str(spec).strip()
-    host, port_s = DEFAULT_HOST, s
-    if s.startswith("["):
-        end = s.find("]")
-        if end < 0 or not s[end + 1:].startswith(":"):
-            raise DsdError(f"--http {spec!r}: write an IPv6 address as [ADDR]:PORT, e.g. [::1]:8080")
-        host, port_s = s[1:end], s[end + 2:]
-    elif ":" in s:
-        host, port_s = s.rsplit(":", 1)
-        host = host or DEFAULT_HOST
-    try:
-        port = int(port_s)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise DsdError(f"--http {spec!r}: the port must be a number 0-65535, e.g. --http 8080 "
-                       f"or --http 127.0.0.1:8080")
-    return host, port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # -- backend helpers -----------------------------------------------------------------------------
@@ -123,6 +86,10 @@ def _map_backend_error(exc: BaseException, prompt_param: str | None = None) -> A
     if isinstance(exc, DaemonNotRunning):
         return ApiError(503, msg, "server_error", None, "daemon_not_running")
     if isinstance(exc, RequestFailed):
+        retry = getattr(exc, "retry_after", None)
+        if retry is not None:   # a worker died and is being restarted: try again shortly
+            return ApiError(503, msg, "server_error", None, "worker_restarting",
+                            {"Retry-After": str(max(1, math.ceil(retry)))})
         return ApiError(500, msg, "server_error", None, "request_failed")
     if isinstance(exc, DsdError):     # user-fixable: the request asked for something dsd refuses
         return ApiError(400, msg, "invalid_request_error", None, None)
@@ -131,7 +98,8 @@ def _map_backend_error(exc: BaseException, prompt_param: str | None = None) -> A
 
 
 def _error_response(e: ApiError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    h = {**getattr(e, "headers", {}), **(headers or {})}
+    return JSONResponse(e.body(), status_code=e.status, headers=h or None)
 
 
 def _sse(obj) -> str:
@@ -256,12 +224,14 @@ class _Api:
         self.model_extra: dict = {}
         self.info_done = False
         self.max_body = max_body_bytes
+        self.body_timeout = BODY_TIMEOUT_S
         self.metrics = Metrics()
         self.created = int(time.time())
 
     # -- plumbing --------------------------------------------------------------------------------
     def route(self, path: str, fn, methods: list[str], endpoint: str, auth: bool = True) -> Route:
         async def handler(request: Request) -> Response:
+            request.state.endpoint = endpoint   # one label per route, streamed or not
             try:
                 if auth:
                     self.check_auth(request)
@@ -283,8 +253,8 @@ class _Api:
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "Incorrect or missing API key. Send the key given to `dsd start "
-                                "--api-key` as 'Authorization: Bearer KEY'.",
+            raise ApiError(401, "Incorrect or missing API key. Send the daemon's key (DSD_API_KEY or "
+                                "`dsd start --api-key-file`) as 'Authorization: Bearer KEY'.",
                            "invalid_request_error", None, "invalid_api_key")
 
     async def read_json(self, request: Request) -> dict:
@@ -294,10 +264,17 @@ class _Api:
         if cl is not None and cl.isdigit() and int(cl) > self.max_body:
             raise too_big
         buf = bytearray()
-        async for part in request.stream():
-            buf += part
-            if len(buf) > self.max_body:
-                raise too_big
+        try:
+            with anyio.fail_after(self.body_timeout):
+                async for part in request.stream():
+                    buf += part
+                    if len(buf) > self.max_body:
+                        raise too_big
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {self.body_timeout:g} s "
+                                f"({len(buf)} bytes received); send it at once.",
+                           "invalid_request_error", None, "request_timeout",
+                           {"Connection": "close"}) from None
         return parse_json_body(bytes(buf))
 
     async def info(self) -> None:
@@ -379,11 +356,11 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         req = parse_chat(await self.read_json(request))
-        return await self.generate(request, req, "chat")
+        return await self.generate(request, req, request.state.endpoint)
 
     async def completions(self, request: Request) -> Response:
         req = parse_completion(await self.read_json(request))
-        return await self.generate(request, req, "completions")
+        return await self.generate(request, req, request.state.endpoint)
 
     async def open_run(self, req: ParsedRequest) -> _Run:
         if req.kind == "chat":
@@ -496,106 +473,6 @@ def create_app(backend, api_key: str | None = None, model_name: str | None = Non
     return app
 
 
-# -- serving -------------------------------------------------------------------------------------
-def _bind(host: str, port: int) -> socket.socket:
-    host = host.strip("[]")    # '[::1]' as written in --http [::1]:8080
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, addr = infos[0]
-        # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections
-        # only then, and without it Nagle + delayed ACK add ~40 ms to every response
-        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as e:
-        raise DsdError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}; pick another "
-                       f"address with --http HOST:PORT or stop the program using it") from e
-    sock.set_inheritable(True)
-    return sock
-
-
-def _warn_exposure(host: str, api_key: str | None) -> None:
-    if not is_loopback(host) and not api_key:
-        log.warning("HTTP API on %s is reachable from other machines and has no --api-key", host)
-
-
-class _LazyClient:
-    """dsd.client.AsyncClient created on first use, inside the server's event loop (asyncio
-    sockets belong to the loop that made them)."""
-
-    def __init__(self, socket_dir):
-        self.socket_dir = socket_dir
-        self._client = None
-
-    def __getattr__(self, name):
-        if self._client is None:
-            from dsd.client import AsyncClient
-            self._client = AsyncClient(self.socket_dir) if self.socket_dir is not None else AsyncClient()
-        return getattr(self._client, name)
-
-
-class ServerThread:
-    """uvicorn serving `app` in a background thread. port=0 picks a free port (see .port)."""
-
-    def __init__(self, app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "warning"):
-        import uvicorn
-
-        self.host = host.strip("[]")
-        self.sock = _bind(host, int(port))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name=f"dsd-http-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        h = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{h}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "ServerThread":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise DsdError(f"the HTTP server on {self.host}:{self.port} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout)
-        self.sock.close()
-
-
-def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, socket_dir=None,
-                 api_key: str | None = None, model_name: str | None = None, backend=None,
-                 log_level: str = "warning") -> ServerThread:
-    """Serve in a thread of the calling process; returns the started ServerThread (.stop())."""
-    _warn_exposure(host, api_key)
-    app = create_app(backend if backend is not None else _LazyClient(socket_dir), api_key, model_name)
-    return ServerThread(app, host, port, log_level).start()
-
-
-def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, socket_dir=None,
-          api_key: str | None = None, model_name: str | None = None, backend=None,
-          log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (in the main thread) or until the process ends."""
-    import uvicorn
-
-    _warn_exposure(host.strip("[]"), api_key)
-    sock = _bind(host, int(port))
-    app = create_app(backend if backend is not None else _LazyClient(socket_dir), api_key, model_name)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                           timeout_graceful_shutdown=5))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+# -- serving (daemon/http_serve.py; re-exported for the callers of this module) ------------------
+from dsd.daemon.http_serve import (DEFAULT_HOST, DEFAULT_PORT, ServerThread, is_loopback,  # noqa: E402,F401
+                                   parse_http_address, serve, start_server)

@@ -27,8 +27,9 @@ class ApiError(Exception):
     """An error answered to the client as {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
+        self.headers = headers or {}     # e.g. Retry-After on a 503
         self.status = status
         self.message = message
         self.type = type
@@ -58,6 +59,17 @@ def parse_json_body(raw: bytes) -> dict:
     except (UnicodeDecodeError, ValueError) as e:
         raise bad(None, f"We could not parse the JSON body of your request ({e}). "
                         "Send a JSON object with Content-Type: application/json.", "invalid_json")
+    except RecursionError:
+        raise bad(None, "The JSON body of your request nests too deeply.", "invalid_json") from None
+    if "\\u" in raw.decode("utf-8", "replace"):   # \ud800 escapes decode to lone surrogates
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad(None, f"The JSON body of your request holds an unpaired surrogate escape "
+                            f"({e.object[e.start:e.end].encode('unicode_escape').decode()}), which is "
+                            f"not a character; send valid Unicode.", "invalid_json") from None
+        except RecursionError:
+            raise bad(None, "The JSON body of your request nests too deeply.", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad(None, f"The request body must be a JSON object, not {_kind(body)}.", "invalid_json")
     return body
@@ -92,6 +104,9 @@ def _get_int(body: dict, name: str) -> int | None:
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise _type_error(name, "an integer", v)
+    if not -2**63 <= v < 2**63:
+        raise bad(name, f"'{name}' is out of range: integers must fit in 64 bits (got {str(v)[:30]}"
+                        f"{'...' if len(str(v)) > 30 else ''}).", "invalid_value")
     return v
 
 

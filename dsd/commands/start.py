@@ -22,7 +22,11 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int, default=None, help="cap on the context length")
     p.add_argument("--http", default=None, metavar="[HOST:]PORT",
                    help="also serve the OpenAI-compatible HTTP API")
-    p.add_argument("--api-key", default=None, help="bearer key the HTTP API requires")
+    p.add_argument("--api-key", default=None,
+                   help="bearer key the HTTP API requires (visible in `ps` while `dsd start` runs: "
+                        "prefer DSD_API_KEY or --api-key-file; the daemon never has it in its command line)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the HTTP API's bearer key from this file (first line)")
     p.add_argument("--foreground", action="store_true", help="run in this process, log to stderr")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for ready")
 
@@ -37,8 +41,24 @@ def config_from_args(args) -> dict:
             "ready_timeout": args.timeout}
     cfg = load_config(over)
     cfg["http"] = args.http
-    cfg["api_key"] = args.api_key or os.environ.get("DSD_API_KEY")
+    cfg["api_key"] = args.api_key or _key_from_file(getattr(args, "api_key_file", None)) or \
+        os.environ.get("DSD_API_KEY") or None
     return cfg
+
+
+def _key_from_file(path: str | None) -> str | None:
+    from dsd.errors import DsdError
+
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            key = f.readline().strip()
+    except OSError as e:
+        raise DsdError(f"--api-key-file {path}: {e.strerror}; give a readable file holding the key") from None
+    if not key:
+        raise DsdError(f"--api-key-file {path} is empty; put the key on its first line")
+    return key
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
@@ -70,6 +90,14 @@ def run(args) -> int:
     from dsd.errors import DsdError
 
     cfg = config_from_args(args)
+    if args.api_key:
+        print("dsd: warning: --api-key shows the key to every local user (`ps`) while this command "
+              "runs; use DSD_API_KEY=... or --api-key-file (the daemon gets it through its "
+              "environment either way)", file=sys.stderr)
+    if cfg["http"] is not None:   # a malformed --http fails here, before anything starts
+        from dsd.daemon.http_serve import parse_http_address
+
+        parse_http_address(cfg["http"])
     sock_dir = P.resolve_socket_dir(cfg["socket_dir"], cfg["instance"])
     from dsd.daemon.instance_dir import make_instance_dir, running_daemon
 
@@ -92,11 +120,15 @@ def run(args) -> int:
                       ("--threads-per-node", args.threads_per_node), ("--instance", args.instance),
                       ("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk),
                       ("--context", args.context), ("--http", args.http),
-                      ("--api-key", args.api_key), ("--timeout", args.timeout)):
+                      ("--timeout", args.timeout)):
         if val is not None:
             argv += [flag, str(val)]
+    env = dict(os.environ)
+    env.pop("DSD_API_KEY", None)
+    if cfg["api_key"]:   # through the environment: never in a command line (`ps` shows those)
+        env["DSD_API_KEY"] = cfg["api_key"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                            start_new_session=True, close_fds=True)
+                            start_new_session=True, close_fds=True, env=env)
     os.close(log_fd)
     print(f"dsd: starting daemon pid {proc.pid}; log: {log_file}", file=sys.stderr)
     client = Client(socket_dir=sock_dir, timeout=5)
