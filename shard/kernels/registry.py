@@ -81,18 +81,24 @@ def _note(parallel: bool, nbytes: int, dt: float) -> None:
         _serial_rate = 0.9 * _serial_rate + 0.1 * (nbytes / dt)
 
 def _has_vnni() -> bool:
-    from numba.core.registry import cpu_target
+    from .rows_i8 import has_vnni
 
-    feats = cpu_target.target_context.codegen()._tm_features
-    return "+avx512vnni" in feats and "+avx512bw" in feats
+    return has_vnni()
 
 
 # Q4_K, Q5_K, Q6_K and Q4_1 products quantize x to 8 bits per element (one scale per 256 / 32
-# elements, llama.cpp's Q8_K / Q8_1) and multiply integers with AVX-512 VNNI (rows_i8.py):
-# ~1.5x the float kernels' speed, and the way llama.cpp computes these products. Results move
-# by ~1e-3 of sum|w x|.
+# elements, llama.cpp's Q8_K / Q8_1) and multiply integers (rows_i8.py): with AVX-512 VNNI
+# ~1.5x the float kernels' speed; on AVX2 alone (vpmaddubsw + vpmaddwd, the same integer sums)
+# matvec 1.35x (Q4_1) to 1.9x (Q4_K) and 3-4x (Q5_K, Q6_K) one thread's float kernels; the
+# way llama.cpp computes these products. Results move by ~1e-3 of sum|w x|.
 # DSD_EXACT_ACTIVATIONS=1 (or exact_activations()) keeps float32 x everywhere.
-INT8_ACTIVATIONS = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_vnni()
+def _has_int8_dot() -> bool:
+    from .rows_i8 import has_avx2_int8
+
+    return _has_vnni() or has_avx2_int8()
+
+
+INT8_ACTIVATIONS = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_int8_dot()
 
 
 # Batch invariance (DSD_DETERMINISTIC=1, or batch_invariant()): every product computes a token's
