@@ -1,6 +1,8 @@
 """dsd bench: prefill and decode speed, bytes read per token, and the memory roofline."""
 from __future__ import annotations
 
+from dsd.commands._deterministic import add_deterministic_argument, apply_deterministic
+
 HELP = ("benchmark a model in one process (prefill, decode, bytes/token, roofline) beside the C "
         "yardsticks (llama.cpp's / ik_llama.cpp's llama-bench, --against)")
 
@@ -27,6 +29,7 @@ def add_arguments(p) -> None:
                    help="also decode B sequences per step (continuous batching, one process): aggregate "
                         "tok/s and its ratio to one sequence (with --llama-cpp: llama.cpp's, same way)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_deterministic_argument(p)
 
 
 def run(args) -> int:
@@ -35,6 +38,7 @@ def run(args) -> int:
 
     from dsd.shard import bench, yardstick
     from dsd.shard.engine import Engine
+    from dsd.shard.kernels import registry
 
     if args.prompt_tokens < 1 or args.decode_tokens < 1:
         print("dsd bench: --prompt-tokens and --decode-tokens must be at least 1", file=sys.stderr)
@@ -47,9 +51,11 @@ def run(args) -> int:
         return 2
     # check the yardsticks (exist, run, are llama-bench) before spending minutes on dsd's run
     yardsticks = [yardstick.Yardstick(path) for path in args.against]
+    apply_deterministic(args)
     engine = Engine(args.model, threads=args.threads, weights="mmap" if args.mmap else "auto")
     res = bench.bench_engine(engine, args.prompt_tokens, args.decode_tokens)
     res["weight_pages"] = engine.weight_pages
+    res["deterministic"] = registry.BATCH_INVARIANT
     res["read_gb_s"] = bench.measure_read_bandwidth()
     res["roofline_tok_s"] = res["read_gb_s"] * 1e9 / res["bytes_per_token"]
     res["roofline_fraction"] = res["decode_tok_s"] / res["roofline_tok_s"]
@@ -89,6 +95,8 @@ def run(args) -> int:
     print(f"model           {res['model']}")
     print(f"threads         {res['threads']}")
     print(f"weights         {res['weight_pages']}")
+    if res.get("deterministic"):
+        print("mode            deterministic (batch-invariant kernels)")
     print(f"prefill         {res['prefill_tok_s']:8.1f} tok/s  ({res['prompt_tokens']}-token prompt, the second one; "
           f"first {res['prefill_first_tok_s']:.1f})")
     print(f"decode          {res['decode_tok_s']:8.1f} tok/s  ({res['decode_tokens']} tokens, "

@@ -1,6 +1,8 @@
 """dsd generate: run a model in this process and stream the text to stdout."""
 from __future__ import annotations
 
+from dsd.commands._deterministic import add_deterministic_argument, apply_deterministic
+
 import sys
 
 from dsd.commands._sampling_args import add_sampling_arguments, sampling_kwargs
@@ -18,6 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mmap", action="store_true",
                    help="compute from the file's mapping (zero copy) instead of a huge-page copy of the weights")
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
+    add_deterministic_argument(p)
     add_sampling_arguments(p)
 
 
@@ -27,6 +30,7 @@ def run(args) -> int:
     from dsd.shard.engine import Engine
     from dsd.shard.sampling import SamplingParams
 
+    apply_deterministic(args)
     engine = Engine(args.model, threads=args.threads, weights="mmap" if args.mmap else "auto")
     params = SamplingParams(**sampling_kwargs(args))
     if args.chat is not None:
