@@ -49,7 +49,20 @@ KV_IQ4 = np.array(_gq.IQ4_NL.kvalues, dtype=np.int8)
 KV_FP4 = np.array(_gq.MXFP4.kvalues, dtype=np.int8)
 IQ1_DELTA = np.float32(_gq.IQ1_S.delta)  # 0.125
 POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)  # TQ1_0's base-3 digit multipliers
-for _a in (GRID_IQ2XXS, GRID_IQ2XS, GRID_IQ2S, GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S, KSIGNS, KV_IQ4, KV_FP4, POW3):
+# Float32 tables the decoders read whole rows of (8 or 4 contiguous floats: one vector load,
+# where per-element int8 -> float conversions and sign branches kept LLVM scalar): the grids as
+# float32; SGN7[i, k] = -1 where bit k of KSIGNS[i] is set, else +1; SGN8[b, k] the same for the
+# bits of a byte; KVP4 / KVPF[b] = the IQ4 / FP4 values of byte b's low and high nibble.
+# Multiplying by +-1.0 is exact, so db * grid * sign is what gguf-py computes, bit for bit.
+GF_IQ2XXS, GF_IQ2XS, GF_IQ2S = (g.astype(np.float32) for g in (GRID_IQ2XXS, GRID_IQ2XS, GRID_IQ2S))
+GF_IQ3XXS, GF_IQ3S, GF_IQ1S = (g.astype(np.float32) for g in (GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S))
+_BITS = (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1
+SGN8 = np.where(_BITS == 1, np.float32(-1), np.float32(1)).astype(np.float32)
+SGN7 = SGN8[KSIGNS]
+KVP4 = np.stack([KV_IQ4[np.arange(256) & 15], KV_IQ4[np.arange(256) >> 4]], axis=1).astype(np.float32)
+KVPF = np.stack([KV_FP4[np.arange(256) & 15], KV_FP4[np.arange(256) >> 4]], axis=1).astype(np.float32)
+for _a in (GRID_IQ2XXS, GRID_IQ2XS, GRID_IQ2S, GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S, KSIGNS, KV_IQ4, KV_FP4, POW3,
+           GF_IQ2XXS, GF_IQ2XS, GF_IQ2S, GF_IQ3XXS, GF_IQ3S, GF_IQ1S, SGN8, SGN7, KVP4, KVPF):
     _a.flags.writeable = False
 
 # the types this module handles: ggml id -> (elements, bytes) per block
@@ -80,11 +93,10 @@ def _h(flat, i, tab):
 
 
 @njit(cache=True, inline="always")
-def _signed8(dst, d0, db, grid, gi, sgn):
-    """dst[d0:d0+8] = db * grid[gi] with element k negated where bit k of sgn is set."""
+def _signed8(dst, d0, db, grid, gi, sgn, si):
+    """dst[d0:d0+8] = db * grid[gi] * sgn[si] (float32 rows of 8: vector loads)."""
     for k in range(8):
-        v = db * np.float32(grid[gi, k])
-        dst[d0 + k] = -v if (sgn >> k) & 1 else v
+        dst[d0 + k] = db * grid[gi, k] * sgn[si, k]
 
 
 @njit(cache=True)
@@ -97,8 +109,8 @@ def deq_iq2_xxs(flat, o, tab, dst, d0):
         a1 = _u32(flat, p + 4)
         db = d * (_F0_5 + np.float32(a1 >> np.uint32(28))) * _F0_25
         for l in range(4):
-            sgn = KSIGNS[(a1 >> np.uint32(7 * l)) & np.uint32(127)]
-            _signed8(dst, d0 + 32 * ib + 8 * l, db, GRID_IQ2XXS, flat[p + l], sgn)
+            si = (a1 >> np.uint32(7 * l)) & np.uint32(127)
+            _signed8(dst, d0 + 32 * ib + 8 * l, db, GF_IQ2XXS, flat[p + l], SGN7, si)
 
 
 @njit(cache=True)
@@ -110,7 +122,7 @@ def deq_iq2_xs(flat, o, tab, dst, d0):
         q = _u16(flat, o + 2 + 2 * g)
         s = (flat[o + 66 + g // 4] >> (4 * ((g // 2) % 2))) & 15
         db = d * (_F0_5 + np.float32(s)) * _F0_25
-        _signed8(dst, d0 + 8 * g, db, GRID_IQ2XS, q & np.uint32(511), KSIGNS[q >> np.uint32(9)])
+        _signed8(dst, d0 + 8 * g, db, GF_IQ2XS, q & np.uint32(511), SGN7, q >> np.uint32(9))
 
 
 @njit(cache=True)
@@ -123,7 +135,7 @@ def deq_iq2_s(flat, o, tab, dst, d0):
         gi = np.int64(flat[o + 2 + g]) | (hi << 8)
         s = (flat[o + 74 + g // 4] >> (4 * ((g // 2) % 2))) & 15
         db = d * (_F0_5 + np.float32(s)) * _F0_25
-        _signed8(dst, d0 + 8 * g, db, GRID_IQ2S, gi, flat[o + 34 + g])
+        _signed8(dst, d0 + 8 * g, db, GF_IQ2S, gi, SGN8, flat[o + 34 + g])
 
 
 @njit(cache=True)
@@ -135,11 +147,12 @@ def deq_iq3_xxs(flat, o, tab, dst, d0):
         aux = _u32(flat, o + 66 + 4 * ib)
         db = d * (_F0_5 + np.float32(aux >> np.uint32(28))) * _F0_5
         for l in range(4):
-            sgn = KSIGNS[(aux >> np.uint32(7 * l)) & np.uint32(127)]
-            e0 = 32 * ib + 8 * l
-            for k in range(8):
-                v = db * np.float32(GRID_IQ3XXS[flat[o + 2 + e0 // 4 + k // 4], k % 4])
-                dst[d0 + e0 + k] = -v if (sgn >> k) & 1 else v
+            si = (aux >> np.uint32(7 * l)) & np.uint32(127)
+            e0 = d0 + 32 * ib + 8 * l
+            qa, qb = flat[o + 2 + 8 * ib + 2 * l], flat[o + 3 + 8 * ib + 2 * l]
+            for k in range(4):  # two grid rows of 4 under one 8-bit sign pattern
+                dst[e0 + k] = db * GF_IQ3XXS[qa, k] * SGN7[si, k]
+                dst[e0 + 4 + k] = db * GF_IQ3XXS[qb, k] * SGN7[si, 4 + k]
 
 
 @njit(cache=True)
@@ -150,13 +163,15 @@ def deq_iq3_s(flat, o, tab, dst, d0):
     for ib in range(8):
         s = np.int32((flat[o + 106 + ib // 2] >> (4 * (ib % 2))) & 15)
         db = d * np.float32(1 + 2 * s)
-        for l in range(8):
-            g = 8 * ib + l  # groups of 4 elements
-            gi = np.int64(flat[o + 2 + g]) | (((np.int64(flat[o + 66 + g // 8]) >> (g % 8)) & 1) << 8)
-            sgn = flat[o + 74 + g // 2] >> (4 * (g % 2))
+        h = np.int64(flat[o + 66 + ib])  # the 9th index bit of the sub-block's 8 groups of 4
+        for l in range(4):  # pairs of groups: one sign byte, a nibble each
+            g = 8 * ib + 2 * l
+            ga = np.int64(flat[o + 2 + g]) | (((h >> (2 * l)) & 1) << 8)
+            gb = np.int64(flat[o + 3 + g]) | (((h >> (2 * l + 1)) & 1) << 8)
+            sb = flat[o + 74 + 4 * ib + l]
             for k in range(4):
-                v = db * np.float32(GRID_IQ3S[gi, k])
-                dst[d0 + 4 * g + k] = -v if (sgn >> k) & 1 else v
+                dst[d0 + 4 * g + k] = db * GF_IQ3S[ga, k] * SGN8[sb, k]
+                dst[d0 + 4 * g + 4 + k] = db * GF_IQ3S[gb, k] * SGN8[sb, 4 + k]
 
 
 @njit(cache=True, inline="always")
@@ -164,7 +179,7 @@ def _iq1_group(dst, d0, dl, gi, neg):
     """dst[d0:d0+8] = dl * (GRID_IQ1S[gi] + delta), delta = -1/8 if neg else +1/8."""
     delta = -IQ1_DELTA if neg else IQ1_DELTA
     for k in range(8):
-        dst[d0 + k] = dl * (np.float32(GRID_IQ1S[gi, k]) + delta)
+        dst[d0 + k] = dl * (GF_IQ1S[gi, k] + delta)
 
 
 @njit(cache=True)
@@ -206,8 +221,8 @@ def deq_iq4_nl(flat, o, tab, dst, d0):
     d = _h(flat, o, tab)
     for j in range(16):
         b = flat[o + 2 + j]
-        dst[d0 + j] = d * np.float32(KV_IQ4[b & 15])
-        dst[d0 + 16 + j] = d * np.float32(KV_IQ4[b >> 4])
+        dst[d0 + j] = d * KVP4[b, 0]
+        dst[d0 + 16 + j] = d * KVP4[b, 1]
 
 
 @njit(cache=True)
@@ -222,8 +237,8 @@ def deq_iq4_xs(flat, o, tab, dst, d0):
         dl = d * np.float32((ls | (hs << 4)) - 32)
         for j in range(16):
             b = flat[o + 8 + 16 * ib + j]
-            dst[d0 + 32 * ib + j] = dl * np.float32(KV_IQ4[b & 15])
-            dst[d0 + 32 * ib + 16 + j] = dl * np.float32(KV_IQ4[b >> 4])
+            dst[d0 + 32 * ib + j] = dl * KVP4[b, 0]
+            dst[d0 + 32 * ib + 16 + j] = dl * KVP4[b, 1]
 
 
 @njit(cache=True, inline="always")
@@ -241,8 +256,8 @@ def deq_mxfp4(flat, o, tab, dst, d0):
     d = e8m0_half(flat[o])
     for j in range(16):
         b = flat[o + 1 + j]
-        dst[d0 + j] = d * np.float32(KV_FP4[b & 15])
-        dst[d0 + 16 + j] = d * np.float32(KV_FP4[b >> 4])
+        dst[d0 + j] = d * KVPF[b, 0]
+        dst[d0 + 16 + j] = d * KVPF[b, 1]
 
 
 @njit(cache=True, inline="always")
