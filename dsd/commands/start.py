@@ -1,6 +1,8 @@
 """dsd start: launch the daemon (coordinator + one worker per NUMA node) and wait until ready."""
 from __future__ import annotations
 
+from dsd.commands._deterministic import add_deterministic_argument, apply_deterministic
+
 import os
 import sys
 import time
@@ -29,6 +31,7 @@ def add_arguments(p) -> None:
                    help="read the HTTP API's bearer key from this file (first line)")
     p.add_argument("--foreground", action="store_true", help="run in this process, log to stderr")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for ready")
+    add_deterministic_argument(p)
 
 
 def config_from_args(args) -> dict:
@@ -83,6 +86,8 @@ def _failure_reason(log_file: str, since: int) -> str:
 
 def run(args) -> int:
     import subprocess
+
+    apply_deterministic(args)  # the daemon and its workers inherit DSD_DETERMINISTIC
 
     from dsd.client import Client, DaemonNotRunning
     from dsd.daemon import protocol as P
