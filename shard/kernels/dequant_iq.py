@@ -25,6 +25,7 @@ from gguf import quants as _gq
 from numba import njit, prange
 
 from ._common import u32_as_f32
+from .simd_iq import add8, mul8, mul44
 
 QK = 256  # elements per super-block
 
@@ -94,151 +95,153 @@ def _h(flat, i, tab):
 
 @njit(cache=True, inline="always")
 def _signed8(dst, d0, db, grid, gi, sgn, si):
-    """dst[d0:d0+8] = db * grid[gi] * sgn[si] (float32 rows of 8: vector loads)."""
-    for k in range(8):
-        dst[d0 + k] = db * grid[gi, k] * sgn[si, k]
+    """dst[d0:d0+8] = db * grid[gi] * sgn[si] as one 8-lane vector (simd_iq.mul8)."""
+    mul8(dst, d0, db, grid, gi, sgn, si)
 
 
 @njit(cache=True)
 def deq_iq2_xxs(flat, o, tab, dst, d0):
     # 66 bytes: d fp16 | 8 x (u32 grid bytes, u32 signs 4x7 bits + scale in bits 28..31);
     # sub-block ib (32 elements) = 4 groups of 8 = rows of GRID_IQ2XXS
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 66], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for ib in range(8):
-        p = o + 2 + 8 * ib
-        a1 = _u32(flat, p + 4)
+        p = 2 + 8 * ib
+        a1 = _u32(B, p + 4)
         db = d * (_F0_5 + np.float32(a1 >> np.uint32(28))) * _F0_25
         for l in range(4):
             si = (a1 >> np.uint32(7 * l)) & np.uint32(127)
-            _signed8(dst, d0 + 32 * ib + 8 * l, db, GF_IQ2XXS, flat[p + l], SGN7, si)
+            _signed8(W, 32 * ib + 8 * l, db, GF_IQ2XXS, B[p + l], SGN7, si)
 
 
 @njit(cache=True)
 def deq_iq2_xs(flat, o, tab, dst, d0):
     # 74 bytes: d | qs u16[32] (9-bit grid index | 7-bit sign index per 8 elements) | scales[8]
     # (a nibble per 16 elements)
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 74], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for g in range(32):
-        q = _u16(flat, o + 2 + 2 * g)
-        s = (flat[o + 66 + g // 4] >> (4 * ((g // 2) % 2))) & 15
+        q = _u16(B, 2 + 2 * g)
+        s = (B[66 + g // 4] >> (4 * ((g // 2) % 2))) & 15
         db = d * (_F0_5 + np.float32(s)) * _F0_25
-        _signed8(dst, d0 + 8 * g, db, GF_IQ2XS, q & np.uint32(511), SGN7, q >> np.uint32(9))
+        _signed8(W, 8 * g, db, GF_IQ2XS, q & np.uint32(511), SGN7, q >> np.uint32(9))
 
 
 @njit(cache=True)
 def deq_iq2_s(flat, o, tab, dst, d0):
     # 82 bytes: d | qs[32] (low 8 index bits) | signs[32] (one byte per 8 elements) |
     # qh[8] (2 high index bits per group) | scales[8] (a nibble per 16 elements)
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 82], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for g in range(32):
-        hi = (np.int64(flat[o + 66 + g // 4]) >> (2 * (g % 4))) & 3
-        gi = np.int64(flat[o + 2 + g]) | (hi << 8)
-        s = (flat[o + 74 + g // 4] >> (4 * ((g // 2) % 2))) & 15
+        hi = (np.int64(B[66 + g // 4]) >> (2 * (g % 4))) & 3
+        gi = np.int64(B[2 + g]) | (hi << 8)
+        s = (B[74 + g // 4] >> (4 * ((g // 2) % 2))) & 15
         db = d * (_F0_5 + np.float32(s)) * _F0_25
-        _signed8(dst, d0 + 8 * g, db, GF_IQ2S, gi, SGN8, flat[o + 34 + g])
+        _signed8(W, 8 * g, db, GF_IQ2S, gi, SGN8, B[34 + g])
 
 
 @njit(cache=True)
 def deq_iq3_xxs(flat, o, tab, dst, d0):
     # 98 bytes: d | qs[64] (a GRID_IQ3XXS row of 4 per byte) | 8 x u32 (signs 4x7 bits, scale
     # in bits 28..31) per 32 elements
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 98], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for ib in range(8):
-        aux = _u32(flat, o + 66 + 4 * ib)
+        aux = _u32(B, 66 + 4 * ib)
         db = d * (_F0_5 + np.float32(aux >> np.uint32(28))) * _F0_5
         for l in range(4):
             si = (aux >> np.uint32(7 * l)) & np.uint32(127)
-            e0 = d0 + 32 * ib + 8 * l
-            qa, qb = flat[o + 2 + 8 * ib + 2 * l], flat[o + 3 + 8 * ib + 2 * l]
-            for k in range(4):  # two grid rows of 4 under one 8-bit sign pattern
-                dst[e0 + k] = db * GF_IQ3XXS[qa, k] * SGN7[si, k]
-                dst[e0 + 4 + k] = db * GF_IQ3XXS[qb, k] * SGN7[si, 4 + k]
+            e0 = 32 * ib + 8 * l
+            qa, qb = B[2 + 8 * ib + 2 * l], B[3 + 8 * ib + 2 * l]
+            mul44(W, e0, db, GF_IQ3XXS, qa, qb, SGN7, si)  # two grid rows of 4, one sign pattern
 
 
 @njit(cache=True)
 def deq_iq3_s(flat, o, tab, dst, d0):
     # 110 bytes: d | qs[64] (low 8 index bits per 4 elements) | qh[8] (9th bit) | signs[32] |
     # scales[4] (a nibble per 32 elements, db = d * (1 + 2 s))
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 110], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for ib in range(8):
-        s = np.int32((flat[o + 106 + ib // 2] >> (4 * (ib % 2))) & 15)
+        s = np.int32((B[106 + ib // 2] >> (4 * (ib % 2))) & 15)
         db = d * np.float32(1 + 2 * s)
-        h = np.int64(flat[o + 66 + ib])  # the 9th index bit of the sub-block's 8 groups of 4
+        h = np.int64(B[66 + ib])  # the 9th index bit of the sub-block's 8 groups of 4
         for l in range(4):  # pairs of groups: one sign byte, a nibble each
             g = 8 * ib + 2 * l
-            ga = np.int64(flat[o + 2 + g]) | (((h >> (2 * l)) & 1) << 8)
-            gb = np.int64(flat[o + 3 + g]) | (((h >> (2 * l + 1)) & 1) << 8)
-            sb = flat[o + 74 + 4 * ib + l]
-            for k in range(4):
-                dst[d0 + 4 * g + k] = db * GF_IQ3S[ga, k] * SGN8[sb, k]
-                dst[d0 + 4 * g + 4 + k] = db * GF_IQ3S[gb, k] * SGN8[sb, 4 + k]
+            ga = np.int64(B[2 + g]) | (((h >> (2 * l)) & 1) << 8)
+            gb = np.int64(B[3 + g]) | (((h >> (2 * l + 1)) & 1) << 8)
+            sb = B[74 + 4 * ib + l]
+            mul44(W, 4 * g, db, GF_IQ3S, ga, gb, SGN8, sb)
 
 
 @njit(cache=True, inline="always")
 def _iq1_group(dst, d0, dl, gi, neg):
     """dst[d0:d0+8] = dl * (GRID_IQ1S[gi] + delta), delta = -1/8 if neg else +1/8."""
-    delta = -IQ1_DELTA if neg else IQ1_DELTA
-    for k in range(8):
-        dst[d0 + k] = dl * (GF_IQ1S[gi, k] + delta)
+    add8(dst, d0, dl, GF_IQ1S, gi, -IQ1_DELTA if neg else IQ1_DELTA)
 
 
 @njit(cache=True)
 def deq_iq1_s(flat, o, tab, dst, d0):
     # 50 bytes: d | qs[32] (low 8 index bits per 8 elements) | qh u16[8] per 32 elements:
     # bits 0..11 = 3 high index bits of its 4 groups, 12..14 = scale, 15 = delta sign
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 50], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for ib in range(8):
-        h = _u16(flat, o + 34 + 2 * ib)
+        h = _u16(B, 34 + 2 * ib)
         dl = d * np.float32(2 * ((h >> np.uint32(12)) & np.uint32(7)) + np.uint32(1))
         neg = (h & np.uint32(0x8000)) != 0
         for l in range(4):
-            gi = np.int64(flat[o + 2 + 4 * ib + l]) | (np.int64((h >> np.uint32(3 * l)) & np.uint32(7)) << 8)
-            _iq1_group(dst, d0 + 32 * ib + 8 * l, dl, gi, neg)
+            gi = np.int64(B[2 + 4 * ib + l]) | (np.int64((h >> np.uint32(3 * l)) & np.uint32(7)) << 8)
+            _iq1_group(W, 32 * ib + 8 * l, dl, gi, neg)
 
 
 @njit(cache=True)
 def deq_iq1_m(flat, o, tab, dst, d0):
     # 56 bytes: qs[32] | qh[16] (per 8 elements a nibble: 3 high index bits + delta sign) |
     # scales u16[4]: 3-bit scales per 16 elements in bits 0..11, the fp16 d in the 4 top nibbles
-    s0, s1 = _u16(flat, o + 48), _u16(flat, o + 50)
-    s2, s3 = _u16(flat, o + 52), _u16(flat, o + 54)
+    B, W = flat[o:o + 56], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    s0, s1 = _u16(B, 48), _u16(B, 50)
+    s2, s3 = _u16(B, 52), _u16(B, 54)
     dbits = ((s0 >> np.uint32(12)) | ((s1 >> np.uint32(8)) & np.uint32(0xF0))
              | ((s2 >> np.uint32(4)) & np.uint32(0xF00)) | (s3 & np.uint32(0xF000)))
     d = tab[np.int64(dbits)]
     for i in range(16):  # 16-element halves of the 32-element sub-blocks
-        sc = (_u16(flat, o + 48 + 2 * (i // 4)) >> np.uint32(3 * (i % 4))) & np.uint32(7)
+        sc = (_u16(B, 48 + 2 * (i // 4)) >> np.uint32(3 * (i % 4))) & np.uint32(7)
         dl = d * np.float32(2 * sc + np.uint32(1))
         for j in range(2):
             g = 2 * i + j
-            hq = np.int64(flat[o + 32 + g // 2]) >> (4 * (g % 2))
-            gi = np.int64(flat[o + g]) | ((hq & 7) << 8)
-            _iq1_group(dst, d0 + 8 * g, dl, gi, (hq & 8) != 0)
+            hq = np.int64(B[32 + g // 2]) >> (4 * (g % 2))
+            gi = np.int64(B[g]) | ((hq & 7) << 8)
+            _iq1_group(W, 8 * g, dl, gi, (hq & 8) != 0)
 
 
 @njit(cache=True)
 def deq_iq4_nl(flat, o, tab, dst, d0):
     # 18 bytes: d | qs[16]; element j = KV_IQ4[low nibble of qs[j]], j + 16 = high nibble
-    d = _h(flat, o, tab)
+    B, W = flat[o:o + 18], dst[d0:d0 + 32]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
     for j in range(16):
-        b = flat[o + 2 + j]
-        dst[d0 + j] = d * KVP4[b, 0]
-        dst[d0 + 16 + j] = d * KVP4[b, 1]
+        b = B[2 + j]
+        W[j] = d * KVP4[b, 0]
+        W[16 + j] = d * KVP4[b, 1]
 
 
 @njit(cache=True)
 def deq_iq4_xs(flat, o, tab, dst, d0):
     # 136 bytes: d | scales_h u16 (2 bits per 32 elements) | scales_l[4] (nibbles) | qs[128];
     # sub-block ib: scale (l | h << 4) - 32, nibbles as IQ4_NL over qs[16 ib : 16 ib + 16]
-    d = _h(flat, o, tab)
-    sh = _u16(flat, o + 2)
+    B, W = flat[o:o + 136], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 0, tab)
+    sh = _u16(B, 2)
     for ib in range(8):
-        ls = np.int32((flat[o + 4 + ib // 2] >> (4 * (ib % 2))) & 15)
+        ls = np.int32((B[4 + ib // 2] >> (4 * (ib % 2))) & 15)
         hs = np.int32((sh >> np.uint32(2 * ib)) & np.uint32(3))
         dl = d * np.float32((ls | (hs << 4)) - 32)
         for j in range(16):
-            b = flat[o + 8 + 16 * ib + j]
-            dst[d0 + 32 * ib + j] = dl * KVP4[b, 0]
-            dst[d0 + 32 * ib + 16 + j] = dl * KVP4[b, 1]
+            b = B[8 + 16 * ib + j]
+            W[32 * ib + j] = dl * KVP4[b, 0]
+            W[32 * ib + 16 + j] = dl * KVP4[b, 1]
 
 
 @njit(cache=True, inline="always")
@@ -253,11 +256,12 @@ def e8m0_half(e):
 @njit(cache=True)
 def deq_mxfp4(flat, o, tab, dst, d0):
     # 17 bytes: E8M0 exponent | qs[16]; nibble order as IQ4_NL, values KV_FP4 (E2M1 doubled)
-    d = e8m0_half(flat[o])
+    B, W = flat[o:o + 17], dst[d0:d0 + 32]  # block views: indices from 0, no wraparound selects
+    d = e8m0_half(B[0])
     for j in range(16):
-        b = flat[o + 1 + j]
-        dst[d0 + j] = d * KVPF[b, 0]
-        dst[d0 + 16 + j] = d * KVPF[b, 1]
+        b = B[1 + j]
+        W[j] = d * KVPF[b, 0]
+        W[16 + j] = d * KVPF[b, 1]
 
 
 @njit(cache=True, inline="always")
@@ -273,27 +277,29 @@ def deq_tq1_0(flat, o, tab, dst, d0):
     # 54 bytes: qs[48] (5 trits per byte) | qh[4] (4 trits per byte) | d fp16; element order:
     # trit p of qs[j] -> 32 p + j (j < 32), 160 + 16 p + (j - 32) (32 <= j < 48);
     # trit p of qh[j] -> 240 + 4 p + j
-    d = _h(flat, o + 52, tab)
+    B, W = flat[o:o + 54], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 52, tab)
     for p in range(5):
         for j in range(32):
-            dst[d0 + 32 * p + j] = d * np.float32(_trit(flat[o + j], p) - 1)
+            W[32 * p + j] = d * np.float32(_trit(B[j], p) - 1)
         for j in range(16):
-            dst[d0 + 160 + 16 * p + j] = d * np.float32(_trit(flat[o + 32 + j], p) - 1)
+            W[160 + 16 * p + j] = d * np.float32(_trit(B[32 + j], p) - 1)
     for p in range(4):
         for j in range(4):
-            dst[d0 + 240 + 4 * p + j] = d * np.float32(_trit(flat[o + 48 + j], p) - 1)
+            W[240 + 4 * p + j] = d * np.float32(_trit(B[48 + j], p) - 1)
 
 
 @njit(cache=True)
 def deq_tq2_0(flat, o, tab, dst, d0):
     # 66 bytes: qs[64] (2 bits per element) | d fp16; element 128 h + 32 k + j = bits 2k of
     # qs[32 h + j], minus 1
-    d = _h(flat, o + 64, tab)
+    B, W = flat[o:o + 66], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
+    d = _h(B, 64, tab)
     for h in range(2):
         for k in range(4):
             for j in range(32):
-                q = np.int32((flat[o + 32 * h + j] >> (2 * k)) & 3) - 1
-                dst[d0 + 128 * h + 32 * k + j] = d * np.float32(q)
+                q = np.int32((B[32 * h + j] >> (2 * k)) & 3) - 1
+                W[128 * h + 32 * k + j] = d * np.float32(q)
 
 
 @njit(cache=True)

@@ -1,0 +1,98 @@
+"""8-lane vector helpers for dequant_iq.py's decoders, emitted as LLVM vector IR.
+
+Why: numba runs LLVM without the SLP vectorizer (numba.config.SLP_VECTORIZE is 0) and the loop
+vectorizer does not touch 8-iteration loops, so `dst[k] = db * grid[gi, k] * sign[si, k]` for
+k < 8 stayed eight scalar loads, multiplies and stores.  These intrinsics load the table rows
+as <8 x float> / two <4 x float>, multiply (fmul without fast-math flags: the same float32
+operations in the same order as gguf-py, so decoding stays bit-exact) and store 8 floats.
+
+    mul8(dst, d0, s, grid, gi, sgn, si):  dst[d0:d0+8] = s * grid[gi, 0:8] * sgn[si, 0:8]
+    mul44(dst, d0, s, grid, ga, gb, sgn, si):
+        dst[d0:d0+8] = s * concat(grid[ga, 0:4], grid[gb, 0:4]) * sgn[si, 0:8]
+    add8(dst, d0, s, grid, gi, delta):    dst[d0:d0+8] = s * (grid[gi, 0:8] + delta)
+
+dst: float32 1-D C array; grid / sgn: float32 2-D C arrays of 8 (mul8, add8) or 4 (mul44) columns;
+indices are any integers (not range-checked, as numba's own indexing with boundscheck off).
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_F32, _I64 = ir.FloatType(), ir.IntType(64)
+
+
+def _row(context, builder, arr_ty, arr, idx, idx_ty, n):
+    """Pointer to row idx of a C-contiguous float32 2-D array with n columns, as <n x float>*."""
+    a = context.make_array(arr_ty)(context, builder, arr)
+    i = context.cast(builder, idx, idx_ty, types.int64)
+    p = builder.gep(a.data, [builder.mul(i, ir.Constant(_I64, n))])
+    return builder.bitcast(p, ir.PointerType(ir.VectorType(_F32, n)))
+
+
+def _splat(builder, v, n):
+    vec = builder.insert_element(ir.Constant(ir.VectorType(_F32, n), None), v, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+def _store8(context, builder, dst_ty, dst, d0, d0_ty, v):
+    a = context.make_array(dst_ty)(context, builder, dst)
+    i = context.cast(builder, d0, d0_ty, types.int64)
+    p = builder.bitcast(builder.gep(a.data, [i]), ir.PointerType(ir.VectorType(_F32, 8)))
+    builder.store(v, p).align = 4
+
+
+def _load(builder, p):
+    v = builder.load(p)
+    v.align = 4
+    return v
+
+
+@intrinsic
+def mul8(typingctx, dst, d0, s, grid, gi, sgn, si):
+    sig = types.void(dst, d0, s, grid, gi, sgn, si)
+
+    def codegen(context, builder, signature, args):
+        dst_v, d0_v, s_v, grid_v, gi_v, sgn_v, si_v = args
+        t = signature.args
+        g = _load(builder, _row(context, builder, t[3], grid_v, gi_v, t[4], 8))
+        sg = _load(builder, _row(context, builder, t[5], sgn_v, si_v, t[6], 8))
+        s32 = context.cast(builder, s_v, t[2], types.float32)
+        v = builder.fmul(builder.fmul(_splat(builder, s32, 8), g), sg)
+        _store8(context, builder, t[0], dst_v, d0_v, t[1], v)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def mul44(typingctx, dst, d0, s, grid, ga, gb, sgn, si):
+    sig = types.void(dst, d0, s, grid, ga, gb, sgn, si)
+
+    def codegen(context, builder, signature, args):
+        dst_v, d0_v, s_v, grid_v, ga_v, gb_v, sgn_v, si_v = args
+        t = signature.args
+        a = _load(builder, _row(context, builder, t[3], grid_v, ga_v, t[4], 4))
+        b = _load(builder, _row(context, builder, t[3], grid_v, gb_v, t[5], 4))
+        g = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(8))))
+        sg = _load(builder, _row(context, builder, t[6], sgn_v, si_v, t[7], 8))
+        s32 = context.cast(builder, s_v, t[2], types.float32)
+        v = builder.fmul(builder.fmul(_splat(builder, s32, 8), g), sg)
+        _store8(context, builder, t[0], dst_v, d0_v, t[1], v)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def add8(typingctx, dst, d0, s, grid, gi, delta):
+    sig = types.void(dst, d0, s, grid, gi, delta)
+
+    def codegen(context, builder, signature, args):
+        dst_v, d0_v, s_v, grid_v, gi_v, delta_v = args
+        t = signature.args
+        g = _load(builder, _row(context, builder, t[3], grid_v, gi_v, t[4], 8))
+        s32 = context.cast(builder, s_v, t[2], types.float32)
+        dl = context.cast(builder, delta_v, t[5], types.float32)
+        v = builder.fmul(_splat(builder, s32, 8), builder.fadd(g, _splat(builder, dl, 8)))
+        _store8(context, builder, t[0], dst_v, d0_v, t[1], v)
+        return context.get_dummy_value()
+    return sig, codegen
