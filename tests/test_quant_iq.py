@@ -404,3 +404,24 @@ def test_registry_knows_the_types():
         assert kernels.row_bytes(int(gt), 4 * bs) == 4 * ts and kernels.has_simd_rows(int(gt), 4 * bs)
         with pytest.raises(DsdError, match="block size"):
             kernels.row_bytes(int(gt), bs + 32 if bs == 256 else 48)
+
+
+def test_row_products_identical_serial_parallel_and_gathered(monkeypatch):
+    """A row's product is one fixed sum (simd_iq.dot32): the same bits from the serial and the
+    parallel kernel, from matvec, matvec_gather and the batch-invariant matmul, so the mode's
+    promise holds whichever of them the matrix size picks."""
+    rng = np.random.default_rng(1400)
+    for gt in (G.IQ1_S, G.IQ3_S, G.IQ4_XS, G.TQ2_0):
+        bs = GGML_QUANT_SIZES[gt][0]
+        stack = np.stack([random_raw(gt, 48, 4 * 256, rng) for _ in range(2)])
+        X = rng.standard_normal((5, 4 * 256)).astype(np.float32)
+        got = []
+        for par in (1 << 62, 0):
+            monkeypatch.setattr(registry, "PAR_MIN_BYTES", par)
+            got.append(np.stack([kernels.matvec(stack[1], int(gt), x) for x in X]))
+            got.append(kernels.matvec_gather(stack, int(gt), [1] * 5, X))
+            with registry.batch_invariant():
+                got.append(kernels.matmul(stack[1], int(gt), X))
+        for g in got[1:]:
+            np.testing.assert_array_equal(g, got[0])
+        assert bs in (32, 256)

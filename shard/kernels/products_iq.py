@@ -26,6 +26,7 @@ from numba import njit, prange
 from dsd.errors import GGUFError
 
 from ._common import F16_TABLE
+from .simd_iq import dot32
 from .dequant_iq import BLOCK_DECODERS, IQ_TYPES, deq_row, deq_rows_parallel, deq_rows_serial  # noqa: F401
 
 ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch row each; static prange schedule)
@@ -33,12 +34,12 @@ SMALL_T = 16        # up to this many vectors: fused kernel (each row decoded on
 _TILE_ELEMS = 4 * 1024 * 1024  # prompt path: rows dequantized per sgemm (16 MiB of float32)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, inline="always")
 def _dot(buf, x, n):
-    s = np.float32(0)
-    for j in range(n):
-        s += buf[j] * x[j]
-    return s
+    """buf . x over n (a multiple of 32) floats, in one fixed order (simd_iq.dot32): a token's
+    row is bit-identical from matvec, the gathered and fused-expert paths and the batch-invariant
+    matmul, serial or parallel."""
+    return dot32(buf, x, n)
 
 
 @njit(cache=True, fastmath=True, inline="always")

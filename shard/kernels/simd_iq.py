@@ -96,3 +96,39 @@ def add8(typingctx, dst, d0, s, grid, gi, delta):
         _store8(context, builder, t[0], dst_v, d0_v, t[1], v)
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic
+def dot32(typingctx, a, b, n):
+    """sum_j a[j] * b[j] over j < n (n a multiple of 32; float32 1-D C arrays) in a fixed order:
+    32 lanes (four <8 x float> accumulators, lane k takes j = k mod 32), fmul then fadd (no
+    fast-math flags, no FMA contraction), then the lanes added in one fixed tree.  The same
+    arithmetic wherever it is inlined (matvec, gathered, fused-experts and batched drivers,
+    serial or parallel), so a row's product does not depend on which driver computed it."""
+    sig = types.float32(a, b, n)
+
+    def codegen(context, builder, signature, args):
+        av, bv, nv = args
+        ta, tb, tn = signature.args
+        pa = context.make_array(ta)(context, builder, av).data
+        pb = context.make_array(tb)(context, builder, bv).data
+        n = context.cast(builder, nv, tn, types.int64)
+        v8 = ir.VectorType(_F32, 8)
+        zero = ir.Constant(v8, [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+        count = builder.udiv(n, ir.Constant(_I64, 32))
+        with cgutils.for_range(builder, count) as loop:
+            base = builder.mul(loop.index, ir.Constant(_I64, 32))
+            for q in range(4):
+                off = builder.add(base, ir.Constant(_I64, 8 * q))
+                xa = _load(builder, builder.bitcast(builder.gep(pa, [off]), ir.PointerType(v8)))
+                xb = _load(builder, builder.bitcast(builder.gep(pb, [off]), ir.PointerType(v8)))
+                builder.store(builder.fadd(builder.load(accs[q]), builder.fmul(xa, xb)), accs[q])
+        a0, a1, a2, a3 = (builder.load(p) for p in accs)
+        s = builder.fadd(builder.fadd(a0, a1), builder.fadd(a2, a3))  # <8 x float>
+        for h in (4, 2, 1):  # halves: lanes k and k + h
+            lo = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h))))
+            hi = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h, 2 * h))))
+            s = builder.fadd(lo, hi)
+        return builder.extract_element(s, ir.Constant(ir.IntType(32), 0))
+    return sig, codegen
