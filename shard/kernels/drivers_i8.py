@@ -190,15 +190,24 @@ def _mm_rows(kind, flat, stride, r0, r1, nb, tab, xq, xd, xs, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mm_i8_parallel(kind, flat, stride, nrows, nb, tab, X, out):
+def mm_i8_parallel(kind, flat, stride, nrows, nb, tab, X, out, rb):
+    """Items = (block of rb rows, group of MULTI_MAX_T tokens), the group index inner so that a
+    thread's consecutive items reuse the same rows from L2 (split.rows_per_item picks rb)."""
     literally(kind)
     xq, xd, xs = quant_x(kind, X)
-    for i in prange((nrows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _mm_rows(kind, flat, stride, i * ROW_BLOCK, min(nrows, (i + 1) * ROW_BLOCK), nb, tab, xq, xd, xs, out)
+    T = X.shape[0]
+    ntg = (T + MULTI_MAX_T - 1) // MULTI_MAX_T
+    for i in prange(((nrows + rb - 1) // rb) * ntg):
+        b = i // ntg
+        t0 = (i - b * ntg) * MULTI_MAX_T
+        tn = min(MULTI_MAX_T, T - t0)
+        for r in range(b * rb, min(nrows, (b + 1) * rb)):
+            dot_i8_multi_any(kind, flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, tn)
 
 
 @njit(cache=True, fastmath=True)
-def mm_i8_serial(kind, flat, stride, nrows, nb, tab, X, out):
+def mm_i8_serial(kind, flat, stride, nrows, nb, tab, X, out, rb):
+    """mm_i8_parallel on the calling thread (rb unused: blocks of ROW_BLOCK rows)."""
     literally(kind)
     xq, xd, xs = quant_x(kind, X)
     for i in range((nrows + ROW_BLOCK - 1) // ROW_BLOCK):

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as G
 
 from dsd.errors import GGUFError
 
+import numba
 from numba import typeof
 from numba.core import types as nbtypes
 
@@ -26,6 +27,7 @@ from ._common import F16_TABLE
 from . import dequant as dq
 from . import drivers as dv
 from . import drivers_i8 as di
+from . import split
 from . import stats as _stats
 from . import products_iq as _piq
 from .rows import DECODERS, USE_PERM
@@ -609,8 +611,9 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         nbytes = nrows * raw.shape[1]
         par = _par_ok(nbytes)
         t0 = time.perf_counter()
+        rb = split.rows_per_item(nrows, -(-T // di.MULTI_MAX_T), numba.get_num_threads()) if par else di.ROW_BLOCK
         _entry(di.mm_i8_parallel if par else di.mm_i8_serial, qt.ggml_type, (type(flat), X.flags.writeable),
-               flat, stride, nrows, nb, F16_TABLE, X, o)
+               flat, stride, nrows, nb, F16_TABLE, X, o, rb)
         if par:
             _note(True, T * nbytes, time.perf_counter() - t0)
         if o is not out:
