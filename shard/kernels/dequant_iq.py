@@ -25,7 +25,7 @@ from gguf import quants as _gq
 from numba import njit, prange
 
 from ._common import u32_as_f32
-from .simd_iq import add8, mul8, mul44
+from .simd_iq import add8, mul8, mul44, tq1_4, tq1_16, tq1_32, tq2_32
 
 QK = 256  # elements per super-block
 
@@ -279,14 +279,11 @@ def deq_tq1_0(flat, o, tab, dst, d0):
     # trit p of qh[j] -> 240 + 4 p + j
     B, W = flat[o:o + 54], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
     d = _h(B, 52, tab)
-    for p in range(5):
-        for j in range(32):
-            W[32 * p + j] = d * np.float32(_trit(B[j], p) - 1)
-        for j in range(16):
-            W[160 + 16 * p + j] = d * np.float32(_trit(B[32 + j], p) - 1)
+    for p in range(5):  # lanes of bytes (simd_iq: the same uint8 / uint16 arithmetic as _trit)
+        tq1_32(W, 32 * p, d, B, 0, POW3[p])
+        tq1_16(W, 160 + 16 * p, d, B, 32, POW3[p])
     for p in range(4):
-        for j in range(4):
-            W[240 + 4 * p + j] = d * np.float32(_trit(B[48 + j], p) - 1)
+        tq1_4(W, 240 + 4 * p, d, B, 48, POW3[p])
 
 
 @njit(cache=True)
@@ -296,10 +293,8 @@ def deq_tq2_0(flat, o, tab, dst, d0):
     B, W = flat[o:o + 66], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
     d = _h(B, 64, tab)
     for h in range(2):
-        for k in range(4):
-            for j in range(32):
-                q = np.int32((B[32 * h + j] >> (2 * k)) & 3) - 1
-                W[128 * h + 32 * k + j] = d * np.float32(q)
+        for k in range(4):  # 32 lanes: ((qs[32 h + j] >> 2 k) & 3) - 1
+            tq2_32(W, 128 * h + 32 * k, d, B, 32 * h, 2 * k)
 
 
 @njit(cache=True)

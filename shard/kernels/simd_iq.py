@@ -132,3 +132,50 @@ def dot32(typingctx, a, b, n):
             s = builder.fadd(lo, hi)
         return builder.extract_element(s, ir.Constant(ir.IntType(32), 0))
     return sig, codegen
+
+
+def _ternary(n: int, kind: str):
+    """Intrinsic (dst, d0, d, src, s0, k) writing dst[d0:d0+n] = d * (digit - 1) for the n bytes
+    src[s0:s0+n] (uint8 1-D C array), as gguf-py computes TQ2_0 / TQ1_0:
+      kind "tq2": digit = (byte >> k) & 3           (k = 0, 2, 4, 6)
+      kind "tq1": digit = (uint8(byte * k) * 3) >> 8 (k = 3^p: base-3 digit p)
+    in <n x i8/i16> integer lanes, then one int -> float conversion and fmul per lane."""
+    i8, i16 = ir.IntType(8), ir.IntType(16)
+
+    def typer(typingctx, dst, d0, d, src, s0, k):
+        sig = types.void(dst, d0, d, src, s0, k)
+
+        def codegen(context, builder, signature, args):
+            dst_v, d0_v, d_v, src_v, s0_v, k_v = args
+            t = signature.args
+            ps = context.make_array(t[3])(context, builder, src_v).data
+            i = context.cast(builder, s0_v, t[4], types.int64)
+            q = _load(builder, builder.bitcast(builder.gep(ps, [i]), ir.PointerType(ir.VectorType(i8, n))))
+            k = builder.trunc(context.cast(builder, k_v, t[5], types.int64), i8)
+            ks = builder.shuffle_vector(builder.insert_element(ir.Constant(ir.VectorType(i8, n), None), k,
+                                                               ir.Constant(ir.IntType(32), 0)),
+                                        ir.Constant(ir.VectorType(i8, n), None),
+                                        ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+            if kind == "tq2":
+                dig = builder.and_(builder.lshr(q, ks), ir.Constant(ir.VectorType(i8, n), [3] * n))
+                dig = builder.zext(dig, ir.VectorType(i16, n))
+            else:
+                w = builder.zext(builder.mul(q, ks), ir.VectorType(i16, n))  # the uint8 product wraps
+                dig = builder.lshr(builder.mul(w, ir.Constant(ir.VectorType(i16, n), [3] * n)),
+                                   ir.Constant(ir.VectorType(i16, n), [8] * n))
+            v = builder.sub(dig, ir.Constant(ir.VectorType(i16, n), [1] * n))
+            f = builder.sitofp(v, ir.VectorType(_F32, n))
+            d32 = context.cast(builder, d_v, t[2], types.float32)
+            vec = builder.insert_element(ir.Constant(ir.VectorType(_F32, n), None), d32, ir.Constant(ir.IntType(32), 0))
+            dv = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+            out = builder.fmul(dv, f)
+            a = context.make_array(t[0])(context, builder, dst_v)
+            j = context.cast(builder, d0_v, t[1], types.int64)
+            builder.store(out, builder.bitcast(builder.gep(a.data, [j]), ir.PointerType(ir.VectorType(_F32, n)))).align = 4
+            return context.get_dummy_value()
+        return sig, codegen
+    return intrinsic(typer)
+
+
+tq2_32 = _ternary(32, "tq2")
+tq1_32, tq1_16, tq1_4 = _ternary(32, "tq1"), _ternary(16, "tq1"), _ternary(4, "tq1")
