@@ -333,6 +333,10 @@ def decode_split(q, k, v, scale, out, nsplit):
 # Positions per work item of decode_split: below this a split costs more (a parallel region,
 # partial buffers, the combine) than the serial kernel spends on the keys.
 SPLIT_MIN_POSITIONS = 128
+# ... and below this many key + value bytes the serial kernel wins outright (measured, 2 threads,
+# fp16 cache, 3 kv heads x 64: 512 positions (384 KiB) 26 us serial vs 48 us split, 1024
+# positions 73 vs 39 us; one 576-wide MLA latent head at 512 positions (1.1 MiB) 310 vs 213 us)
+SPLIT_MIN_BYTES = 512 * 1024
 
 
 def n_splits(Hkv: int, L: int, threads: int) -> int:
@@ -372,6 +376,11 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     from . import stats
 
     nsplit = n_splits(k.shape[0], k.shape[1], numba.get_num_threads())
+    nbytes = k.shape[0] * k.shape[1] * (k.shape[2] + v.shape[2]) * k.itemsize  # keys + values read
+    if nbytes < SPLIT_MIN_BYTES:
+        # a function of the shapes only (not of registry's timing back-off): the split sums in
+        # another order, and a token's result must not depend on the machine's load
+        nsplit = 0
     if stats.enabled:
         if nsplit:
             stats.timed("attention_decode_split", decode_split, q, k, v, np.float32(scale), out, nsplit)
