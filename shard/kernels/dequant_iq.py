@@ -12,11 +12,14 @@ write block_size float32 values to dst[d0:].  `deq_row(kind, flat, o, nb, tab, d
 consecutive blocks (one row) and dispatches on the type id once per row, so one compiled
 function serves all twelve types.
 
-Grids (module-level constants, frozen into the compiled code; ~40 KiB in all, cache-resident):
-the lattice points of the IQ types as int8 rows (GRID_IQ2XXS [256, 8], GRID_IQ2XS [512, 8],
-GRID_IQ2S [1024, 8], GRID_IQ3XXS [256, 4], GRID_IQ3S [512, 4], GRID_IQ1S [2048, 8] shared by
-IQ1_M), KSIGNS [128] (7 sign bits + their parity as the 8th), the IQ4 non-linear values and the
-doubled E2M1 values of MXFP4.  They are decoded from gguf.quants' packed tables at import.
+Grids (module-level constants, frozen into the compiled code): the lattice points of the IQ
+types, decoded from gguf.quants' packed tables at import, as int8 rows (GRID_IQ2XXS [256, 8],
+GRID_IQ2XS [512, 8], GRID_IQ2S [1024, 8], GRID_IQ3XXS [256, 4], GRID_IQ3S [512, 4], GRID_IQ1S
+[2048, 8] shared by IQ1_M) and as the float32 rows the decoders load (GF_*: 8-64 KiB each, L2),
+KSIGNS [128] (7 sign bits + their parity as the 8th) and its +-1 rows SGN7 / SGN8, the IQ4
+non-linear values and the doubled E2M1 values of MXFP4 (baked into simd_iq's nibble lookups).
+The 8- and 32-lane work (grid rows, nibble codes, ternary digits) is LLVM vector IR in
+simd_iq.py; the control flow around it is numba.
 """
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -25,7 +28,7 @@ from gguf import quants as _gq
 from numba import njit, prange
 
 from ._common import u32_as_f32
-from .simd_iq import add8, mul8, mul44, tq1_4, tq1_16, tq1_32, tq2_32
+from .simd_iq import _nibbles, add8, mul8, mul44, tq1_4, tq1_16, tq1_32, tq2_32
 
 QK = 256  # elements per super-block
 
@@ -49,22 +52,26 @@ KSIGNS = np.frombuffer(_gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()
 KV_IQ4 = np.array(_gq.IQ4_NL.kvalues, dtype=np.int8)
 KV_FP4 = np.array(_gq.MXFP4.kvalues, dtype=np.int8)
 IQ1_DELTA = np.float32(_gq.IQ1_S.delta)  # 0.125
+# the delta by its sign bit, read from a table: a branch on a random bit mispredicted half the
+# time (IQ1_M has one per 8 elements: 3.5x slower decoding than with this lookup)
+IQ1_DELTAS = np.array([IQ1_DELTA, -IQ1_DELTA], dtype=np.float32)
 POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)  # TQ1_0's base-3 digit multipliers
 # Float32 tables the decoders read whole rows of (8 or 4 contiguous floats: one vector load,
 # where per-element int8 -> float conversions and sign branches kept LLVM scalar): the grids as
 # float32; SGN7[i, k] = -1 where bit k of KSIGNS[i] is set, else +1; SGN8[b, k] the same for the
-# bits of a byte; KVP4 / KVPF[b] = the IQ4 / FP4 values of byte b's low and high nibble.
+# bits of a byte.
 # Multiplying by +-1.0 is exact, so db * grid * sign is what gguf-py computes, bit for bit.
 GF_IQ2XXS, GF_IQ2XS, GF_IQ2S = (g.astype(np.float32) for g in (GRID_IQ2XXS, GRID_IQ2XS, GRID_IQ2S))
 GF_IQ3XXS, GF_IQ3S, GF_IQ1S = (g.astype(np.float32) for g in (GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S))
 _BITS = (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1
 SGN8 = np.where(_BITS == 1, np.float32(-1), np.float32(1)).astype(np.float32)
 SGN7 = SGN8[KSIGNS]
-KVP4 = np.stack([KV_IQ4[np.arange(256) & 15], KV_IQ4[np.arange(256) >> 4]], axis=1).astype(np.float32)
-KVPF = np.stack([KV_FP4[np.arange(256) & 15], KV_FP4[np.arange(256) >> 4]], axis=1).astype(np.float32)
-for _a in (GRID_IQ2XXS, GRID_IQ2XS, GRID_IQ2S, GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S, KSIGNS, KV_IQ4, KV_FP4, POW3,
-           GF_IQ2XXS, GF_IQ2XS, GF_IQ2S, GF_IQ3XXS, GF_IQ3S, GF_IQ1S, SGN8, SGN7, KVP4, KVPF):
+for _a in (IQ1_DELTAS, GRID_IQ2XXS, GRID_IQ2XS, GRID_IQ2S, GRID_IQ3XXS, GRID_IQ3S, GRID_IQ1S, KSIGNS, KV_IQ4, KV_FP4, POW3,
+           GF_IQ2XXS, GF_IQ2XS, GF_IQ2S, GF_IQ3XXS, GF_IQ3S, GF_IQ1S, SGN8, SGN7):
     _a.flags.writeable = False
+
+# 32 nibble codes -> s * value, vectorized (simd_iq._nibbles: the table is baked into the code)
+nib_iq4, nib_fp4 = _nibbles(KV_IQ4), _nibbles(KV_FP4)
 
 # the types this module handles: ggml id -> (elements, bytes) per block
 IQ_TYPES = {int(t): GGML_QUANT_SIZES[t] for t in (G.IQ1_S, G.IQ1_M, G.IQ2_XXS, G.IQ2_XS, G.IQ2_S, G.IQ3_XXS,
@@ -177,8 +184,8 @@ def deq_iq3_s(flat, o, tab, dst, d0):
 
 @njit(cache=True, inline="always")
 def _iq1_group(dst, d0, dl, gi, neg):
-    """dst[d0:d0+8] = dl * (GRID_IQ1S[gi] + delta), delta = -1/8 if neg else +1/8."""
-    add8(dst, d0, dl, GF_IQ1S, gi, -IQ1_DELTA if neg else IQ1_DELTA)
+    """dst[d0:d0+8] = dl * (GRID_IQ1S[gi] + delta), delta = -1/8 if neg (0 or 1) else +1/8."""
+    add8(dst, d0, dl, GF_IQ1S, gi, IQ1_DELTAS[neg])
 
 
 @njit(cache=True)
@@ -190,7 +197,7 @@ def deq_iq1_s(flat, o, tab, dst, d0):
     for ib in range(8):
         h = _u16(B, 34 + 2 * ib)
         dl = d * np.float32(2 * ((h >> np.uint32(12)) & np.uint32(7)) + np.uint32(1))
-        neg = (h & np.uint32(0x8000)) != 0
+        neg = h >> np.uint32(15)
         for l in range(4):
             gi = np.int64(B[2 + 4 * ib + l]) | (np.int64((h >> np.uint32(3 * l)) & np.uint32(7)) << 8)
             _iq1_group(W, 32 * ib + 8 * l, dl, gi, neg)
@@ -206,25 +213,21 @@ def deq_iq1_m(flat, o, tab, dst, d0):
     dbits = ((s0 >> np.uint32(12)) | ((s1 >> np.uint32(8)) & np.uint32(0xF0))
              | ((s2 >> np.uint32(4)) & np.uint32(0xF00)) | (s3 & np.uint32(0xF000)))
     d = tab[np.int64(dbits)]
-    for i in range(16):  # 16-element halves of the 32-element sub-blocks
-        sc = (_u16(B, 48 + 2 * (i // 4)) >> np.uint32(3 * (i % 4))) & np.uint32(7)
-        dl = d * np.float32(2 * sc + np.uint32(1))
-        for j in range(2):
-            g = 2 * i + j
-            hq = np.int64(B[32 + g // 2]) >> (4 * (g % 2))
-            gi = np.int64(B[g]) | ((hq & 7) << 8)
-            _iq1_group(W, 8 * g, dl, gi, (hq & 8) != 0)
+    for w in range(4):  # scale word w: the 3-bit scales of halves i = 4 w .. 4 w + 3
+        sw = np.int64(_u16(B, 48 + 2 * w))
+        for h in range(4):  # half i (16 elements): groups 2 i, 2 i + 1, their qh byte 32 + i
+            i = 4 * w + h
+            dl = d * np.float32(2 * ((sw >> (3 * h)) & 7) + 1)
+            qh = np.int64(B[32 + i])
+            _iq1_group(W, 16 * i, dl, np.int64(B[2 * i]) | ((qh & 7) << 8), (qh >> 3) & 1)
+            _iq1_group(W, 16 * i + 8, dl, np.int64(B[2 * i + 1]) | ((qh & 0x70) << 4), qh >> 7)
 
 
 @njit(cache=True)
 def deq_iq4_nl(flat, o, tab, dst, d0):
     # 18 bytes: d | qs[16]; element j = KV_IQ4[low nibble of qs[j]], j + 16 = high nibble
     B, W = flat[o:o + 18], dst[d0:d0 + 32]  # block views: indices from 0, no wraparound selects
-    d = _h(B, 0, tab)
-    for j in range(16):
-        b = B[2 + j]
-        W[j] = d * KVP4[b, 0]
-        W[16 + j] = d * KVP4[b, 1]
+    nib_iq4(W, 0, _h(B, 0, tab), B, 2)
 
 
 @njit(cache=True)
@@ -238,10 +241,7 @@ def deq_iq4_xs(flat, o, tab, dst, d0):
         ls = np.int32((B[4 + ib // 2] >> (4 * (ib % 2))) & 15)
         hs = np.int32((sh >> np.uint32(2 * ib)) & np.uint32(3))
         dl = d * np.float32((ls | (hs << 4)) - 32)
-        for j in range(16):
-            b = B[8 + 16 * ib + j]
-            W[32 * ib + j] = dl * KVP4[b, 0]
-            W[32 * ib + 16 + j] = dl * KVP4[b, 1]
+        nib_iq4(W, 32 * ib, dl, B, 8 + 16 * ib)
 
 
 @njit(cache=True, inline="always")
@@ -257,19 +257,7 @@ def e8m0_half(e):
 def deq_mxfp4(flat, o, tab, dst, d0):
     # 17 bytes: E8M0 exponent | qs[16]; nibble order as IQ4_NL, values KV_FP4 (E2M1 doubled)
     B, W = flat[o:o + 17], dst[d0:d0 + 32]  # block views: indices from 0, no wraparound selects
-    d = e8m0_half(B[0])
-    for j in range(16):
-        b = B[1 + j]
-        W[j] = d * KVPF[b, 0]
-        W[16 + j] = d * KVPF[b, 1]
-
-
-@njit(cache=True, inline="always")
-def _trit(b, p):
-    """Digit p of a TQ1_0 byte: (uint8(b * 3^p) * 3) >> 8, in 0..2 (the byte holds a base-3
-    fraction scaled to 256; the multiplication wraps mod 256 as in gguf-py's uint8 arithmetic)."""
-    q = (np.uint32(b) * np.uint32(POW3[p])) & np.uint32(255)
-    return np.int32((q * np.uint32(3)) >> np.uint32(8))
+    nib_fp4(W, 0, e8m0_half(B[0]), B, 1)
 
 
 @njit(cache=True)
@@ -279,7 +267,9 @@ def deq_tq1_0(flat, o, tab, dst, d0):
     # trit p of qh[j] -> 240 + 4 p + j
     B, W = flat[o:o + 54], dst[d0:d0 + 256]  # block views: indices from 0, no wraparound selects
     d = _h(B, 52, tab)
-    for p in range(5):  # lanes of bytes (simd_iq: the same uint8 / uint16 arithmetic as _trit)
+    # digit p of a byte b is (uint8(b * 3^p) * 3) >> 8 (a base-3 fraction scaled to 256; the
+    # product wraps mod 256 as gguf-py's uint8 arithmetic), computed in byte lanes (simd_iq)
+    for p in range(5):
         tq1_32(W, 32 * p, d, B, 0, POW3[p])
         tq1_16(W, 160 + 16 * p, d, B, 32, POW3[p])
     for p in range(4):

@@ -179,3 +179,45 @@ def _ternary(n: int, kind: str):
 
 tq2_32 = _ternary(32, "tq2")
 tq1_32, tq1_16, tq1_4 = _ternary(32, "tq1"), _ternary(16, "tq1"), _ternary(4, "tq1")
+
+
+def _nibbles(table):
+    """Intrinsic (dst, d0, s, src, s0): the 16 bytes src[s0:s0+16] hold 32 4-bit codes, the low
+    nibbles first (element j) then the high ones (element 16 + j) as in IQ4_NL / IQ4_XS / MXFP4;
+    dst[d0:d0+32] = s * float(table[code]).  The 16-entry int8 table lookup is a tree of 15
+    vector selects on the code's bits (portable IR; pshufb is not in baseline x86-64), then one
+    int -> float conversion and fmul per lane: gguf-py's float32 d * kvalue."""
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    vals = [int(v) for v in table]
+    assert len(vals) == 16
+
+    def typer(typingctx, dst, d0, s, src, s0):
+        sig = types.void(dst, d0, s, src, s0)
+
+        def codegen(context, builder, signature, args):
+            dst_v, d0_v, s_v, src_v, s0_v = args
+            t = signature.args
+            ps = context.make_array(t[3])(context, builder, src_v).data
+            i = context.cast(builder, s0_v, t[4], types.int64)
+            q = _load(builder, builder.bitcast(builder.gep(ps, [i]), ir.PointerType(ir.VectorType(i8, 16))))
+            v16 = ir.VectorType(i8, 16)
+            lo = builder.and_(q, ir.Constant(v16, [15] * 16))
+            hi = builder.lshr(q, ir.Constant(v16, [4] * 16))
+            c = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 32), list(range(32))))  # <32 x i8>
+            v32 = ir.VectorType(i8, 32)
+            level = [ir.Constant(v32, [vals[k] & 0xFF] * 32) for k in range(16)]
+            for bit in range(4):
+                m = builder.icmp_unsigned("!=", builder.and_(c, ir.Constant(v32, [1 << bit] * 32)),
+                                          ir.Constant(v32, [0] * 32))
+                level = [builder.select(m, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
+            f = builder.sitofp(level[0], ir.VectorType(_F32, 32))
+            s32 = context.cast(builder, s_v, t[2], types.float32)
+            vec = builder.insert_element(ir.Constant(ir.VectorType(_F32, 32), None), s32, ir.Constant(i32, 0))
+            sv = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(i32, 32), [0] * 32))
+            out = builder.fmul(sv, f)
+            a = context.make_array(t[0])(context, builder, dst_v)
+            j = context.cast(builder, d0_v, t[1], types.int64)
+            builder.store(out, builder.bitcast(builder.gep(a.data, [j]), ir.PointerType(ir.VectorType(_F32, 32)))).align = 4
+            return context.get_dummy_value()
+        return sig, codegen
+    return intrinsic(typer)
