@@ -8,7 +8,9 @@
         print(chunk.text, end="")
 
 Sampling keywords are dsd.shard.sampling.SamplingParams fields (temperature, top_k, top_p,
-min_p, repetition_penalty, repeat_last_n, seed, max_tokens, stop, ignore_eos).
+min_p, repetition_penalty, repeat_last_n, seed, max_tokens, stop, ignore_eos); `timeout=SECONDS`
+is the request's deadline (the daemon cancels it then: RequestTimeout).  A daemon with
+max_batch + max_queue requests in flight refuses more at once: DaemonBusy (.retry_after).
 Errors: DaemonNotRunning, InvalidRequest, RequestFailed (all dsd.errors.DsdError).
 This module imports only zmq and msgpack (no numpy/numba), so it is cheap to import.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import os
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ from dsd.daemon import protocol as P
 from dsd.errors import DsdError
 
 __all__ = ["Client", "AsyncClient", "Result", "Chunk", "DaemonNotRunning", "InvalidRequest",
+           "DaemonBusy", "RequestTimeout",
            "RequestFailed"]
 
 
@@ -42,6 +46,15 @@ class RequestFailed(DsdError):
     retry_after: seconds after which a retry should work (None: not known to help)."""
 
     retry_after: float | None = None
+
+
+class DaemonBusy(RequestFailed):
+    """The daemon has as many requests in flight as it queues (max_batch + max_queue); retry
+    after retry_after seconds."""
+
+
+class RequestTimeout(RequestFailed):
+    """The request's `timeout` passed before it finished; the daemon cancelled it."""
 
 
 @dataclass
@@ -85,7 +98,7 @@ def _raise(msg: dict):
     kind, text = msg.get("kind"), msg.get("message", "request failed")
     if kind in (P.INVALID, "version"):
         raise InvalidRequest(text)
-    exc = RequestFailed(text)
+    exc = {P.BUSY: DaemonBusy, P.TIMEOUT: RequestTimeout}.get(kind, RequestFailed)(text)
     exc.retry_after = msg.get("retry_after")   # seconds, when a retry should succeed (worker restart)
     raise exc
 
@@ -117,7 +130,23 @@ class _Base:
             return True
 
     def _gen_msg(self, stream: bool, sampling: dict, **src) -> dict:
-        return _request("generate", id=uuid.uuid4().hex, stream=bool(stream), params=sampling, **src)
+        """timeout (seconds, in sampling): the daemon cancels the request when it passes."""
+        timeout = sampling.pop("timeout", None)
+        extra = {"timeout": float(timeout)} if timeout is not None else {}
+        return _request("generate", id=uuid.uuid4().hex, stream=bool(stream), params=sampling,
+                        **extra, **src)
+
+    @staticmethod
+    def _give_up_at(msg: dict) -> float | None:
+        """Past the request's timeout (plus a grace for the daemon's own answer) the client
+        stops waiting even if the daemon says nothing."""
+        t = msg.get("timeout")
+        return time.monotonic() + t + 10.0 if t else None
+
+    @staticmethod
+    def _check_deadline(msg: dict, give_up: float | None) -> None:
+        if give_up is not None and time.monotonic() > give_up:
+            raise RequestTimeout(f"no answer within the request's timeout of {msg['timeout']:g} s")
 
     @staticmethod
     def _src_prompt(prompt) -> dict:
@@ -168,8 +197,10 @@ class Client(_Base):
         done = False
         try:
             s.send(P.pack(msg))
+            give_up = self._give_up_at(msg)
             while True:
                 while not s.poll(_POLL_MS):
+                    self._check_deadline(msg, give_up)
                     if not self._alive(pid):
                         raise RequestFailed(f"the dsd daemon (pid {pid}) exited while serving "
                                             f"the request; see its log")
@@ -261,8 +292,10 @@ class AsyncClient(_Base):
         done = False
         try:
             await s.send(P.pack(msg))
+            give_up = self._give_up_at(msg)
             while True:
                 while not await s.poll(_POLL_MS):
+                    self._check_deadline(msg, give_up)
                     if not self._alive(pid):
                         raise RequestFailed(f"the dsd daemon (pid {pid}) exited while serving "
                                             f"the request; see its log")

@@ -18,11 +18,15 @@ import time
 import zmq
 
 from dsd.daemon import protocol as P
+from dsd.daemon.client_side import ClientSide
+from dsd.daemon.restarts import RestartPolicy
+from dsd.daemon.admission import Admission
+from dsd.daemon.watchdog import StallWatch
 from dsd.daemon.shm_channel import Channel, remove_fifos, shm_prefix
 
 
 class WorkerHandle:
-    def __init__(self, index: int, vnode, threads: int):
+    def __init__(self, index: int, vnode, threads: int, policy=None):
         self.index, self.vnode, self.threads = index, vnode, threads
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
@@ -32,13 +36,13 @@ class WorkerHandle:
         self.progress = (0, 0)
         self.stats: dict = {}
         self.outstanding = False
-        self.restarts = 0
+        self.policy = policy       # restarts.RestartPolicy
         self.error = ""
         self.old_fds: list[int] = []
         self.ident = None   # instance_dir.Identity of the current process (pid, start time, cmdline)
 
 
-class Daemon:
+class Daemon(ClientSide):
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.sock_dir = P.resolve_socket_dir(cfg["socket_dir"], cfg["instance"])
@@ -131,7 +135,8 @@ class Daemon:
         self.handles = []
         huge = bool(self.cfg.get("channel_hugepages")) and self._channel_hugepages(topo, data)
         for i, v in enumerate(vnodes):
-            h = WorkerHandle(i, v, int(self.cfg["threads_per_node"]) or len(v.cpus))
+            h = WorkerHandle(i, v, int(self.cfg["threads_per_node"]) or len(v.cpus), RestartPolicy(
+                self.cfg["restart_max"], self.cfg["restart_window_s"], self.cfg["restart_healthy_s"]))
             name = f"{shm_prefix(self.cfg['instance'])}w{i}"
             h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"], hugepages=huge)
             self.handles.append(h)
@@ -270,14 +275,6 @@ class Daemon:
                 "spin_us": self.cfg["spin_us"], "context": self.context,
                 "coordinator_pid": os.getpid()})
 
-    def _bad_frame(self, sock: str, why: str) -> None:
-        """Count a refused frame; log at most one line a second (a flood must not fill the log)."""
-        self.bad_frames[sock] += 1
-        now = time.monotonic()
-        if now - self._bad_logged >= 1.0:
-            self._bad_logged = now
-            self.log(f"refused a frame on {sock}.sock ({self.bad_frames[sock]} so far): {why}")
-
     def _worker_of(self, ident: bytes, msg: dict) -> WorkerHandle | None:
         """The worker a message comes from: identity b"w<index>" of a worker we started, the
         same index in the message, and for hello/ready the pid we spawned."""
@@ -317,6 +314,7 @@ class Daemon:
             h.progress = (msg["done"], msg["total"])
         elif t == "ready":
             h.state, h.stats = "ready", msg.get("stats", {})
+            h.policy.ready()
             h.progress = (h.stats.get("weight_bytes", 0),) * 2
             self.log(f"worker {h.index} ready (pid {h.pid})")
             if all(x.state == "ready" for x in self.handles):
@@ -332,7 +330,7 @@ class Daemon:
     def _worker_failed(self, h: WorkerHandle, message: str) -> None:
         h.state, h.error = "failed", message
         self.log(f"worker {h.index} failed: {message}")
-        if not self.ever_ready or h.restarts >= 3:
+        if not self.ever_ready or h.policy.recent() >= h.policy.max:
             self.fail(f"worker {h.index} failed: {message}")
 
     def _on_worker_exit(self, h: WorkerHandle) -> None:
@@ -350,11 +348,16 @@ class Daemon:
         if was == "failed" or not self.ever_ready:
             self.fail(h.error or f"worker {h.index} exited with code {code} while {was}; see the log")
             return
-        if not self.cfg["restart_workers"] or h.restarts >= 3:
-            self.fail(f"worker {h.index} died and will not be restarted")
+        if not self.cfg["restart_workers"]:
+            self.fail(f"worker {h.index} died and will not be restarted (restart_workers is off)")
+            return
+        ok, why = h.policy.allow()
+        if not ok:
+            self.fail(f"worker {h.index} died and will not be restarted: {why}")
             return
         self.state = "restarting"
-        h.restarts += 1
+        self.log(f"restarting worker {h.index} ({h.policy.recent()} restart(s) in the last "
+                 f"{h.policy.window:g} s, at most {h.policy.max})")
         self._spawn(h)
 
     def fail(self, message: str) -> None:
@@ -363,95 +366,6 @@ class Daemon:
             self.state = "failed"
             self.log(f"start failed: {message}" if not self.ever_ready else f"failed: {message}")
         self.stopping = True
-
-    # -- clients -----------------------------------------------------------------------------
-    def _send_client(self, ident: bytes, msg: dict) -> None:
-        try:
-            self.ctl.send_multipart([ident, P.pack(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            # EHOSTUNREACH: the client went away; EAGAIN: it reads nothing and its queue is full.
-            # Either way stop generating for it (never block the loop on one client)
-            if msg.get("id") and msg.get("type") == "chunk":
-                self.scheduler.cancel(msg["id"], ident)
-            if e.errno != zmq.EHOSTUNREACH:
-                self._bad_frame("ctl", f"dropped a reply to a client that does not read ({e})")
-
-    def _with_retry(self, msg: dict) -> dict:
-        """An engine error caused by a worker death says when to retry: about one worker load."""
-        if msg.get("type") == "error" and msg.get("kind") == P.FAILED and (
-                "retry the request" in str(msg.get("message")) or self.state == "restarting"):
-            loads = [float(h.stats.get("load_s") or 0) for h in self.handles]
-            msg["retry_after"] = round(max(loads + [5.0]) + 2, 1)
-        return msg
-
-    def _error_reply(self, ident: bytes, rid, kind: str, message: str) -> None:
-        rid = rid if isinstance(rid, str) and len(rid) <= P.MAX_ID else None
-        self._send_client(ident, P.build(P.TO_CLIENT, "error", id=rid, kind=kind, message=message))
-
-    def _on_client_frames(self, frames: list) -> None:
-        ident = frames[0]
-        try:
-            if len(frames) != 2:
-                raise P.ProtocolError(f"client request of {len(frames) - 1} frames (one expected)")
-            msg = P.decode(frames[1], P.TO_DAEMON)
-        except P.ProtocolError as e:
-            self._bad_frame("ctl", str(e))
-            v = P.version_of(frames[-1])
-            if v is not None and v != P.VERSION:
-                self._error_reply(ident, None, "version", self._version_text(v))
-            else:
-                self._error_reply(ident, None, P.INVALID, f"{e}; see dsd/daemon/protocol.py")
-            return
-        try:
-            self._on_client(ident, msg)
-        except Exception as exc:   # a bug answering one request must not stop the daemon
-            import traceback
-
-            traceback.print_exc()
-            self.log(f"error answering a {msg['type']!r} request: {type(exc).__name__}: {exc}")
-            self._error_reply(ident, msg.get("id"), P.FAILED,
-                              f"internal error answering this request ({type(exc).__name__}: {exc}); "
-                              f"the daemon keeps running, see its log")
-
-    @staticmethod
-    def _version_text(v) -> str:
-        return (f"client protocol v{v} but daemon v{P.VERSION}; use the dsd of the running daemon")
-
-    def engine_send(self, ident: bytes, msg: dict) -> None:
-        """Called from the engine thread."""
-        if self.engine_push is None:
-            self.engine_push = self.ctx.socket(zmq.PUSH)
-            self.engine_push.connect("inproc://out")
-        self.engine_push.send_multipart([ident, P.pack(msg)])
-
-    def _on_client(self, ident: bytes, msg: dict) -> None:
-        from dsd.daemon.requests import build_request, model_info, status
-
-        t = msg["type"]
-        if msg["v"] != P.VERSION:
-            self._error_reply(ident, msg.get("id"), "version", self._version_text(msg["v"]))
-        elif t == "generate":
-            if self.state == "failed":
-                self._error_reply(ident, msg["id"], P.FAILED, f"the daemon failed: {self.error}")
-                return
-            req, err = build_request(self, ident, msg)
-            if err:
-                self._error_reply(ident, msg["id"], P.INVALID, err)
-            else:
-                self.scheduler.submit(req)
-        elif t == "cancel":
-            self.scheduler.cancel(msg["id"], ident)
-        elif t == "status":
-            self._send_client(ident, status(self))
-        elif t == "model_info":
-            self._send_client(ident, model_info(self))
-        elif t == "hops":
-            self.scheduler.inbox.put(("hops", (ident, msg.get("n", 1000))))
-        elif t == "ping":
-            self._send_client(ident, P.build(P.TO_CLIENT, "pong", pid=os.getpid(), state=self.state))
-        elif t == "shutdown":
-            self._send_client(ident, P.build(P.TO_CLIENT, "ok"))
-            self.stopping = True
 
     # -- main ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -473,7 +387,10 @@ class Daemon:
                 traceback.print_exc()
             self._cleanup()
             return 1
+        self.admission = Admission(int(self.cfg["max_batch"]), int(self.cfg["max_queue"]),
+                                   float(self.cfg["request_timeout"]))
         self.driver = Driver(self.plan, self.handles)
+        self.watch = StallWatch(self, float(self.cfg["stall_timeout_s"]), float(self.cfg["stall_kill_s"]))
         if self._with_driver() is not None:
             self.driver.block_on = {self._with_driver()}
         self.scheduler = Scheduler(self.tokenizer, self.driver, self.context,
@@ -511,7 +428,10 @@ class Daemon:
                 if self.out in events:
                     while self.out.poll(0):
                         ident, data = self.out.recv_multipart()
-                        self._send_client(ident, self._with_retry(P.unpack(data)))
+                        self._forward(ident, P.unpack(data))
+                if self.admission.reqs:
+                    self._expire()
+                self.watch.check()
                 for fd, h in list(fd_map.items()):
                     if fd in events and h.pidfd == fd and h.state not in ("dead", "stopped"):
                         self._on_worker_exit(h)
@@ -527,7 +447,7 @@ class Daemon:
             # deliver the engine's last messages (e.g. "shutting down" errors)
             while self.out.poll(50):
                 ident, data = self.out.recv_multipart()
-                self._send_client(ident, P.unpack(data))
+                self._forward(ident, P.unpack(data))
             self._cleanup()
         return 1 if self.error else 0
 

@@ -39,7 +39,7 @@ from dsd.daemon.http_schema import (ApiError, ParsedRequest, full_response, new_
 from dsd.errors import DsdError
 
 try:   # the daemon's client library; until it exists, stand-ins with the same names and bases
-    from dsd.client import DaemonNotRunning, InvalidRequest, RequestFailed
+    from dsd.client import DaemonBusy, DaemonNotRunning, InvalidRequest, RequestFailed, RequestTimeout
 except ImportError:  # pragma: no cover - depends on which parts of dsd are installed
     class DaemonNotRunning(DsdError):
         """No daemon answers on the socket directory."""
@@ -49,6 +49,12 @@ except ImportError:  # pragma: no cover - depends on which parts of dsd are inst
 
     class RequestFailed(DsdError):
         """The daemon accepted the request but failed while answering it."""
+
+    class DaemonBusy(RequestFailed):
+        """Too many requests in flight."""
+
+    class RequestTimeout(RequestFailed):
+        """The request's deadline passed."""
 
 log = logging.getLogger("dsd.http")
 
@@ -85,6 +91,11 @@ def _map_backend_error(exc: BaseException, prompt_param: str | None = None) -> A
         return ApiError(400, msg, "invalid_request_error", param, code)
     if isinstance(exc, DaemonNotRunning):
         return ApiError(503, msg, "server_error", None, "daemon_not_running")
+    if isinstance(exc, DaemonBusy):
+        return ApiError(429, msg, "rate_limit_error", None, "daemon_busy",
+                        {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after", None) or 1)))})
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, msg, "server_error", None, "timeout")
     if isinstance(exc, RequestFailed):
         retry = getattr(exc, "retry_after", None)
         if retry is not None:   # a worker died and is being restarted: try again shortly

@@ -20,7 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 
 # Sampling extensions accepted on top of OpenAI's fields (vLLM/llama-server spell them the same).
-_EXTENSIONS = {"top_k": "int", "min_p": "number", "repetition_penalty": "number", "ignore_eos": "bool"}
+_EXTENSIONS = {"top_k": "int", "min_p": "number", "repetition_penalty": "number", "ignore_eos": "bool",
+               "timeout": "number"}   # timeout: seconds before the daemon cancels the request
 
 
 class ApiError(Exception):
@@ -183,6 +184,8 @@ def _parse_sampling(body: dict) -> dict:
         v = {"int": _get_int, "number": _get_num, "bool": _get_bool}[kind](body, name)
         if v is not None:
             s[name] = v
+    if "timeout" in s and not s["timeout"] > 0:
+        raise bad("timeout", "'timeout' must be a number of seconds > 0.", "invalid_value")
     if s.get("top_k", 0) < 0:
         raise bad("top_k", "'top_k' must be >= 0 (0 disables it).", "invalid_value")
     if not 0 <= s.get("min_p", 0) <= 1:

@@ -19,7 +19,7 @@ Client -> coordinator (TO_DAEMON; every request carries "v": VERSION, checked fi
 Coordinator -> client (TO_CLIENT):
   chunk      id, text, finish_reason None|"stop"|"length", token_ids, prompt_tokens,
              completion_tokens   (non-streaming requests get one chunk with the whole text)
-  error      id, kind "invalid"|"failed"|"version"|"busy", message
+  error      id, kind "invalid"|"failed"|"version"|"busy"|"timeout", message, retry_after
   status | model_info | pong | ok | hops
 Worker <-> coordinator (control only; activations move through shared memory, see shm_channel):
   worker:  hello v, index, pid                       (versioned handshake)
@@ -42,7 +42,8 @@ VERSION = 1
 # error kinds sent to clients
 INVALID = "invalid"   # the request can never succeed as sent (bad params, too long)
 FAILED = "failed"     # the daemon failed while serving it (worker died, internal error)
-BUSY = "busy"         # the daemon is overloaded right now: retry later
+BUSY = "busy"         # the daemon is overloaded right now: retry later (retry_after seconds)
+TIMEOUT = "timeout"   # the request's deadline passed; it was cancelled
 
 MAX_FRAME = 64 << 20   # ZMQ_MAXMSGSIZE of the daemon's sockets (a 128k-token prompt is ~1 MB)
 MAX_ID = 256           # request id length

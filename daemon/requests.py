@@ -61,9 +61,12 @@ def status(d) -> dict:
             "weight_bytes": s.get("weight_bytes"), "placement": s.get("placement"),
             "page_kinds": s.get("page_kinds"), "kv_bytes": s.get("kv_bytes", 0),
             "sequences": s.get("sequences", 0), "tokens": s.get("tokens", 0),
-            "busy_tok_s": _rate(s), "restarts": h.restarts, "error": h.error,
+            "busy_tok_s": _rate(s), **h.policy.report(), "error": h.error,
             "spin_hits": s.get("spin_hits"), "blocking_waits": s.get("blocking_waits")})
     sched = d.scheduler.stats() if hasattr(d, "scheduler") else {}
+    queue = d.admission.stats() if hasattr(d, "admission") else {}
+    if queue:   # requests admitted that have no token yet (the scheduler's inbox is only a hand-off)
+        sched["queued"] = queue["waiting"]
     hops = sorted(d.driver.hop_ns[-2000:]) if hasattr(d, "driver") else []
     return {"type": "status", "v": P.VERSION, "state": d.state, "error": d.error, "pid": os.getpid(),
             "uptime_s": time.time() - d.t_start, "instance": d.cfg["instance"],
@@ -72,7 +75,8 @@ def status(d) -> dict:
             "placement": d.plan.mode if hasattr(d, "plan") else None,
             "plan": d.plan.describe() if hasattr(d, "plan") else [],
             "numa_note": getattr(d, "numa_note", ""), "context": getattr(d, "context", None),
-            "workers": workers, "scheduler": sched,
+            "workers": workers, "scheduler": sched, "queue": queue,
+            "watchdog": d.watch.report() if hasattr(d, "watch") else {},
             "embed_hop_us_median": hops[len(hops) // 2] / 1000 if hops else None,
             "refused_frames": dict(getattr(d, "bad_frames", {}))}
 

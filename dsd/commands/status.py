@@ -36,13 +36,24 @@ def format_status(st: dict) -> str:
         out.append(f"    KV cache {_mib(w.get('kv_bytes'))} for {w.get('sequences', 0)} sequence(s); "
                    f"{w.get('tokens', 0)} tokens, "
                    + (f"{rate:.1f} tok/s while busy" if rate else "idle")
-                   + (f"; restarted {w['restarts']}x" if w.get("restarts") else ""))
+                   + (f"; restarted {w['restarts']}x ({w.get('recent_restarts', 0)} in the last "
+                      f"{w.get('restart_window_s', 0):g} s, limit {w.get('restart_max')})"
+                      if w.get("restarts") else ""))
     s = st.get("scheduler", {})
     if s:
         tps = s.get("decode_tok_s")
         out.append(f"requests: {s.get('active', 0)} active, {s.get('queued', 0)} queued, "
                    f"{s.get('completed', 0)} completed, {s.get('failed', 0)} failed; decode "
                    + (f"{tps:.1f} tok/s (recent)" if tps else "-"))
+    q = st.get("queue") or {}
+    if q:
+        wait = q.get("first_token_wait_s_p50")
+        out.append(f"queue: {q.get('in_flight', 0)} in flight of at most {q.get('limit')}, "
+                   f"{q.get('rejected', 0)} refused as busy, {q.get('timed_out', 0)} timed out"
+                   + (f"; first token after {wait:.2f} s (median)" if wait is not None else ""))
+    wd = st.get("watchdog") or {}
+    if wd.get("stalls"):
+        out.append(f"watchdog: {wd['stalls']} stall(s), {wd.get('stall_kills', 0)} worker(s) killed")
     return "\n".join(out)
 
 
