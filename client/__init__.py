@@ -111,9 +111,13 @@ class _Base:
         self.endpoint = P.ctl_endpoint(self.socket_dir)
 
     def _check_running(self) -> int:
-        from dsd.daemon.instance_dir import check_instance_dir
+        from dsd.daemon.instance_dir import check_instance_dir, stale_pid_file
 
         check_instance_dir(self.socket_dir)   # UnsafeSocketDir if another user could swap it
+        if stale_pid_file(self.socket_dir):   # its pid may name another process by now
+            raise DaemonNotRunning(f"no dsd daemon is running (socket directory {self.socket_dir} holds "
+                                   f"files of a daemon that did not stop cleanly; `dsd start` or "
+                                   f"`dsd stop` removes them)")
         pid = P.read_pid(self.socket_dir)
         if pid is None or not os.path.exists(os.path.join(self.socket_dir, "ctl.sock")):
             raise DaemonNotRunning(f"no dsd daemon is running (socket directory {self.socket_dir}); "

@@ -128,6 +128,12 @@ def running_daemon(sock_dir: str) -> Identity | None:
     return ident if ident is not None and ident.alive() else None
 
 
+def stale_pid_file(sock_dir: str) -> bool:
+    """A pid file written by a coordinator (with its identity) whose lock nobody holds: that
+    daemon is gone, whatever process has its pid now."""
+    return _read_identity(sock_dir) is not None and not lock_held(sock_dir)
+
+
 def worker_identities(sock_dir: str) -> list[Identity]:
     """The workers daemon.json lists, with the start times recorded when they were spawned."""
     try:

@@ -14,6 +14,9 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
+from dsd.client import Client, DaemonNotRunning
 from dsd.daemon.instance_dir import Identity
 from tests.test_daemon_util import DaemonRun, alive, dsd, running_daemon, shm_segments, wait_for
 
@@ -53,6 +56,8 @@ def test_stop_leaves_an_unrelated_process_alone_and_cleans_stale_files(tmp_path)
         with open(os.path.join("/dev/shm", neighbour), "wb") as f:
             f.write(b"\0" * 64)
         _plant_stale_files(run.sock_dir, instance, victims[0].pid, victims[1].pid)
+        with pytest.raises(DaemonNotRunning, match="did not stop cleanly"):   # at once, no timeout
+            Client(socket_dir=run.sock_dir, timeout=60).status()
         p = dsd(["stop", "--timeout", "2"], run.env)
         assert "no daemon was running" in p.stderr, p.stderr
         assert "removed files of a daemon that did not stop cleanly" in p.stderr
