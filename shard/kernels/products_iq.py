@@ -26,7 +26,7 @@ from numba import njit, prange
 from dsd.errors import GGUFError
 
 from ._common import F16_TABLE
-from .simd_iq import dot32
+from .simd_iq import dot8t, dot32
 from .dequant_iq import BLOCK_DECODERS, IQ_TYPES, deq_row, deq_rows_parallel, deq_rows_serial  # noqa: F401
 
 ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch row each; static prange schedule)
@@ -75,9 +75,12 @@ def gather_serial(kind, flat, offs, rstride, nrows, nb, bs, tab, X, xi, out):
 def _multi_item(kind, flat, stride, nrows, nb, bs, tab, X, out, c, buf):
     r0 = c * ROWS_PER_ITEM
     n = nb * bs
+    T = X.shape[0]
     for r in range(r0, min(nrows, r0 + ROWS_PER_ITEM)):
         deq_row(kind, flat, r * stride, nb, tab, buf)
-        for t in range(X.shape[0]):
+        for t0 in range(0, T - T % 8, 8):  # 8 vectors per pass over the decoded row
+            dot8t(buf, X, t0, n, out, r)
+        for t in range(T - T % 8, T):
             out[t, r] = _dot(buf, X[t], n)
 
 

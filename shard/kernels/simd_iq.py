@@ -221,3 +221,52 @@ def _nibbles(table):
             return context.get_dummy_value()
         return sig, codegen
     return intrinsic(typer)
+
+
+def _hsum8(builder, s):
+    """<8 x float> -> float: halves added in one fixed tree."""
+    i32 = ir.IntType(32)
+    for h in (4, 2, 1):
+        lo = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, h), list(range(h))))
+        hi = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, h), list(range(h, 2 * h))))
+        s = builder.fadd(lo, hi)
+    return builder.extract_element(s, ir.Constant(i32, 0))
+
+
+@intrinsic
+def dot8t(typingctx, buf, X, t0, n, out, r):
+    """out[t0 + t, r] = buf[0:n] . X[t0 + t, 0:n] for t < 8 (small batches: the decoded row is
+    loaded once per 8 lanes for 8 vectors instead of once per vector).  buf float32 1-D C, X /
+    out float32 2-D with contiguous rows; n a multiple of 8; t0 + 8 <= X.shape[0].  Each sum in a
+    fixed order (lane k takes j = k mod 8, fmul then fadd, one final tree), but not dot32's."""
+    sig = types.void(buf, X, t0, n, out, r)
+
+    def codegen(context, builder, signature, args):
+        bv, xv, t0v, nv, ov, rv = args
+        tb, tx, tt0, tn, to, tr = signature.args
+        v8 = ir.VectorType(_F32, 8)
+        pb = context.make_array(tb)(context, builder, bv).data
+        xa = context.make_array(tx)(context, builder, xv)
+        oa = context.make_array(to)(context, builder, ov)
+        xs0 = cgutils.unpack_tuple(builder, xa.strides, 2)[0]
+        os0 = cgutils.unpack_tuple(builder, oa.strides, 2)[0]
+        t0_ = context.cast(builder, t0v, tt0, types.int64)
+        n_ = context.cast(builder, nv, tn, types.int64)
+        r_ = context.cast(builder, rv, tr, types.int64)
+        xbase = builder.bitcast(xa.data, ir.PointerType(ir.IntType(8)))
+        rows = [builder.bitcast(builder.gep(xbase, [builder.mul(builder.add(t0_, ir.Constant(_I64, t)), xs0)]),
+                                ir.PointerType(_F32)) for t in range(8)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(8)]
+        with cgutils.for_range(builder, builder.udiv(n_, ir.Constant(_I64, 8))) as loop:
+            off = builder.mul(loop.index, ir.Constant(_I64, 8))
+            w = _load(builder, builder.bitcast(builder.gep(pb, [off]), ir.PointerType(v8)))
+            for t in range(8):
+                xt = _load(builder, builder.bitcast(builder.gep(rows[t], [off]), ir.PointerType(v8)))
+                builder.store(builder.fadd(builder.load(accs[t]), builder.fmul(w, xt)), accs[t])
+        obase = builder.bitcast(oa.data, ir.PointerType(ir.IntType(8)))
+        for t in range(8):
+            row = builder.gep(obase, [builder.mul(builder.add(t0_, ir.Constant(_I64, t)), os0)])
+            p = builder.gep(builder.bitcast(row, ir.PointerType(_F32)), [r_])
+            builder.store(_hsum8(builder, builder.load(accs[t])), p)
+        return context.get_dummy_value()
+    return sig, codegen
