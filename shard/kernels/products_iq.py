@@ -1,20 +1,26 @@
 """Products for the low-bit types of dequant_iq.py (IQ1_S ... IQ4_XS, MXFP4, TQ1_0, TQ2_0), with
-float32 activations and no SIMD row decoders of their own: each weight row is decoded bit-exactly
-into a float32 scratch row (one row of n_cols floats: <= 28 KiB for n_cols = 7168, L1/L2) and
-dotted with x by a vectorised fastmath loop; the decode (grid lookups, scalar) dominates.
+float32 activations: each weight row is decoded bit-exactly into a float32 scratch row (n_cols
+floats: <= 28 KiB for n_cols = 7168, L1/L2) by dequant_iq's vectorised block decoders, then
+dotted with x in a fixed order (simd_iq.dot32; simd_iq.dot8t for 8 vectors at once).
 
     matvec / gathered matvec (experts, FusedLinear chunks): parallel over (matrix, 16-row chunk)
     small batches (2 <= T <= SMALL_T): each row decoded once, dotted with all T vectors
     prompts (T > SMALL_T): dequantize a tile of rows, then numpy's sgemm (registry.matmul's
     prefill scheme)
+    batch-invariant mode (registry.BATCH_INVARIANT): every T through matvec's row kernel
 
 registry.py sends these types here at the top of each entry point (dequantize, matvec,
-matvec_gather, matvec_offsets, matmul, experts_gate_up, experts_down_sum).  Shapes follow
-registry's conventions: raw uint8 (rows, row_bytes) with contiguous rows, flat = the read-only
-1-D view with row r at flat[r * stride], x float32 (n_cols,), X float32 C-contiguous (T, n_cols).
+matvec_gather, matvec_offsets, matmul, experts_gate_up, experts_down_sum, warm_up).  Shapes
+follow registry's conventions: raw uint8 (rows, row_bytes) with contiguous rows, flat = the
+read-only 1-D view with row r at flat[r * stride], x float32 (n_cols,), X float32 C-contiguous
+(T, n_cols).
 
 The 8-bit activation kernels llama.cpp uses for these types (Q8_K / Q8_0 x, integer dot
 products) are not here yet: DSD_EXACT_ACTIVATIONS makes no difference for these types.
+
+Cache note (as drivers.py): numba's on-disk cache of these kernels holds the decoders inlined
+and is keyed on this file only; after editing dequant_iq.py or simd_iq.py delete
+shard/kernels/__pycache__/products_iq.*.nbi / *.nbc.
 """
 from __future__ import annotations
 
