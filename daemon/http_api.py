@@ -29,7 +29,7 @@ import time
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -281,6 +281,8 @@ class _Api:
                     buf += part
                     if len(buf) > self.max_body:
                         raise too_big
+        except ClientDisconnect:
+            raise _Disconnected() from None   # gone before its body arrived: nothing to answer
         except TimeoutError:
             raise ApiError(408, f"The request body did not arrive within {self.body_timeout:g} s "
                                 f"({len(buf)} bytes received); send it at once.",

@@ -167,8 +167,38 @@ def _protocol_class():
     return Protocol
 
 
+class _Sparse(logging.Filter):
+    """uvicorn logs one warning per malformed request: a flood of them would fill the daemon's
+    log, so each message text passes at most once per 10 s, with a count of the ones dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, list] = {}
+
+    def filter(self, record) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = str(record.msg)
+        now = time.monotonic()
+        last = self.seen.setdefault(key, [0.0, 0])
+        if now - last[0] < 10.0:
+            last[1] += 1
+            return False
+        if last[1]:
+            record.msg = f"{record.msg} (and {last[1]} more like it in the last 10 s)"
+        self.seen[key] = [now, 0]
+        return True
+
+
+_SPARSE = _Sparse()
+
+
 def uvicorn_config(app, log_level: str, header_timeout: float = HEADER_TIMEOUT_S):
     import uvicorn
+
+    lg = logging.getLogger("uvicorn.error")
+    if _SPARSE not in lg.filters:
+        lg.addFilter(_SPARSE)
 
     proto = _protocol_class()
     proto.header_timeout = header_timeout

@@ -169,8 +169,53 @@ def _drain(socks) -> int:
     return n
 
 
+HTTP_SEEDS = [
+    b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+    b'Content-Length: 35\r\n\r\n{"prompt": "hi", "max_tokens": 1}  ',
+    b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 65\r\n\r\n'
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}',
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+def _http_fuzz(rng: random.Random, port: int, n: int) -> list[int]:
+    """n mutated requests on fresh connections; the status codes that came back."""
+    import socket
+
+    codes = []
+    for _ in range(n):
+        b = bytearray(rng.choice(HTTP_SEEDS))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(b))
+            op = rng.random()
+            if op < 0.6:
+                b[i] = rng.getrandbits(8)
+            elif op < 0.8:
+                del b[i:i + rng.randint(1, 8)]
+            else:
+                b[i:i] = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 8)))
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        try:
+            s.sendall(bytes(b))
+            s.shutdown(socket.SHUT_WR)
+            head = s.recv(64)
+            if head.startswith(b"HTTP/1.1 "):
+                codes.append(int(head[9:12]))
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return codes
+
+
 def test_daemon_survives_fuzzed_frames_on_every_socket(tmp_path):
-    with running_daemon(tmp_path) as run:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with running_daemon(tmp_path, "--http", f"127.0.0.1:{port}") as run:
         c = run.client(timeout=60)
         want = c.generate("The capital of France is", temperature=0, max_tokens=8).text
         ctx = zmq.Context.instance()
@@ -234,4 +279,12 @@ def test_daemon_survives_fuzzed_frames_on_every_socket(tmp_path):
         assert st["workers"][0]["restarts"] == 0 and st["workers"][0]["state"] == "ready"
         assert st["refused_frames"]["ctl"] > 1000 and st["refused_frames"]["workers"] > 1000, st["refused_frames"]
         assert c.generate("The capital of France is", temperature=0, max_tokens=8).text == want
+        codes = _http_fuzz(rng, port, 600)        # and the HTTP port: never a 500 for junk
+        assert len(codes) > 300 and 500 not in codes and any(400 <= x < 500 for x in codes), codes
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "The capital of France is", "temperature": 0, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        assert c.status()["state"] == "ready"
         assert "Traceback" not in run.log()
