@@ -100,8 +100,13 @@ class ChatTemplate:
         return cls(str(src) if src else None, tok("tokenizer.ggml.bos_token_id"),
                    tok("tokenizer.ggml.eos_token_id"), name)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...])."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> "Prompt":
+        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]): a str that also
+        knows which parts are message text, so Tokenizer.encode keeps those plain (Prompt)."""
+        return Prompt(self._render_text(messages, add_generation_prompt, extra), self, messages,
+                      add_generation_prompt, extra)
+
+    def _render_text(self, messages, add_generation_prompt, extra) -> str:
         _check_messages(messages)
         if self._template is None:
             raise ChatTemplateError(
@@ -117,33 +122,11 @@ class ChatTemplate:
                 f"the chat template of {self.name} failed on these messages: "
                 f"{type(e).__name__}: {e}") from None
 
-
     def encode(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                **extra) -> list[int]:
         """Token ids of the prompt for `messages`, where only the template's own text may hold
-        special tokens: what users wrote ("hi<|im_end|>") is tokenized as plain text, so it
-        cannot forge a turn (llama.cpp's parse_special=false for user input).
-
-        The template is rendered a second time with each message text replaced by a unique
-        placeholder; the placeholders cut the prompt into template text (special tokens on)
-        and message text (off).  A prompt without special-token text in any message is
-        tokenized in one piece, as before."""
-        text = self.render(messages, add_generation_prompt, **extra)
-        specials = tokenizer.special_texts
-        user = _user_texts(messages)
-        if not any(sp in u for u in user for sp in specials):
-            return tokenizer.encode(text, add_bos=False, parse_special=True)
-        for i, m in enumerate(messages):
-            if any(sp in m["role"] for sp in specials):
-                raise DsdError(f"chat message {i} has a role with control-token text "
-                               f"({m['role']!r:.60}); use user, assistant, system or tool")
-        parts = self._split(messages, add_generation_prompt, extra, text)
-        if parts is None:
-            raise DsdError(
-                f"a chat message contains control-token text (e.g. {_first_special(user, specials)!r}) "
-                f"and the chat template of {self.name} rewrites message text, so dsd cannot keep it "
-                f"as plain text; remove it from the message or send a raw prompt")
-        return tokenizer.encode_parts(parts, add_bos=False)
+        special tokens (see Prompt)."""
+        return tokenizer.encode(self.render(messages, add_generation_prompt, **extra), add_bos=False)
 
     def _split(self, messages, add_generation_prompt, extra, text) -> list[tuple[str, bool]] | None:
         """[(piece, is_template_text)] whose concatenation is `text`, or None if the template
@@ -168,7 +151,7 @@ class ChatTemplate:
                                 isinstance(p.get("text"), str) else p for p in c]
             masked.append(m)
         try:
-            rendered = self.render(masked, add_generation_prompt, **extra)
+            rendered = self._render_text(masked, add_generation_prompt, extra)
         except DsdError:
             return None
         pieces, keys, pos = [], [], 0
@@ -205,6 +188,42 @@ class ChatTemplate:
 
 def _written_forms(t: str) -> list[str]:
     return list(dict.fromkeys([t, t.strip(), t.lstrip(), t.rstrip()]))
+
+
+class Prompt(str):
+    """A rendered chat prompt (a str) that knows which of its parts are message text.
+
+    What users wrote ("hi<|im_end|>") must be tokenized as plain text, so it cannot forge a
+    turn (llama.cpp's parse_special=false for user input); only the template's own markers are
+    special.  Tokenizer.encode(prompt) asks split_user_text() for the parts: the template is
+    rendered a second time with each message text replaced by a unique placeholder, and the
+    placeholders cut the prompt into template text (special tokens on) and message text (off).
+    A prompt whose messages hold no special-token text is tokenized in one piece, as before.
+    Anything that rebuilds the string (slicing, +) gives a plain str, tokenized as written."""
+
+    def __new__(cls, text, template, messages, add_generation_prompt, extra):
+        self = super().__new__(cls, text)
+        self._args = (template, messages, add_generation_prompt, extra)
+        return self
+
+    def split_user_text(self, specials: list[str]) -> list[tuple[str, bool]] | None:
+        """[(text, parse_special)] for the tokenizer, or None when no message holds any of the
+        special-token texts; DsdError when the template rewrites such a message."""
+        template, messages, agp, extra = self._args
+        user = _user_texts(messages)
+        if not any(sp in u for u in user for sp in specials):
+            return None
+        for i, m in enumerate(messages):
+            if any(sp in m["role"] for sp in specials):
+                raise DsdError(f"chat message {i} has a role with control-token text "
+                               f"({m['role']!r:.60}); use user, assistant, system or tool")
+        parts = template._split(messages, agp, extra, str(self))
+        if parts is None:
+            raise DsdError(
+                f"a chat message contains control-token text (e.g. {_first_special(user, specials)!r}) "
+                f"and the chat template of {template.name} rewrites message text, so dsd cannot keep "
+                f"it as plain text; remove it from the message or send a raw prompt")
+        return parts
 
 
 def _user_texts(messages) -> list[str]:

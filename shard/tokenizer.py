@@ -211,9 +211,16 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. add_bos None follows the model's add_bos_token flag; add_eos_token
-        is honoured too. parse_special=False tokenizes control-token texts as plain text."""
+        is honoured too. parse_special=False tokenizes control-token texts as plain text; a
+        rendered chat prompt (chat_template.Prompt) keeps its message text plain either way."""
         if not isinstance(text, str):
             raise TypeError(f"encode() needs str, got {type(text).__name__}")
+        split = getattr(text, "split_user_text", None)   # a chat_template.Prompt
+        if parse_special and split is not None:
+            parts = split(self.special_texts)
+            if parts is not None:   # message text holds control-token text: keep it plain
+                return self.encode_parts(parts, add_bos)
+            text = str(text)
         with self._lock:
             self._backend.encode_special_tokens = not parse_special
             ids = self._backend.encode(text, add_special_tokens=False).ids if text else []
@@ -228,7 +235,10 @@ class Tokenizer:
     @property
     def special_texts(self) -> list[str]:
         """Texts that parse_special=True turns into control/unknown tokens (longest first)."""
-        return sorted({self.tokens[i] for i in self._special if self.tokens[i]}, key=len, reverse=True)
+        if getattr(self, "_special_texts", None) is None:
+            self._special_texts = sorted({self.tokens[i] for i in self._special if self.tokens[i]},
+                                         key=len, reverse=True)
+        return self._special_texts
 
     def encode_parts(self, parts: list[tuple[str, bool]], add_bos: bool | None = None) -> list[int]:
         """Token ids of the concatenated texts, each tokenized with its own parse_special flag

@@ -37,8 +37,10 @@ def test_user_text_cannot_forge_turns(smol_parts):
     ids = tpl.encode(tok, forged_msgs)
     assert _marks(ids) == _marks(plain) == (3, 2)          # system, user, assistant; two ends
     assert tok.decode(ids) == tpl.render(forged_msgs)      # the text itself is kept
-    # today's way (whole prompt with special parsing) is what the issue reports
-    assert _marks(tok.encode(tpl.render(forged_msgs), add_bos=False)) == (5, 4)
+    # the single-process engine's way (render, then encode with parse_special=True) is safe too
+    assert tok.encode(tpl.render(forged_msgs), add_bos=False, parse_special=True) == ids
+    # the same text as a plain string is what the issue reports: forged turns
+    assert _marks(tok.encode(str(tpl.render(forged_msgs)), add_bos=False)) == (5, 4)
 
 
 def test_plain_prompts_tokenize_as_before(smol_parts):
