@@ -42,6 +42,14 @@ def _store8(context, builder, dst_ty, dst, d0, d0_ty, v):
     builder.store(v, p).align = 4
 
 
+def _fma(builder, a, b, c):
+    """a * b + c with one rounding (llvm.fma on <8 x float>): explicit, so it is the same
+    instruction wherever the kernel is inlined (no contraction left to LLVM's choice)."""
+    ty = a.type
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), f"llvm.fma.v{ty.count}f32")
+    return builder.call(fn, [a, b, c])
+
+
 def _load(builder, p):
     v = builder.load(p)
     v.align = 4
@@ -101,8 +109,8 @@ def add8(typingctx, dst, d0, s, grid, gi, delta):
 @intrinsic
 def dot32(typingctx, a, b, n):
     """sum_j a[j] * b[j] over j < n (n a multiple of 32; float32 1-D C arrays) in a fixed order:
-    32 lanes (four <8 x float> accumulators, lane k takes j = k mod 32), fmul then fadd (no
-    fast-math flags, no FMA contraction), then the lanes added in one fixed tree.  The same
+    32 lanes (four <8 x float> accumulators, lane k takes j = k mod 32), an explicit fused
+    multiply-add per lane (llvm.fma; no fast-math flags), then the lanes added in one fixed tree.  The same
     arithmetic wherever it is inlined (matvec, gathered, fused-experts and batched drivers,
     serial or parallel), so a row's product does not depend on which driver computed it."""
     sig = types.float32(a, b, n)
@@ -123,7 +131,7 @@ def dot32(typingctx, a, b, n):
                 off = builder.add(base, ir.Constant(_I64, 8 * q))
                 xa = _load(builder, builder.bitcast(builder.gep(pa, [off]), ir.PointerType(v8)))
                 xb = _load(builder, builder.bitcast(builder.gep(pb, [off]), ir.PointerType(v8)))
-                builder.store(builder.fadd(builder.load(accs[q]), builder.fmul(xa, xb)), accs[q])
+                builder.store(_fma(builder, xa, xb, builder.load(accs[q])), accs[q])
         a0, a1, a2, a3 = (builder.load(p) for p in accs)
         s = builder.fadd(builder.fadd(a0, a1), builder.fadd(a2, a3))  # <8 x float>
         for h in (4, 2, 1):  # halves: lanes k and k + h
@@ -238,7 +246,7 @@ def dot8t(typingctx, buf, X, t0, n, out, r):
     """out[t0 + t, r] = buf[0:n] . X[t0 + t, 0:n] for t < 8 (small batches: the decoded row is
     loaded once per 8 lanes for 8 vectors instead of once per vector).  buf float32 1-D C, X /
     out float32 2-D with contiguous rows; n a multiple of 8; t0 + 8 <= X.shape[0].  Each sum in a
-    fixed order (lane k takes j = k mod 8, fmul then fadd, one final tree), but not dot32's."""
+    fixed order (lane k takes j = k mod 8, llvm.fma, one final tree), but not dot32's."""
     sig = types.void(buf, X, t0, n, out, r)
 
     def codegen(context, builder, signature, args):
@@ -262,7 +270,7 @@ def dot8t(typingctx, buf, X, t0, n, out, r):
             w = _load(builder, builder.bitcast(builder.gep(pb, [off]), ir.PointerType(v8)))
             for t in range(8):
                 xt = _load(builder, builder.bitcast(builder.gep(rows[t], [off]), ir.PointerType(v8)))
-                builder.store(builder.fadd(builder.load(accs[t]), builder.fmul(w, xt)), accs[t])
+                builder.store(_fma(builder, w, xt, builder.load(accs[t])), accs[t])
         obase = builder.bitcast(oa.data, ir.PointerType(ir.IntType(8)))
         for t in range(8):
             row = builder.gep(obase, [builder.mul(builder.add(t0_, ir.Constant(_I64, t)), os0)])
