@@ -180,3 +180,23 @@ def test_rows_placement_refuses_a_cut_inside_a_super_block(tmp_path):
     with pytest.raises(DsdError, match="256-element blocks"):
         make_plan(g, 2, "rows")
     assert make_plan(g, 2, "auto").mode == "experts"
+
+
+@pytest.mark.parametrize("placement", ["experts", "rows"])
+def test_two_node_daemon_greedy_equals_one_process(all_types_file, tmp_path, placement):
+    """`dsd start --nodes 2` on the all-types file (workers load their slices, warm up the IQ
+    kernels, split experts or rows on block boundaries): greedy tokens equal the one-process
+    engine's, token for token."""
+    from dsd.shard.engine import Engine
+    from dsd.shard.sampling import SamplingParams
+    from tests.test_daemon_util import running_daemon
+
+    ids = [1, 500, 1000, 42, 7]
+    eng = Engine(all_types_file, threads=1)
+    want = [s.token for s in eng.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))]
+    with running_daemon(tmp_path, "--model", all_types_file, "--nodes", "2", "--placement", placement) as run:
+        c = run.client()
+        st = c.status()
+        assert st["placement"] == placement and all(w["state"] == "ready" for w in st["workers"])
+        got = c.generate(ids, temperature=0, max_tokens=8, ignore_eos=True)
+        assert got.token_ids == want
