@@ -21,6 +21,7 @@ class _Entry:
     deadline: float | None
     timeout: float | None
     first: bool = False
+    stream: bool = True
 
 
 class Admission:
@@ -47,14 +48,20 @@ class Admission:
         ahead = max(1, len(self.reqs) - self.limit + 1)
         return round(min(120.0, max(1.0, typical * ahead / max(1, self.max_batch))), 1)
 
-    def admit(self, ident: bytes, rid: str, timeout: float | None) -> bool:
+    def admit(self, ident: bytes, rid: str, timeout: float | None, stream: bool = True) -> bool:
         if len(self.reqs) >= self.limit:
             self.rejected += 1
             return False
         t = float(timeout) if timeout else self.default_timeout
         now = self.clock()
-        self.reqs[(ident, rid)] = _Entry(now, now + t if t > 0 else None, t if t > 0 else None)
+        self.reqs[(ident, rid)] = _Entry(now, now + t if t > 0 else None, t if t > 0 else None,
+                                         stream=bool(stream))
         return True
+
+    def silent(self) -> list[tuple[bytes, str]]:
+        """Requests whose client hears nothing until the end (non-streaming): the coordinator
+        pings their clients now and then, so one that went away is noticed and cancelled."""
+        return [k for k, e in self.reqs.items() if not e.stream]
 
     def on_reply(self, ident: bytes, msg: dict) -> None:
         key = (ident, msg.get("id"))

@@ -52,6 +52,23 @@ class ClientSide:
         self.admission.on_reply(ident, msg)
         self._send_client(ident, msg)
 
+    def _ping_silent(self) -> None:
+        """Every 2 s, an "alive" to the clients of non-streaming requests: a client that went
+        away fails the send (ROUTER_MANDATORY) and its request is cancelled, so it does not
+        hold a batch slot until max_tokens."""
+        now = time.monotonic()
+        if now - getattr(self, "_pinged", 0.0) < 2.0:
+            return
+        self._pinged = now
+        for ident, rid in self.admission.silent():
+            try:
+                self.ctl.send_multipart([ident, P.pack({"type": "alive", "id": rid})], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:
+                    self.admission.forget(ident, rid)
+                    self.scheduler.cancel(rid, ident)
+                    self.log(f"request {rid[:16]}: its client went away; cancelled")
+
     def _expire(self) -> None:
         """Cancel and answer the requests whose deadline passed."""
         for ident, rid, timeout in self.admission.expired():
@@ -113,7 +130,7 @@ class ClientSide:
             req, err = build_request(self, ident, msg)
             if err:
                 self._error_reply(ident, msg["id"], P.INVALID, err)
-            elif not self.admission.admit(ident, msg["id"], timeout):
+            elif not self.admission.admit(ident, msg["id"], timeout, bool(msg.get("stream"))):
                 a = self.admission
                 self._error_reply(ident, msg["id"], P.BUSY,
                                   f"the daemon is busy: {a.limit} requests in flight (max_batch "

@@ -431,6 +431,7 @@ class Daemon(ClientSide):
                         self._forward(ident, P.unpack(data))
                 if self.admission.reqs:
                     self._expire()
+                    self._ping_silent()
                 self.watch.check()
                 for fd, h in list(fd_map.items()):
                     if fd in events and h.pidfd == fd and h.state not in ("dead", "stopped"):

@@ -21,6 +21,8 @@ Coordinator -> client (TO_CLIENT):
              completion_tokens   (non-streaming requests get one chunk with the whole text)
   error      id, kind "invalid"|"failed"|"version"|"busy"|"timeout", message, retry_after
   status | model_info | pong | ok | hops
+  alive      id   (every 2 s to the client of a non-streaming request: ignored by clients; a
+                   send that fails means the client went away and its request is cancelled)
 Worker <-> coordinator (control only; activations move through shared memory, see shm_channel):
   worker:  hello v, index, pid                       (versioned handshake)
   coord:   assign v, plan, channel, node, cpus, ...  (what to load)
@@ -261,7 +263,7 @@ TO_CLIENT = Registry(
     Schema("error", {"id": Str(MAX_ID).optional().or_none(), "kind": Str(64), "message": Str(),
                      "retry_after": Num().optional()}),
     Schema("status", {"state": Str(64)}), Schema("model_info", {}), Schema("pong", {}),
-    Schema("ok", {}), Schema("hops", {"ns": Any_()}),
+    Schema("ok", {}), Schema("hops", {"ns": Any_()}), Schema("alive", {"id": _ID}),
 )
 _INDEX = Int(0, 4095)
 FROM_WORKER = Registry(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -104,11 +105,12 @@ def test_daemon_queue_limit_timeout_and_metrics(tmp_path, monkeypatch):
             r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x", "max_tokens": 1},
                            timeout=30)
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+            # both get their first token (the scheduler prefills one prompt even when the decode
+            # batch is full), then none counts as waiting; both stay in flight
+            wait_for(lambda: c.status()["queue"]["waiting"] == 0, 60, "both first tokens")
             st = c.status()
             assert st["queue"]["rejected"] == 2 and st["queue"]["limit"] == 2
-            # both have their first token (the scheduler prefills one prompt even when the decode
-            # batch is full), so none counts as waiting; both are in flight
-            assert st["scheduler"]["queued"] == st["queue"]["waiting"] == 0
+            assert st["scheduler"]["queued"] == 0 and st["queue"]["in_flight"] == 2
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
             for line in ("dsd_queue_depth 0", "dsd_daemon_queue_in_flight 2", "dsd_daemon_queue_rejected 2",
                          "dsd_daemon_queue_limit 2"):
@@ -118,8 +120,27 @@ def test_daemon_queue_limit_timeout_and_metrics(tmp_path, monkeypatch):
             for t in threads:
                 t.join(60)
         wait_for(lambda: c.status()["queue"]["in_flight"] == 0, 60, "the streams to end")
+        # a non-streaming request whose client went away does not hold its slot to max_tokens
+        import zmq
+
+        from dsd.daemon import protocol as P
+
+        d = zmq.Context.instance().socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 1000)
+        d.connect(P.ctl_endpoint(run.sock_dir))
+        d.send(P.pack(P.build(P.TO_DAEMON, "generate", id="gone", prompt="Tell me a long story",
+                              stream=False, params={"max_tokens": 3000, "ignore_eos": True})))
+        wait_for(lambda: c.status()["scheduler"]["active"] == 1, 60, "the silent request to start")
+        d.close()
+        wait_for(lambda: c.status()["scheduler"]["active"] == 0, 30, "the silent request to be cancelled")
+        assert "its client went away; cancelled" in run.log()
+        assert c.status()["queue"]["in_flight"] == 0
         with pytest.raises(RequestTimeout, match="timeout of 0.5 s"):
             c.generate("Tell me a long story", max_tokens=3000, ignore_eos=True, timeout=0.5)
         st = c.status()
         assert st["queue"]["timed_out"] == 1 and st["queue"]["first_token_wait_s_max"] is not None
         assert c.generate("Hello", max_tokens=2, temperature=0).completion_tokens == 2
+        # a non-streaming client that stays hears the pings and ignores them
+        t0 = time.monotonic()
+        r = c.generate("Tell me a long story", max_tokens=300, ignore_eos=True)
+        assert r.completion_tokens == 300 and time.monotonic() - t0 > 2.0   # (so it was pinged)
