@@ -128,6 +128,19 @@ def running_daemon(sock_dir: str) -> Identity | None:
     return ident if ident is not None and ident.alive() else None
 
 
+def legacy_daemon(sock_dir: str) -> int | None:
+    """The pid of a daemon started by an older dsd (a plain pid file, no lock) if that pid is a
+    live `dsd ... start` process: neither signalled nor cleaned up after, only reported."""
+    try:
+        with open(P.pid_file(sock_dir)) as f:
+            text = f.read().strip()
+        pid = int(text)
+    except (OSError, ValueError):
+        return None
+    cmd = _proc_cmdline(pid) or ""
+    return pid if "dsd" in cmd and " start" in cmd and not lock_held(sock_dir) else None
+
+
 def stale_pid_file(sock_dir: str) -> bool:
     """A pid file written by a coordinator (with its identity) whose lock nobody holds: that
     daemon is gone, whatever process has its pid now."""

@@ -70,6 +70,15 @@ def test_stop_leaves_an_unrelated_process_alone_and_cleans_stale_files(tmp_path)
         assert "no daemon was running" in dsd(["stop"], run.env).stderr
         assert victims[0].poll() is None
         assert not os.path.exists(os.path.join(run.sock_dir, "daemon.pid"))
+        # an old dsd's daemon (plain pid file, `dsd.cli start` in its command line) is reported, not touched
+        legacy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "dsd.cli", "start"])
+        victims.append(legacy)
+        with open(os.path.join(run.sock_dir, "daemon.pid"), "w") as f:
+            f.write(str(legacy.pid))
+        for args in (["stop"], ["start"]):
+            p = dsd(args, run.env, check=False)
+            assert p.returncode == 1 and f"pid {legacy.pid} looks like a daemon of an older dsd" in p.stderr
+        assert legacy.poll() is None and os.path.exists(os.path.join(run.sock_dir, "daemon.pid"))
     finally:
         for v in victims:
             v.kill()

@@ -107,6 +107,12 @@ def run(args) -> int:
     from dsd.daemon.instance_dir import make_instance_dir, running_daemon
 
     make_instance_dir(sock_dir)        # refuses a directory another user could replace
+    from dsd.daemon.instance_dir import legacy_daemon
+
+    old = legacy_daemon(sock_dir)
+    if old:
+        raise DsdError(f"pid {old} looks like a daemon of an older dsd for instance {cfg['instance']!r}; "
+                       f"stop it (`kill {old}` after checking `ps -p {old} -o args`) before starting")
     other = running_daemon(sock_dir)   # the lock holder with its recorded identity, not any pid
     if other:
         raise DsdError(f"a dsd daemon (pid {other.pid}) is already running for instance "

@@ -21,7 +21,15 @@ def stop(sock_dir: str, instance: str, timeout: float = 15.0) -> bool:
                                          running_daemon, wait_gone, worker_identities)
 
     check_instance_dir(sock_dir)   # never act on files another user could have planted
+    from dsd.daemon.instance_dir import legacy_daemon
+    from dsd.errors import DsdError
+
     daemon = running_daemon(sock_dir)
+    old = legacy_daemon(sock_dir) if daemon is None else None
+    if old:
+        raise DsdError(f"pid {old} looks like a daemon of an older dsd (its pid file has no identity "
+                       f"and no lock), so dsd stop will not signal it: check `ps -p {old} -o args` "
+                       f"and `kill {old}` yourself, then run `dsd stop` again to remove its files")
     if daemon is None:
         left = clean_stale(sock_dir, instance)
         remove_pid_file(sock_dir)
