@@ -101,6 +101,7 @@ def _has_int8_dot() -> bool:
 
 
 INT8_ACTIVATIONS = os.environ.get("DSD_EXACT_ACTIVATIONS", "") in ("", "0") and _has_int8_dot()
+_VNNI = _has_vnni()
 
 
 # Batch invariance (DSD_DETERMINISTIC=1, or batch_invariant()): every product computes a token's
@@ -594,9 +595,12 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if not (int8 and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols):
             return _rowdot(qt, raw, flat, stride, nb, main, n_cols, X, out)
     elif qt.ggml_type == G.Q4_1:
-        # the float kernels are faster for T >= 2 (fused: 1.2-1.35x at T = 8; dequantize + sgemm
-        # 2.5x at T = 512: the 8-bit multi-token kernel is load-bound, one x load per vpdpbusd)
-        int8 = False
+        # With VNNI the float kernels are faster for T >= 2 (fused: 1.2-1.35x at T = 8; dequantize
+        # + sgemm 2.5x at T = 512: the 8-bit multi-token kernel is load-bound, one x load per
+        # vpdpbusd).  On AVX2 the float row decode costs more: the 8-bit kernel is 1.1-1.4x the
+        # fused one at T = 8 (SmolLM2's 1536 x 576 and 576 x 1536), so decode batches take it
+        # there (which also makes them batch-invariant without the mode); prompts keep sgemm.
+        int8 = int8 and not _VNNI and T <= FUSED_MAX_T
     if int8 and qt.ggml_type == G.Q8_0:
         # Q8_0 only for prompt products (more vectors than a decode batch has; rows of block
         # pairs): batched decode keeps the float kernels, as one-token decode does (SmolLM2's
