@@ -14,7 +14,8 @@ field, a value out of range.  A receiver logs a ProtocolError and answers it wit
 does not name are passed through unchecked (newer senders may add some).
 
 Client -> coordinator (TO_DAEMON; every request carries "v": VERSION, checked first):
-  generate   id, one of prompt (text) | messages (chat) | prompt_ids, params {sampling}, stream
+  generate   id, one of prompt (text) | messages (chat) | prompt_ids, params {sampling}, stream,
+             timeout (seconds; the daemon cancels the request then, see admission.py)
   cancel id | status | model_info | ping | shutdown | hops n (transport benchmark)
 Coordinator -> client (TO_CLIENT):
   chunk      id, text, finish_reason None|"stop"|"length", token_ids, prompt_tokens,
