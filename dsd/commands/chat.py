@@ -122,6 +122,30 @@ class ChatSession:
                   f"finish: {last.finish_reason}]", file=self.err)
         return answer
 
+    def repl(self, prompt_fn) -> int:
+        """Read messages and commands until EOF or /quit.  A request the daemon fails (a worker
+        died, the daemon is busy, a timeout) is reported and the session goes on."""
+        from dsd.client import RequestFailed
+
+        while True:
+            text = read_message(prompt_fn)
+            if text is None:
+                print(file=self.err)
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if not self.command(text):
+                    return 0
+                continue
+            try:
+                self.ask(text)
+            except KeyboardInterrupt:
+                print("\n[interrupted]", file=self.err)
+            except RequestFailed as e:
+                wait = getattr(e, "retry_after", None)
+                print(f"\n[error: {e}" + (f"; retry in {wait:g} s" if wait else "") + "]", file=self.err)
+
 
 def read_message(prompt_fn) -> str | None:
     """One user message from prompt_fn (input-like): backslash continuation or triple quotes."""
@@ -174,18 +198,4 @@ def run(args) -> int:
     info = client.model_info()
     print(f"dsd chat with {info['name']} ({info['architecture']}, {info['nodes']} node(s)); "
           f"/help for commands, Ctrl-D to quit", file=sys.stderr)
-    while True:
-        text = read_message(input)
-        if text is None:
-            print(file=sys.stderr)
-            return 0
-        if not text.strip():
-            continue
-        if text.startswith("/"):
-            if not session.command(text):
-                return 0
-            continue
-        try:
-            session.ask(text)
-        except KeyboardInterrupt:
-            print("\n[interrupted]", file=sys.stderr)
+    return session.repl(input)
