@@ -89,9 +89,14 @@ def _reply(data: bytes) -> dict:
 
 def _request(type_: str, **fields) -> dict:
     try:
-        return P.build(P.TO_DAEMON, type_, **fields)
+        msg = P.build(P.TO_DAEMON, type_, **fields)
+        P.pack(msg)   # an integer past 64 bits, a lone surrogate, an object msgpack cannot hold
     except P.ProtocolError as e:
         raise InvalidRequest(str(e)) from None
+    except (OverflowError, TypeError, ValueError) as e:
+        raise InvalidRequest(f"the request cannot be sent: {type(e).__name__}: {e} (integers must "
+                             f"fit in 64 bits, text must be valid Unicode)") from None
+    return msg
 
 
 def _raise(msg: dict):

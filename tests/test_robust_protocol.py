@@ -288,3 +288,17 @@ def test_daemon_survives_fuzzed_frames_on_every_socket(tmp_path):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
         assert c.status()["state"] == "ready"
         assert "Traceback" not in run.log()
+
+
+def test_client_refuses_what_it_cannot_send(tmp_path):
+    from dsd.client import Client, InvalidRequest
+
+    (tmp_path / "daemon.pid").write_text(str(__import__("os").getpid()))
+    (tmp_path / "ctl.sock").write_text("")
+    c = Client(socket_dir=str(tmp_path), timeout=1)
+    with pytest.raises(InvalidRequest, match="64 bits"):
+        c.generate("x", max_tokens=10**30)
+    with pytest.raises(InvalidRequest, match="valid Unicode"):
+        c.generate("x\ud800")
+    with pytest.raises(InvalidRequest, match="field 'n' must be an integer"):
+        c._call({"type": "hops", "n": "x"})
