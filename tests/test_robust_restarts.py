@@ -84,3 +84,14 @@ def test_daemon_restarts_by_rate(tmp_path, monkeypatch):
         wait_for(lambda: not alive(coord), 60, "the daemon to stop")
         log = run.log()
         assert "worker 0 died and will not be restarted: it died 2 times within 3600 s" in log, log[-2000:]
+
+
+def test_config_refuses_negative_limits():
+    import pytest
+
+    from dsd.daemon.config import load_config
+    from dsd.errors import DsdError
+
+    for key, val in (("MAX_QUEUE", "-1"), ("RESTART_MAX", "-2"), ("STALL_TIMEOUT_S", "-5")):
+        with pytest.raises(DsdError, match=f"{key.lower()} must be >= 0"):
+            load_config(env={f"DSD_{key}": val})
