@@ -56,8 +56,8 @@ def check(c: dict) -> None:
         raise DsdError(f"placement {c['placement']!r} is unknown; use experts, rows or auto")
     if c["pages"] not in ("auto", "1g", "2m", "thp", "4k"):
         raise DsdError(f"pages {c['pages']!r} is unknown; use auto, 1g, 2m, thp or 4k")
-    if int(c["nodes"]) < 1:
-        raise DsdError(f"nodes must be >= 1, got {c['nodes']}")
+    if int(c["nodes"]) < 0:
+        raise DsdError(f"nodes must be >= 1 (or 0 = one worker per NUMA node with CPUs), got {c['nodes']}")
     for k in ("max_batch", "prefill_chunk", "context"):
         if int(c[k]) < 1:
             raise DsdError(f"{k} must be >= 1, got {c[k]}")
@@ -67,6 +67,20 @@ def check(c: dict) -> None:
     for k in ("restart_window_s", "restart_healthy_s", "stall_timeout_s", "stall_kill_s", "request_timeout"):
         if float(c.get(k, 0)) < 0:
             raise DsdError(f"{k} must be >= 0 seconds, got {c[k]} (0 turns it off where that applies)")
+
+
+def worker_count(c: dict, topo=None) -> int:
+    """Workers to start: `nodes`, or for 0 (the default) one per NUMA node that has CPUs, so a
+    two-socket user who names nothing gets both sockets sharded (memory-only nodes, e.g. CXL
+    expanders, run no worker)."""
+    n = int(c["nodes"])
+    if n > 0:
+        return n
+    if topo is None:
+        from dsd.numa import read_topology
+
+        topo = read_topology()
+    return max(1, sum(1 for nd in topo.nodes if nd.cpus))
 
 
 def state_dir() -> str:

@@ -21,6 +21,7 @@ from dsd.daemon import protocol as P
 from dsd.daemon.client_side import ClientSide
 from dsd.daemon.restarts import RestartPolicy
 from dsd.daemon.admission import Admission
+from dsd.daemon.config import worker_count
 from dsd.daemon.watchdog import StallWatch
 from dsd.daemon.shm_channel import Channel, remove_fifos, shm_prefix
 
@@ -114,7 +115,7 @@ class Daemon(ClientSide):
         self.gguf = open_gguf(self.model_path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.template = ChatTemplate.from_metadata(self.gguf.metadata)
-        n = int(self.cfg["nodes"])
+        n = worker_count(self.cfg)
         self.plan = make_plan(self.gguf, n, self.cfg["placement"])
         for line in self.plan.describe():
             self.log(line)

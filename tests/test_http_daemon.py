@@ -1,4 +1,4 @@
-"""End to end: `dsd start --http 127.0.0.1:PORT --api-key KEY` (coordinator + worker processes),
+"""End to end: `dsd start --http 127.0.0.1:PORT (key in DSD_API_KEY)` (coordinator + worker processes),
 driven with the official `openai` package and httpx, then `dsd stop`; no process may remain.
 
 Greedy answers must equal the single-process engine's token for token.
@@ -30,9 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def dsd(*args, timeout=600) -> subprocess.CompletedProcess:
+def dsd(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dsd.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def instance_procs(instance: str) -> list[psutil.Process]:
@@ -50,7 +51,8 @@ def instance_procs(instance: str) -> list[psutil.Process]:
 def daemon():
     instance = "httpe2e" + uuid.uuid4().hex[:8]
     port = free_port()
-    r = dsd("start", "--instance", instance, "--http", f"127.0.0.1:{port}", "--api-key", KEY)
+    # the key goes through the environment: `--api-key KEY` would show it in `ps`, and is refused
+    r = dsd("start", "--instance", instance, "--http", f"127.0.0.1:{port}", env={"DSD_API_KEY": KEY})
     try:
         assert r.returncode == 0, r.stdout + r.stderr
         url = f"http://127.0.0.1:{port}"
@@ -157,3 +159,11 @@ def test_disconnect_cancels_in_daemon(daemon):
         assert "dsd_node_weight_bytes{" in m
         r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+
+
+def test_api_key_on_the_command_line_is_refused():
+    r = dsd("start", "--instance", "apikeyrefused" + uuid.uuid4().hex[:8], "--http", "127.0.0.1:1",
+            "--api-key", KEY, timeout=120)
+    assert r.returncode != 0
+    assert "DSD_API_KEY" in r.stderr and "--api-key-file" in r.stderr
+    assert KEY not in r.stderr and "Traceback" not in r.stderr

@@ -286,3 +286,18 @@ def test_split_keeps_smt_siblings_together(tmp_path):
     # more workers than cores on a node: single CPUs, still each CPU once
     v, _ = virtual_nodes(16, topo)
     assert sorted(c for x in v for c in x.cpus) == list(range(16))
+
+
+def test_worker_count_defaults_to_nodes_with_cpus(tmp_path):
+    """`nodes = 0` (the default) starts one worker per NUMA node that has CPUs: a two-socket
+    user who names nothing gets both sockets; a memory-only node runs no worker."""
+    from dsd.daemon.config import check, load_config, worker_count
+    from dsd.errors import DsdError
+
+    topo = read_topology(make_tree(tmp_path, {0: "0-3", 1: "4-7", 2: ""}))
+    cfg = load_config({}, env={})
+    assert int(cfg["nodes"]) == 0
+    assert worker_count(cfg, topo) == 2
+    assert worker_count({**cfg, "nodes": 3}, topo) == 3
+    with pytest.raises(DsdError, match="nodes must be"):
+        check({**cfg, "nodes": -1})

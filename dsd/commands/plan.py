@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import json
 
-    from dsd.daemon.config import load_config
+    from dsd.daemon.config import load_config, worker_count
     from dsd.daemon.placement import make_plan
     from dsd.numa import hugepage_plan, read_topology
     from dsd.shard.gguf_file import open_gguf
@@ -23,7 +23,7 @@ def run(args) -> int:
     cfg = load_config({"model": args.model, "nodes": args.nodes, "placement": args.placement})
     path = resolve_model(cfg["model"] or None)
     with open_gguf(path) as g:
-        plan = make_plan(g, int(cfg["nodes"]), cfg["placement"])
+        plan = make_plan(g, worker_count(cfg), cfg["placement"])
     wb = plan.worker_bytes()
     needs, note = hugepage_plan(wb, read_topology())
     if args.json:

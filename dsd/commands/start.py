@@ -25,8 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--http", default=None, metavar="[HOST:]PORT",
                    help="also serve the OpenAI-compatible HTTP API")
     p.add_argument("--api-key", default=None,
-                   help="bearer key the HTTP API requires (visible in `ps` while `dsd start` runs: "
-                        "prefer DSD_API_KEY or --api-key-file; the daemon never has it in its command line)")
+                   help="refused: a key in a command line is visible to every local user (`ps`); "
+                        "use DSD_API_KEY or --api-key-file")
     p.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="read the HTTP API's bearer key from this file (first line)")
     p.add_argument("--foreground", action="store_true", help="run in this process, log to stderr")
@@ -95,10 +95,9 @@ def run(args) -> int:
     from dsd.errors import DsdError
 
     cfg = config_from_args(args)
-    if args.api_key:
-        print("dsd: warning: --api-key shows the key to every local user (`ps`) while this command "
-              "runs; use DSD_API_KEY=... or --api-key-file (the daemon gets it through its "
-              "environment either way)", file=sys.stderr)
+    if args.api_key:   # refused, not warned: the key would be in `ps` for every local user
+        raise DsdError("--api-key puts the key in this command line, which every local user sees "
+                       "(`ps`); give it as DSD_API_KEY=KEY dsd start ... or --api-key-file PATH")
     if cfg["http"] is not None:   # a malformed --http fails here, before anything starts
         from dsd.daemon.http_serve import parse_http_address
 
