@@ -27,7 +27,7 @@ Coordinator -> client (TO_CLIENT):
 Worker <-> coordinator (control only; activations move through shared memory, see shm_channel):
   worker:  hello v, index, pid                       (versioned handshake)
   coord:   assign v, plan, channel, node, cpus, ...  (what to load)
-  worker:  progress index, done, total | ready v, index, pid, stats | fatal index, message
+  worker:  progress index, done, total[, phase] | ready v, index, pid, stats | fatal index, message
   coord:   stats -> worker: stats index, stats
   coord:   stop
 A worker that dies is noticed through its pidfd (the "dead sentinel"), not through a message.
@@ -270,7 +270,8 @@ _INDEX = Int(0, 4095)
 FROM_WORKER = Registry(
     "worker message",
     Schema("hello", {"index": _INDEX, "pid": Int(1)}, True),
-    Schema("progress", {"index": _INDEX, "done": Int(0), "total": Int(0)}),
+    Schema("progress", {"index": _INDEX, "done": Int(0), "total": Int(0),
+                        "phase": OneOf("allocating", "loading").optional()}),
     Schema("ready", {"index": _INDEX, "pid": Int(1), "stats": Map()}, True),
     Schema("fatal", {"index": _INDEX, "message": Str(1 << 16)}),
     Schema("stats", {"index": _INDEX, "stats": Map()}),

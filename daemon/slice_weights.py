@@ -5,7 +5,9 @@ experts), so the normal model constructors build over it unchanged.  Tensors the
 hold come back as inert placeholders of the right shape whose bytes are a zero-stride view of one
 zero row (no memory): the model objects of other workers' layers exist but are never called.
 
-Loading reads only the worker's byte ranges from the file (numa.load_file_range into a buffer
+Loading reads only the worker's byte ranges, READERS pieces at a time (preadv drops the GIL;
+NVMe drives need several reads in flight to reach their bandwidth, and the copy out of the page
+cache runs on more than one core), from the file (numa.load_file_range into a buffer
 from numa.allocate on the worker's node).  One exception: column slices (a row share of
 ffn_down_exps [E, D, F], of a 2-D down projection [D, F], the columns of a worker's heads in
 attn_output) are strided in the file; each matrix is read into a scratch buffer and the worker's
@@ -21,6 +23,7 @@ from dsd.shard import kernels
 from dsd.shard.weights import ExpertStack, Linear
 
 ALIGN = 64
+READERS = 4
 
 
 def _zero_view(shape: tuple[int, ...], row_bytes: int) -> np.ndarray:
@@ -69,7 +72,10 @@ class _Absent(Linear):
 
 class SliceWeights:
     def __init__(self, gguf_model, pieces: list, node: int = 0, pages: str = "auto",
-                 progress=None, allocate=True):
+                 progress=None, allocate=True, readers: int = READERS):
+        """progress: optional callable(done_bytes, total_bytes, phase) with phase "allocating"
+        (pages being pre-faulted) then "loading" (bytes read from the file); called from this
+        thread only."""
         self.model = gguf_model
         self.pieces = {p.name: p for p in pieces}
         self.arrays: dict[str, tuple[np.ndarray, int]] = {}
@@ -86,16 +92,30 @@ class SliceWeights:
             return
         from dsd.numa import allocate as numa_allocate
 
-        self.buffer = numa_allocate(max(total, 4096), node, pages=pages)
-        done = 0
-        for p in pieces:
+        self.buffer = numa_allocate(max(total, 4096), node, pages=pages,
+                                    progress=(lambda d, n: progress(d, n, "allocating")) if progress else None)
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        def load(p):
             shape, cols, nbytes, off = layouts[p.name]
             self._load(gguf_model.tensors[p.name], p, off, nbytes)
-            raw = self.buffer.array("uint8", shape, off)
-            self.arrays[p.name] = (raw, cols)
-            done += nbytes
-            if progress:
-                progress(done, total)
+            return p, shape, cols, off, nbytes
+
+        done, data = 0, sum(lay[2] for lay in layouts.values())
+        with ThreadPoolExecutor(max(1, readers), thread_name_prefix="dsd-read") as pool:
+            # biggest first, so the last reads in flight are short ones
+            futures = [pool.submit(load, p) for p in sorted(pieces, key=lambda p: -layouts[p.name][2])]
+            try:
+                for f in as_completed(futures):
+                    p, shape, cols, off, nbytes = f.result()
+                    self.arrays[p.name] = (self.buffer.array("uint8", shape, off), cols)
+                    done += nbytes
+                    if progress:
+                        progress(done, data, "loading")
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
     def _load(self, t, p, off: int, nbytes: int) -> None:
         from dsd.numa import load_file_range

@@ -133,11 +133,11 @@ class Worker:
         self.plan = plan
         last = [0.0]
 
-        def progress(done, total):
+        def progress(done, total, phase):
             now = time.monotonic()
             if now - last[0] > 0.2 or done == total:
                 last[0] = now
-                self.send("progress", done=int(done), total=int(total))
+                self.send("progress", done=int(done), total=int(total), phase=phase)
 
         t0 = time.perf_counter()
         self.gguf = open_gguf(plan.model_path)

@@ -193,9 +193,18 @@ def _bind(addr: int, length: int, node: int, topo: Topology) -> None:
         raise NumaError(f"mbind to node {node} failed: {e.strerror}") from e
 
 
-def _populate(addr: int, length: int) -> None:
+POPULATE_STEP = 1 << 30   # pre-fault 1 GiB per madvise so a progress bar can move (a multiple of every page size)
+
+
+def _populate(addr: int, length: int, progress=None) -> None:
+    """Fault in [addr, addr+length); progress(nbytes) after each step (pre-faulting hundreds of
+    GB takes minutes: zeroing runs at a few GB/s per thread)."""
     try:
-        _sys.madvise(addr, length, _sys.MADV_POPULATE_WRITE)
+        for off in range(0, length, POPULATE_STEP):
+            n = min(POPULATE_STEP, length - off)
+            _sys.madvise(addr + off, n, _sys.MADV_POPULATE_WRITE)
+            if progress is not None:
+                progress(n)
     except OSError as e:
         if e.errno != 22:  # EINVAL: kernel < 5.14 does not know POPULATE_WRITE
             raise
@@ -205,9 +214,11 @@ def _populate(addr: int, length: int) -> None:
         step = PAGE_4K
         for off in range(0, length, step):
             ctypes.memset(addr + off, 0, 1)
+            if progress is not None and (off + step) % POPULATE_STEP == 0:
+                progress(POPULATE_STEP)
 
 
-def _map_segment(addr: int, length: int, kind: str, node: int, topo: Topology) -> None:
+def _map_segment(addr: int, length: int, kind: str, node: int, topo: Topology, progress=None) -> None:
     """Map, bind and pre-fault one segment at a fixed address; raises OSError on failure,
     leaving the range unmapped-and-replaced by the placeholder."""
     flags = _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_FIXED | _KIND_FLAGS[kind]
@@ -218,7 +229,7 @@ def _map_segment(addr: int, length: int, kind: str, node: int, topo: Topology) -
         elif kind == "4k":
             _sys.madvise(addr, length, _sys.MADV_NOHUGEPAGE)
         _bind(addr, length, node, topo)
-        _populate(addr, length)
+        _populate(addr, length, progress)
     except BaseException:
         _placeholder(addr, length)
         raise
@@ -252,13 +263,14 @@ def _pool_hint(node: int, kind: str, pages: int, topo: Topology) -> str:
 
 
 def allocate(nbytes: int, node: int, pages: str = "auto",
-             topology: Topology | None = None) -> NodeBuffer:
+             topology: Topology | None = None, progress=None) -> NodeBuffer:
     """Allocate `nbytes` on NUMA `node`, pre-faulted, in the requested page size.
 
     pages: "1g" / "2m" strict hugetlb (HugePagePoolError if the node's pool is short),
            "thp" (transparent huge pages, 4 KiB where the kernel has none), "4k",
            "auto": 1 GiB pages while the node's pool lasts, then 2 MiB, then THP (4 KiB if
            THP is off); the result may be several segments, see NodeBuffer.report().
+    progress: optional callable(done_bytes, total_bytes) while pages are pre-faulted.
     """
     if pages not in PAGE_KINDS:
         raise NumaError(f"unknown page size {pages!r}; use one of {', '.join(PAGE_KINDS)}")
@@ -269,14 +281,21 @@ def allocate(nbytes: int, node: int, pages: str = "auto",
     if not info.mem_total and not any(p.total for p in info.pools.values()):
         raise NumaError(f"NUMA node {node} has no memory (CPU-only node); allocate on a node "
                         f"with memory: {[n.id for n in topo.nodes if n.mem_total]}")
-    if pages == "auto":
-        return _allocate_auto(nbytes, node, topo)
-    page = _KIND_PAGE[pages]
+    page = _KIND_PAGE[pages] if pages != "auto" else PAGE_2M
     length = _round_up(nbytes, page)
+    faulted = [0]
+
+    def step(n: int) -> None:   # a failed huge-page try is retried smaller: never past 100%
+        faulted[0] = min(faulted[0] + n, length)
+        progress(faulted[0], length)
+
+    step = step if progress is not None else None
+    if pages == "auto":
+        return _allocate_auto(nbytes, node, topo, step)
     align = page if page > PAGE_4K else (PAGE_2M if pages == "thp" else PAGE_4K)
     start = _reserve_range(length, align)
     try:
-        _map_segment(start, length, pages, node, topo)
+        _map_segment(start, length, pages, node, topo, step)
     except OSError as e:
         _sys.munmap(start, length)
         if pages in ("1g", "2m"):
@@ -292,13 +311,14 @@ def allocate(nbytes: int, node: int, pages: str = "auto",
     return NodeBuffer(_Mapping(start, length), nbytes, node, [Segment(0, length, pages)])
 
 
-def _try_huge(start: int, cursor: int, want: int, kind: str, node: int, topo: Topology) -> int:
+def _try_huge(start: int, cursor: int, want: int, kind: str, node: int, topo: Topology,
+              progress=None) -> int:
     """Map up to `want` pages of `kind` at start+cursor; return how many were obtained."""
     page = _KIND_PAGE[kind]
     n = want
     while n > 0:
         try:
-            _map_segment(start + cursor, n * page, kind, node, topo)
+            _map_segment(start + cursor, n * page, kind, node, topo, progress)
             return n
         except OSError:
             # The free count in sysfs may be stale or the pages on another node: retry with
@@ -308,7 +328,7 @@ def _try_huge(start: int, cursor: int, want: int, kind: str, node: int, topo: To
     return 0
 
 
-def _allocate_auto(nbytes: int, node: int, topo: Topology) -> NodeBuffer:
+def _allocate_auto(nbytes: int, node: int, topo: Topology, progress=None) -> NodeBuffer:
     length = _round_up(nbytes, PAGE_2M)
     info = topo.node(node)
     want_1g = min(length // PAGE_1G, info.pool("1g").free)
@@ -317,19 +337,19 @@ def _allocate_auto(nbytes: int, node: int, topo: Topology) -> NodeBuffer:
     segments: list[Segment] = []
     cursor = 0
     try:
-        got = _try_huge(start, cursor, want_1g, "1g", node, topo) if want_1g else 0
+        got = _try_huge(start, cursor, want_1g, "1g", node, topo, progress) if want_1g else 0
         if got:
             segments.append(Segment(cursor, got * PAGE_1G, "1g"))
             cursor += got * PAGE_1G
         want_2m = min((length - cursor) // PAGE_2M, info.pool("2m").free)
-        got = _try_huge(start, cursor, want_2m, "2m", node, topo) if want_2m else 0
+        got = _try_huge(start, cursor, want_2m, "2m", node, topo, progress) if want_2m else 0
         if got:
             segments.append(Segment(cursor, got * PAGE_2M, "2m"))
             cursor += got * PAGE_2M
         if cursor < length:
             kind = "4k" if topo.thp == "never" else "thp"
             try:
-                _map_segment(start + cursor, length - cursor, kind, node, topo)
+                _map_segment(start + cursor, length - cursor, kind, node, topo, progress)
             except OSError as e:
                 raise NumaError(f"cannot allocate {human(length - cursor)} more on node {node} "
                                 f"({kind} pages): {e.strerror}; free memory on that node") from e

@@ -269,3 +269,18 @@ def test_process_exit_returns_hugepages_without_free(pools):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "2m", r.stderr
     assert _free("2m") == free0
+
+
+@pytest.mark.parametrize("pages", ["4k", "thp", "auto"])
+def test_allocate_reports_prefault_progress(monkeypatch, pages):
+    """Pre-faulting goes in POPULATE_STEP pieces with progress after each, ending at the
+    mapping's length (a 671B model's pages take minutes to fault: the bar must move)."""
+    from dsd.numa import alloc
+
+    monkeypatch.setattr(alloc, "POPULATE_STEP", 4 * PAGE_2M)
+    calls = []
+    with allocate(18 * PAGE_2M + 5, 0, pages=pages, progress=lambda d, t: calls.append((d, t))) as b:
+        assert np.asarray(b.array("uint8")).size >= 18 * PAGE_2M
+    done = [d for d, _ in calls]
+    assert len(calls) >= 5 and done == sorted(done)
+    assert calls[-1][0] == calls[-1][1] >= 18 * PAGE_2M + 5

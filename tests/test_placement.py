@@ -173,3 +173,39 @@ def test_slice_weights_load_only_own_values(tmp_path):
                                 lin(np.zeros(lin.cols, dtype=np.float32))
                 finally:
                     sw.free()
+
+
+@pytest.mark.parametrize("mode", ["experts", "rows"])
+def test_slice_weights_parallel_reads_equal_serial_and_report_phases(tmp_path, mode):
+    """READERS pieces in flight give the same bytes as one at a time, and progress goes
+    'allocating' (pre-faulting) then 'loading', each rising to its total, from this thread."""
+    import threading
+
+    from dsd.daemon.slice_weights import SliceWeights
+
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=64, qtype=Q.Q8_0)
+    with open_gguf(path) as g:
+        plan = make_plan(g, 2, mode)
+        seen = []
+        me = threading.get_ident()
+
+        def progress(done, total, phase):
+            assert threading.get_ident() == me   # the worker's ZMQ socket is not thread-safe
+            seen.append((phase, done, total))
+
+        one = SliceWeights(g, plan.pieces[1], node=0, pages="4k", readers=1)
+        four = SliceWeights(g, plan.pieces[1], node=0, pages="4k", readers=4, progress=progress)
+        try:
+            assert set(one.arrays) == set(four.arrays)
+            for name, (raw, cols) in one.arrays.items():
+                assert np.array_equal(raw, four.arrays[name][0]) and cols == four.arrays[name][1]
+            phases = [p for p, _, _ in seen]
+            assert phases[0] == "allocating" and phases[-1] == "loading"
+            assert phases == sorted(phases)   # 'allocating' entries all come before 'loading'
+            for ph in ("allocating", "loading"):
+                xs = [(d, t) for p, d, t in seen if p == ph]
+                assert [d for d, _ in xs] == sorted(d for d, _ in xs) and xs[-1][0] == xs[-1][1]
+            assert seen[-1][1] == sum(raw.nbytes for raw, _ in four.arrays.values())
+        finally:
+            one.free()
+            four.free()
