@@ -113,6 +113,9 @@ class Daemon(ClientSide):
             self.http_sock = bind(*self.http_addr)
         self.model_path = resolve_model(self.cfg["model"] or None)
         self.gguf = open_gguf(self.model_path)
+        from dsd.shard.gguf_check import check_memory_fit, check_model
+
+        check_model(self.gguf)  # tensors vs metadata, before any worker loads (shard/gguf_check.py)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.template = ChatTemplate.from_metadata(self.gguf.metadata)
         n = worker_count(self.cfg)
@@ -120,6 +123,8 @@ class Daemon(ClientSide):
         for line in self.plan.describe():
             self.log(line)
         topo = read_topology()
+        for w in check_memory_fit(self.plan.worker_bytes(), topo, pages=self.cfg["pages"]):
+            self.log(f"warning: {w}")
         vnodes, note = virtual_nodes(n, topo)
         self.numa_note = note
         if note:

@@ -261,6 +261,13 @@ def test_column_slice_and_bad_rows():
 
 
 # -- products ------------------------------------------------------------------------------------
+# float32 activations here (exactly decoded weights, float32 rounding only); the 8-bit
+# activation kernels of IQ4_NL / IQ4_XS / MXFP4 are tests/test_quant_iq_int8.py's
+
+@pytest.fixture(autouse=True)
+def _float_activations(monkeypatch):
+    monkeypatch.setattr(registry, "INT8_ACTIVATIONS", False)
+
 
 def assert_close_product(got, ref64, bound):
     """float32 accumulation of exactly decoded weights: far below 1e-5 of sum |w x|."""

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 
 from dsd.shard.batch import Batch
 from dsd.shard.gguf_file import open_gguf
-from dsd.shard.kernels import batch_invariant, registry
+from dsd.shard.kernels import batch_invariant, exact_activations, registry
 from dsd.shard.models import build_model
 from dsd.shard.synth import SynthSpec, write_synthetic
 from tests.reference.moe_ref import deepseek2_logits
@@ -63,16 +63,31 @@ def test_file_holds_every_new_type(all_types_file):
 def test_logits_match_float64_reference(all_types_file):
     """Prompt (all positions), then decode steps, against the float64 reference; the token
     embedding is a row lookup of IQ4_XS rows, the head an IQ3_S matrix."""
-    g = open_gguf(all_types_file)
+    with exact_activations():  # float32 x: the 8-bit x of IQ4_NL / IQ4_XS / MXFP4 is tested below
+        _check_logits(all_types_file, 2e-5)  # float32 products of exactly decoded weights
+
+
+@pytest.mark.int8
+def test_logits_with_int8_activations_close_to_float64(all_types_file):
+    """The same with 8-bit activations for the types that have integer kernels (rows_iq8:
+    IQ4_NL, IQ4_XS, MXFP4; x rounded to 1/254 of its block's max): within 1e-2 of the largest
+    logit, the same greedy tokens."""
+    if not registry.INT8_ACTIVATIONS:
+        pytest.skip("no 8-bit activation kernels on this CPU (or DSD_EXACT_ACTIVATIONS=1)")
+    _check_logits(all_types_file, 1e-2)
+
+
+def _check_logits(path, tol):
+    g = open_gguf(path)
     model = build_model(g)
-    ref = deepseek2_logits(all_types_file, TOKENS)
+    ref = deepseek2_logits(path, TOKENS)
     assert np.isfinite(ref).all() and ref.std() > 0.1
     cache = model.new_cache(64)
     got = model.forward(Batch.single(cache, TOKENS[:7], all_logits=True))
-    assert _rel(got, ref[:7]) <= 2e-5  # float32 products of exactly decoded weights
+    assert _rel(got, ref[:7]) <= tol
     for t in range(7, len(TOKENS)):  # one-token decode: matvec, gathered / fused experts
         step = model.forward(Batch.single(cache, [TOKENS[t]]))
-        assert _rel(step[-1], ref[t]) <= 2e-5, t
+        assert _rel(step[-1], ref[t]) <= tol, t
     assert (got.argmax(-1) == ref[:7].argmax(-1)).all()
 
 

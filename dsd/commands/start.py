@@ -84,6 +84,21 @@ def _failure_reason(log_file: str, since: int) -> str:
     return "; ".join(tail) if tail else "no output"
 
 
+def _preflight(cfg) -> None:
+    """The model file against its metadata and its plan against free memory, in this process:
+    the error is one line with rc 1 before a daemon or any worker is started (the coordinator
+    checks the same again for --foreground)."""
+    from dsd.daemon.config import worker_count
+    from dsd.shard.gguf_check import preflight
+    from dsd.shard.gguf_file import open_gguf
+    from dsd.shard.model_path import resolve_model
+
+    with open_gguf(resolve_model(cfg["model"] or None)) as g:
+        _, warnings = preflight(g, worker_count(cfg), cfg["placement"], cfg.get("pages"))
+    for w in warnings:
+        print(f"dsd: warning: {w}", file=sys.stderr)
+
+
 def run(args) -> int:
     import subprocess
 
@@ -120,6 +135,7 @@ def run(args) -> int:
         from dsd.daemon.coordinator import run_daemon
 
         return run_daemon(cfg)
+    _preflight(cfg)   # a damaged/unsupported file or one that cannot fit fails here, rc 1
     log_file = log_path(cfg)
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -15,8 +15,10 @@ follow registry's conventions: raw uint8 (rows, row_bytes) with contiguous rows,
 read-only 1-D view with row r at flat[r * stride], x float32 (n_cols,), X float32 C-contiguous
 (T, n_cols).
 
-The 8-bit activation kernels llama.cpp uses for these types (Q8_K / Q8_0 x, integer dot
-products) are not here yet: DSD_EXACT_ACTIVATIONS makes no difference for these types.
+With 8-bit activations (registry.INT8_ACTIVATIONS; DSD_EXACT_ACTIVATIONS=1 keeps float x) the
+types of rows_iq8.IQ8_KINDS (IQ4_NL, IQ4_XS, MXFP4) take rows_iq8's integer kernels instead for
+matvec, the gathered products and T <= SMALL_T (and every T in batch-invariant mode), as
+llama.cpp computes them (x quantized per 32 / 256 elements); prompts keep dequantize + sgemm.
 
 Cache note (as drivers.py): numba's on-disk cache of these kernels holds the decoders inlined
 and is keyed on this file only; after editing dequant_iq.py or simd_iq.py delete
@@ -34,6 +36,7 @@ from dsd.errors import GGUFError
 from ._common import F16_TABLE
 from .simd_iq import dot8t, dot32
 from .dequant_iq import BLOCK_DECODERS, IQ_TYPES, deq_row, deq_rows_parallel, deq_rows_serial  # noqa: F401
+from .rows_iq8 import IQ8_KINDS, mm_iq8_parallel, mm_iq8_serial, mv_iq8_parallel, mv_iq8_serial
 
 ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch row each; static prange schedule)
 SMALL_T = 16        # up to this many vectors: fused kernel (each row decoded once for all of them)
@@ -175,10 +178,29 @@ def offsets(flat, offs, rstride: int, nrows: int, ggml_type: int, n_cols: int, X
     ggml_type = int(ggml_type)
     nb, bs, ts = _nb(ggml_type, n_cols)
     nbytes = offs.shape[0] * nrows * nb * ts
-    par = _reg()._par_ok(nbytes)
+    R = _reg()
+    par = R._par_ok(nbytes)
+    if _int8(R, ggml_type):
+        _timed(par, nbytes, _lit, mv_iq8_parallel if par else mv_iq8_serial,
+               ggml_type, flat, offs, rstride, nrows, nb, F16_TABLE, X, xi, out)
+        return out
     _timed(par, nbytes, gather_parallel if par else gather_serial,
            ggml_type, flat, offs, rstride, nrows, nb, bs, F16_TABLE, X, xi, out)
     return out
+
+
+def _int8(R, ggml_type: int) -> bool:
+    """8-bit activations and an integer kernel for the type (rows_iq8)."""
+    return R.INT8_ACTIVATIONS and ggml_type in IQ8_KINDS
+
+
+def _lit(fn, kind, *args):
+    """rows_iq8 driver fn(kind, *args) with kind a compile-time literal, through registry._entry
+    (its compiled entry point: the dispatcher redoes literal typing on every call, ~ms); the
+    variant key holds every argument property that changes the numba types."""
+    var = tuple((type(a), a.dtype, a.ndim, a.flags.writeable, a.flags.c_contiguous) if isinstance(a, np.ndarray)
+                else type(a) for a in args)
+    return _reg()._entry(fn, kind, var, *args)
 
 
 _ZERO = np.zeros(1, np.int64)
@@ -233,13 +255,21 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out=None) -> np.ndarr
         # decoded once per token), so row t is bit-identical to matvec(raw, X[t]) for any T
         # (serial or parallel as matvec decides it: by the matrix's bytes)
         par = R._par_ok(nrows * rb)
-        _timed(par, T * nrows * rb, gather_parallel if par else gather_serial, ggml_type, flat,
-               np.zeros(T, np.int64), stride, nrows, nb, bs, F16_TABLE, X, np.arange(T, dtype=np.int64), o)
+        if _int8(R, ggml_type):
+            _timed(par, T * nrows * rb, _lit, mv_iq8_parallel if par else mv_iq8_serial, ggml_type, flat,
+                   np.zeros(T, np.int64), stride, nrows, nb, F16_TABLE, X, np.arange(T, dtype=np.int64), o)
+        else:
+            _timed(par, T * nrows * rb, gather_parallel if par else gather_serial, ggml_type, flat,
+                   np.zeros(T, np.int64), stride, nrows, nb, bs, F16_TABLE, X, np.arange(T, dtype=np.int64), o)
     elif T <= SMALL_T:
         nbytes = nrows * rb
         par = R._par_ok(nbytes)
-        _timed(par, T * nbytes, multi_parallel if par else multi_serial,
-               ggml_type, flat, stride, nrows, nb, bs, F16_TABLE, X, o)
+        if _int8(R, ggml_type):
+            _timed(par, T * nbytes, _lit, mm_iq8_parallel if par else mm_iq8_serial,
+                   ggml_type, flat, stride, nrows, nb, F16_TABLE, X, o)
+        else:
+            _timed(par, T * nbytes, multi_parallel if par else multi_serial,
+                   ggml_type, flat, stride, nrows, nb, bs, F16_TABLE, X, o)
     else:
         # dequantize on the calling thread: a numba parallel region next to OpenBLAS calls costs
         # ms while BLAS threads spin (registry.matmul)
@@ -309,3 +339,7 @@ def warm_up(ggml_type: int) -> None:
         (multi_parallel if par else multi_serial)(ggml_type, pf, ps, 4, 2, bs, F16_TABLE, X, out)
         (deq_rows_parallel if par else deq_rows_serial)(ggml_type, pf, ps, 4, 2, F16_TABLE,
                                                         np.empty((4, cols), np.float32))
+        if _int8(R, ggml_type):
+            _lit(mv_iq8_parallel if par else mv_iq8_serial, ggml_type, flat, np.zeros(2, np.int64), rst, 4, 2,
+                 F16_TABLE, X, np.zeros(2, np.int64), out)
+            _lit(mm_iq8_parallel if par else mm_iq8_serial, ggml_type, pf, ps, 4, 2, F16_TABLE, X, out)

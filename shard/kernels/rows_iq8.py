@@ -1,0 +1,227 @@
+"""IQ4_NL, IQ4_XS and MXFP4 rows with 8-bit activations and integer dot products (issue 15),
+the way llama.cpp computes them on AVX2:
+
+    IQ4_NL (18 B: d | qs[16])   and MXFP4 (17 B: E8M0 e | qs[16]) against x quantized per 32
+        elements (xq int8, xd float32 per 32; drivers_i8.quant_x_q8_32, llama.cpp's Q8_0):
+        sum w x = sum_b s_b dx_b (sum_i v_i xq_i),  s_b = d (fp16) or 2^(e - 128), v = kvalue
+    IQ4_XS (136 B: d | scales_h u16 | scales_l[4] | qs[128]) against x quantized per 256
+        (drivers_i8.quant_x_q8k, llama.cpp's Q8_K):
+        sum w x = sum_B d_B dx_B sum_j (ls_j - 32) (sum_{i in sub-block j} v_i xq_i)
+
+The 4-bit codes become their int8 table values (KV_IQ4: -127 .. 113; KV_FP4 doubled E2M1:
+-12 .. 12) by one vpshufb (the 16-entry table in both 128-bit lanes), then the signed x signed
+products go through vpmaddubsw with llama.cpp's sign trick: |v| (unsigned) times x * sign(v)
+-- pair sums <= 2 * 127 * 127 < 2^15, exact -- and vpmaddwd (by 1, or by the IQ4_XS sub-block
+scale) into int32 lanes: the integer sum of a block is exact.  Float work per block: one int ->
+float conversion and one fma by s_b * dx_b into an 8-lane accumulator, summed in a fixed tree
+at the end (rows_i8._hsum_strict): the multi-token driver runs the same row kernel per token,
+so the products are batch-invariant.
+
+AVX2 instructions (llvm.x86.avx2.*): used only where registry.INT8_ACTIVATIONS holds (AVX2 or
+AVX-512 VNNI). Cache note: after editing this file delete __pycache__/rows_iq8.*.nbi / *.nbc.
+"""
+import numpy as np
+from gguf import GGMLQuantizationType as G
+from llvmlite import ir
+from numba import literally, njit, prange
+from numba.core import cgutils, types
+from numba.extending import overload
+
+from .dequant_iq import KV_FP4, KV_IQ4
+from .drivers_i8 import quant_x_q8_32, quant_x_q8k
+from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
+from .rows_i8 import STRICT, _fma, _hsum_strict
+
+K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
+IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4)
+ROWS_PER_ITEM = 16  # rows per parallel work item (as products_iq)
+
+
+def _avx2(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+class _Ops:
+    """The AVX2 pieces of a 32-element block product."""
+
+    def __init__(self, builder, table):
+        b = self.b = builder
+        self.pshufb = _avx2(b, "llvm.x86.avx2.pshuf.b", V(I8, 32), [V(I8, 32), V(I8, 32)])
+        self.maddubs = _avx2(b, "llvm.x86.avx2.pmadd.ub.sw", V(I16, 16), [V(I8, 32), V(I8, 32)])
+        self.maddwd = _avx2(b, "llvm.x86.avx2.pmadd.wd", V(I32, 8), [V(I16, 16), V(I16, 16)])
+        self.tab = ir.Constant(V(I8, 32), [int(v) & 0xFF for v in table] * 2)
+        self.zero = ir.Constant(V(I8, 32), [0] * 32)
+        self.ones = ir.Constant(V(I16, 16), [1] * 16)
+
+    def values(self, e, off):
+        """The 32 int8 table values of the 16 code bytes at flat[off] (low nibbles = elements
+        0-15, high nibbles = 16-31)."""
+        b = self.b
+        q = e.ld(off, 16)
+        codes = e.cat(e.lo4(q), e.hi4(q))
+        return b.call(self.pshufb, [self.tab, codes])
+
+    def pairs(self, v, xv):
+        """<16 x i16>: v[2k] xv[2k] + v[2k+1] xv[2k+1] exactly (|v|, |xv| <= 127)."""
+        b = self.b
+        neg = b.icmp_signed("<", v, self.zero)
+        av = b.select(neg, b.sub(self.zero, v), v)
+        sx = b.select(neg, b.sub(self.zero, xv), xv)
+        return b.call(self.maddubs, [av, sx])
+
+    def dot32(self, v, xv, scale16=None):
+        """<8 x i32> lanes of sum v xq over 32 elements (times an int16 scale)."""
+        return self.b.call(self.maddwd, [self.pairs(v, xv), self.ones if scale16 is None else scale16])
+
+
+def _xload(builder, context, ty, arr, off, vt):
+    a = context.make_array(ty)(context, builder, arr)
+    v = builder.load(builder.bitcast(builder.gep(a.data, [off]), ir.PointerType(vt)))
+    v.align = 1
+    return v
+
+
+def _e8m0_half(builder, e):
+    """uint8 exponent -> float32 2^(e - 128) (dequant_iq.e8m0_half: e < 2 subnormal)."""
+    e32 = builder.zext(e, I32)
+    small = builder.icmp_unsigned("<", e32, ir.Constant(I32, 2))
+    bits = builder.select(small, builder.shl(ir.Constant(I32, 0x00200000), e32),
+                          builder.shl(builder.sub(e32, ir.Constant(I32, 1)), ir.Constant(I32, 23)))
+    return builder.bitcast(bits, F32)
+
+
+def _typer_dot32(fp4: bool):
+    """IQ4_NL / MXFP4 row of nb 32-element blocks against xq int8 [>= n], xd float32 [>= n/32]
+    (xs unused) -> float32."""
+    bb = 17 if fp4 else 18
+    table = KV_FP4 if fp4 else KV_IQ4
+
+    def typer(typingctx, flat, o, nb, tab, xq, xd, xs):
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xqa, xda, _ = args
+            fty, _, _, tty, xqty, xdty, _ = sig.args
+            e = Emit(context, builder, fty, fa, tty, ta)
+            ops = _Ops(builder, table)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                e.prefetch(e.at(ob, PREFETCH_BYTES))
+                v = ops.values(e, e.at(ob, 1 if fp4 else 2))
+                xv = _xload(builder, context, xqty, xqa, builder.mul(b, ir.Constant(I64, 32)), V(I8, 32))
+                isum = ops.dot32(v, xv)
+                s = _e8m0_half(builder, e.ld(ob, 1)) if fp4 else e.f16(ob)
+                dx = _xload(builder, context, xdty, xda, b, F32)
+                sd = builder.fmul(s, dx, flags=STRICT)
+                builder.store(_fma(builder, builder.sitofp(isum, V(F32, 8)), e.splat(sd, 8), builder.load(acc)), acc)
+            return _hsum_strict(e, builder.load(acc))
+        return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+    return typer
+
+
+def _typer_dot_iq4_xs(typingctx, flat, o, nb, tab, xq, xd, xs):
+    """IQ4_XS row of nb super-blocks against xq int8 [n], xd float32 [n/256] (xs unused)."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xqa, xda, _ = args
+        fty, _, _, tty, xqty, xdty, _ = sig.args
+        e = Emit(context, builder, fty, fa, tty, ta)
+        ops = _Ops(builder, KV_IQ4)
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
+        with cgutils.for_range(builder, nb_) as loop:
+            b = loop.index
+            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 136)))
+            e.prefetch(e.at(ob, PREFETCH_BYTES))
+            e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
+            sh = builder.zext(e.ld(e.at(ob, 2), 1, I16), I32)
+            x0 = builder.mul(b, ir.Constant(I64, 256))
+            isum = ir.Constant(V(I32, 8), [0] * 8)
+            for ib in range(8):
+                lo = builder.lshr(builder.zext(e.ld(e.at(ob, 4 + ib // 2), 1), I32), ir.Constant(I32, 4 * (ib % 2)))
+                lo = builder.and_(lo, ir.Constant(I32, 15))
+                hi = builder.and_(builder.lshr(sh, ir.Constant(I32, 2 * ib)), ir.Constant(I32, 3))
+                ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(I32, 4))), ir.Constant(I32, 32))
+                v = ops.values(e, e.at(ob, 8 + 16 * ib))
+                xv = _xload(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 32 * ib)), V(I8, 32))
+                isum = builder.add(isum, ops.dot32(v, xv, e.splat(builder.trunc(ls, I16), 16)))
+            dx = _xload(builder, context, xdty, xda, b, F32)
+            sd = builder.fmul(e.f16(ob), dx, flags=STRICT)
+            builder.store(_fma(builder, builder.sitofp(isum, V(F32, 8)), e.splat(sd, 8), builder.load(acc)), acc)
+        return _hsum_strict(e, builder.load(acc))
+    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+
+
+# (kind, flat, o, nb, tab, xq, xd, xs) -> float32
+dot_iq8_any = _by_kind({K_IQ4_NL: _typer_dot32(False), K_MXFP4: _typer_dot32(True),
+                        K_IQ4_XS: _typer_dot_iq4_xs}, "dot_iq8_any", 7)
+
+
+def quant_iq(kind, X):
+    """-> (xq, xd, xs): X quantized the way type `kind`'s rows read it (numba only)."""
+    raise NotImplementedError
+
+
+@overload(quant_iq, jit_options={"fastmath": True})
+def _quant_iq(kind, X):
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    if kind.literal_value == K_IQ4_XS:
+        return lambda kind, X: quant_x_q8k(X)
+    return lambda kind, X: quant_x_q8_32(X)
+
+
+# -- drivers --------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mv_iq8_parallel(kind, flat, offs, stride, nrows, nb, tab, X, xi, out):
+    """out[i, r] = row r of the matrix at flat[offs[i]] . X[xi[i]] (matvec, gathered products),
+    parallel over (matrix, 16-row chunk)."""
+    literally(kind)
+    xq, xd, xs = quant_iq(kind, X)
+    nchunk = (nrows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    for it in prange(offs.shape[0] * nchunk):
+        i = it // nchunk
+        r0 = (it - i * nchunk) * ROWS_PER_ITEM
+        j = xi[i]
+        for r in range(r0, min(nrows, r0 + ROWS_PER_ITEM)):
+            out[i, r] = dot_iq8_any(kind, flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, fastmath=True)
+def mv_iq8_serial(kind, flat, offs, stride, nrows, nb, tab, X, xi, out):
+    literally(kind)
+    xq, xd, xs = quant_iq(kind, X)
+    for i in range(offs.shape[0]):
+        j = xi[i]
+        for r in range(nrows):
+            out[i, r] = dot_iq8_any(kind, flat, offs[i] + r * stride, nb, tab, xq[j], xd[j], xs[j])
+
+
+@njit(cache=True, inline="always")
+def _mm_item(kind, flat, stride, nrows, nb, tab, xq, xd, xs, out, c):
+    T = xq.shape[0]
+    for r in range(c * ROWS_PER_ITEM, min(nrows, (c + 1) * ROWS_PER_ITEM)):
+        for t in range(T):  # the row's bytes stay in L1 across the tokens
+            out[t, r] = dot_iq8_any(kind, flat, r * stride, nb, tab, xq[t], xd[t], xs[t])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_iq8_parallel(kind, flat, stride, nrows, nb, tab, X, out):
+    """out (T, nrows) = X @ W.T for small T: per token exactly matvec's row kernel."""
+    literally(kind)
+    xq, xd, xs = quant_iq(kind, X)
+    for c in prange((nrows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        _mm_item(kind, flat, stride, nrows, nb, tab, xq, xd, xs, out, c)
+
+
+@njit(cache=True, fastmath=True)
+def mm_iq8_serial(kind, flat, stride, nrows, nb, tab, X, out):
+    literally(kind)
+    xq, xd, xs = quant_iq(kind, X)
+    for c in range((nrows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM):
+        _mm_item(kind, flat, stride, nrows, nb, tab, xq, xd, xs, out, c)
+
+
+def quantized_x(ggml_type: int, X: np.ndarray):
+    """(xq, xd) as the kernels of ggml_type see X (for tests): 32- or 256-element blocks."""
+    xq, xd, _ = (quant_x_q8k if int(ggml_type) == K_IQ4_XS else quant_x_q8_32)(np.ascontiguousarray(X, np.float32))
+    return xq[:, :X.shape[1]], xd
