@@ -30,7 +30,10 @@ def bytes_per_worker(model_path: str, n: int, placement: str = "auto") -> list[i
     from dsd.daemon.slice_weights import SliceWeights
     from dsd.shard.gguf_file import open_gguf
 
+    from dsd.shard.gguf_check import check_model
+
     with open_gguf(model_path) as g:
+        check_model(g)  # a damaged or unsupported file is refused before any planning
         plan = make_plan(g, n, placement)
         return [max(SliceWeights(g, pieces, allocate=False).nbytes, 4096) for pieces in plan.pieces]
 
@@ -53,6 +56,9 @@ def build_report(args) -> dict:
     if args.model:
         per_worker = bytes_per_worker(args.model, n)
         needs, _ = hugepage_plan(per_worker, topo)
+        from dsd.shard.gguf_check import check_memory_fit
+
+        check_memory_fit(per_worker, topo, args.sysfs_root)  # refuses a model that cannot fit
         rep["model"] = {"path": str(args.model), "bytes": sum(per_worker),
                         "bytes_per_worker": per_worker}
         rep["plan"] = [{"node": x.node, "bytes": x.nbytes, "pages_1g": x.pages_1g,

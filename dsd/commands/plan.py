@@ -15,15 +15,16 @@ def run(args) -> int:
     import json
 
     from dsd.daemon.config import load_config, worker_count
-    from dsd.daemon.placement import make_plan
     from dsd.numa import hugepage_plan, read_topology
+    from dsd.shard.gguf_check import preflight
     from dsd.shard.gguf_file import open_gguf
     from dsd.shard.model_path import resolve_model
 
     cfg = load_config({"model": args.model, "nodes": args.nodes, "placement": args.placement})
     path = resolve_model(cfg["model"] or None)
     with open_gguf(path) as g:
-        plan = make_plan(g, worker_count(cfg), cfg["placement"])
+        # the file against its metadata and the plan against free memory, as `dsd start` does
+        plan, mem_warnings = preflight(g, worker_count(cfg), cfg["placement"], cfg.get("pages"))
     wb = plan.worker_bytes()
     needs, note = hugepage_plan(wb, read_topology())
     if args.json:
@@ -34,6 +35,7 @@ def run(args) -> int:
         d["pages"] = [{"node": n.node, "bytes": n.nbytes, "pages_1g": n.pages_1g,
                        "pages_2m": n.pages_2m, "commands": n.commands()} for n in needs]
         d["numa_note"] = note
+        d["memory_warnings"] = mem_warnings
         print(json.dumps(d, indent=2))
         return 0
     print(f"model: {path}")
@@ -48,4 +50,6 @@ def run(args) -> int:
             print(f"    to reserve: {c}")
     if note:
         print(f"note: {note}")
+    for w in mem_warnings:
+        print(f"warning: {w}")
     return 0

@@ -15,6 +15,7 @@ ARCHITECTURES = {
 
 def build_model(gguf_model, weights=None):
     """Build the model object for an opened GGUF file; weights defaults to the memory-mapped file."""
+    from dsd.shard.gguf_check import check_model
     from dsd.shard.weights import GGUFWeights
 
     arch = gguf_model.architecture
@@ -22,6 +23,8 @@ def build_model(gguf_model, weights=None):
         raise UnsupportedModelError(
             f"{gguf_model.path}: architecture {arch!r} is not supported; dsd runs "
             f"{', '.join(sorted(ARCHITECTURES))}")
+    # every tensor's type and shape against the metadata, before any is used (shard/gguf_check.py)
+    check_model(gguf_model)
     mod = importlib.import_module(f"dsd.shard.models.{ARCHITECTURES[arch]}")
     weights = weights or GGUFWeights(gguf_model)
     return mod.build(gguf_model, weights)
