@@ -32,6 +32,7 @@ import time
 
 from dsd.daemon import protocol as P
 from dsd.daemon.shm_channel import PeerDied
+from dsd.numa._sys import big_blocks_unmap_at_free, trim_heap
 
 _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log every command's batch size and duration
 
@@ -256,8 +257,10 @@ class Worker:
 
         from dsd.shard import ops as O
 
-        for sid in hdr.get("free", ()):
-            self.caches.pop(sid, None)
+        freed = [self.caches.pop(sid, None) for sid in hdr.get("free", ())]
+        if any(c is not None for c in freed):
+            del freed
+            trim_heap()   # finished sequences' KV goes back to the node (numa/_sys.py)
         if not hdr.get("ops"):
             return {}
         if self.threads != self.stage_threads:
@@ -457,6 +460,7 @@ class Worker:
 
 def main(sock_dir: str, index: int) -> int:
     _die_with_parent()
+    big_blocks_unmap_at_free()   # KV buffers are unmapped when their sequence ends
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
     w = Worker(sock_dir, index)
     try:

@@ -160,3 +160,25 @@ def libnuma_version() -> str | None:
         return None
     # libnuma exports no version function; the soname is what users can act on.
     return name if hasattr(lib, "numa_available") else None
+
+
+# glibc malloc: KV caches are numpy buffers that grow by doubling and are dropped when a sequence
+# ends. With glibc's default *dynamic* mmap threshold (it rises to the size of the last freed
+# mmapped block, up to 32 MiB), later buffers of a few MiB come from the heap, and a heap whose
+# top block is still in use is never given back: a worker stayed at its peak RSS after its
+# sequences finished. A fixed threshold makes every buffer >= it a mapping of its own, unmapped
+# at free; malloc_trim returns what the heap holds free.
+M_MMAP_THRESHOLD = -3
+BIG_BLOCK = 256 << 10
+
+
+def big_blocks_unmap_at_free(threshold: int = BIG_BLOCK) -> bool:
+    """mallopt(M_MMAP_THRESHOLD, threshold); False where libc is not glibc."""
+    fn = getattr(_libc, "mallopt", None)
+    return bool(fn and fn(M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
+def trim_heap() -> bool:
+    """malloc_trim(0): give the heap's free pages back to the kernel; False if nothing was."""
+    fn = getattr(_libc, "malloc_trim", None)
+    return bool(fn and fn(0) == 1)
