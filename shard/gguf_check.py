@@ -137,12 +137,47 @@ class _Spec:
                             "model with this metadata (block_count, expert_count, ...)", _REFIX)
 
 
+# Every metadata key dsd reads.  A key one character away from one of these is a damaged name:
+# the value would be silently replaced by a default (a renamed layer_norm_rms_epsilon turns
+# 1e-6 into 1e-5).  Keys that are merely unknown (newer converters add keys) are accepted.
+_ARCH_KEYS = """block_count context_length embedding_length feed_forward_length vocab_size
+ attention.head_count attention.head_count_kv attention.key_length attention.value_length
+ attention.key_length_mla attention.value_length_mla attention.layer_norm_rms_epsilon
+ attention.q_lora_rank attention.kv_lora_rank rope.freq_base rope.dimension_count rope.scaling.type
+ rope.scaling.factor rope.scaling.original_context_length rope.scaling.yarn_log_multiplier
+ rope.scaling.yarn_beta_fast rope.scaling.yarn_beta_slow expert_count expert_used_count
+ expert_shared_count expert_feed_forward_length leading_dense_block_count expert_gating_func
+ expert_weights_norm expert_weights_scale expert_group_count expert_group_used_count""".split()
+_OTHER_KEYS = """general.architecture general.alignment general.name split.count split.no
+ split.tensors.count tokenizer.chat_template tokenizer.ggml.model tokenizer.ggml.pre
+ tokenizer.ggml.tokens tokenizer.ggml.token_type tokenizer.ggml.merges tokenizer.ggml.scores
+ tokenizer.ggml.bos_token_id tokenizer.ggml.eos_token_id tokenizer.ggml.unknown_token_id
+ tokenizer.ggml.padding_token_id tokenizer.ggml.eot_token_id tokenizer.ggml.eom_token_id
+ tokenizer.ggml.fim_pad_token_id tokenizer.ggml.fim_rep_token_id tokenizer.ggml.fim_sep_token_id
+ tokenizer.ggml.add_bos_token tokenizer.ggml.add_eos_token tokenizer.ggml.add_space_prefix""".split()
+
+
+def _damaged_keys(g) -> None:
+    known = set(_OTHER_KEYS) | {f"{g.architecture}.{k}" for k in _ARCH_KEYS}
+    by_len: dict[int, list[str]] = {}
+    for k in known:
+        by_len.setdefault(len(k), []).append(k)
+    for key in g.metadata:
+        if key in known:
+            continue
+        for k in by_len.get(len(key), ()):
+            if sum(a != b for a, b in zip(key, k)) == 1:
+                raise _fail(g.path, f"metadata key {key!r} looks like a damaged {k!r} (one character "
+                            "differs), whose value would silently fall back to a default", _REFIX)
+
+
 def _layout(g) -> None:
     """Each part's tensors lie back to back in table order, each aligned: the only layout the
     GGUF writers (llama.cpp's gguf.cpp, gguf-py) produce.  Anything else means a damaged data
     offset, which otherwise reads another tensor's bytes (two offsets swapped: no overlap)."""
     prev: dict[str, int] = {}
     start: dict[str, int] = {}
+    last_end: dict[str, int] = {}
     for t in g.tensors.values():
         if t.file not in prev:
             prev[t.file] = t.offset  # data section start = first tensor (relative offset 0)
@@ -155,6 +190,14 @@ def _layout(g) -> None:
             raise _fail(g.path, f"tensor {t.name!r} has data offset {t.offset - start[t.file]}, but the "
                         f"previous tensor's data ends at {prev[t.file] - start[t.file]} (aligned)", _REFIX)
         prev[t.file] = t.offset + -(-t.nbytes // g.alignment) * g.alignment
+        last_end[t.file] = t.offset + t.nbytes
+    # ... and the last one ends the file (the writers pad it to the alignment or not at all): a
+    # damaged type or dims of the last tensor has no next tensor to disagree with
+    for p in g._parts:
+        end = last_end.get(p.path)
+        if end is not None and not end <= p.size <= -(-end // g.alignment) * g.alignment:
+            raise _fail(g.path, f"{p.path}: the tensor table says the data ends at byte {end} but the file "
+                        f"has {p.size} bytes", _REFIX)
 
 
 def _data_start(g, file: str) -> int:
@@ -177,8 +220,10 @@ def _common(g, m: _Meta, s: _Spec) -> dict:
     m.int("context_length", 4096, lo=MIN_CONTEXT)
     m.float("attention.layer_norm_rms_epsilon", 1e-5)
     m.float("rope.freq_base", 10000.0)
-    if m.raw("rope.scaling.factor") is not None:
-        m.float("rope.scaling.factor", 1.0)
+    for key in ("rope.scaling.factor", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
+                "rope.scaling.yarn_beta_slow", "expert_weights_scale"):
+        if m.raw(key) is not None:   # the value's type and finiteness; 0 is a valid value for some
+            m.float(key, 0.0, positive=False)
     _tokenizer(g, V)
     return {"L": n_layers, "D": D, "V": V}
 
@@ -189,6 +234,15 @@ def _tokenizer(g, V: int) -> None:
     if isinstance(toks, list) and len(toks) > V:
         raise _fail(g.path, f"the tokenizer has {len(toks)} tokens but token_embd.weight only {V} rows",
                     _REFIX)
+    if isinstance(toks, list) and g.metadata.get("tokenizer.ggml.model") == "gpt2":
+        # byte-level BPE token texts are UTF-8 by construction; invalid bytes (kept by the parser
+        # as surrogate escapes) fail inside the tokenizers library with a TypeError
+        for i, t in enumerate(toks):
+            if isinstance(t, str) and not t.isascii():
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _fail(g.path, f"token {i} of tokenizer.ggml.tokens is not valid UTF-8", _REFIX) from None
     for key in ("bos", "eos", "unknown", "padding", "eot", "eom", "seperator"):
         full = f"tokenizer.ggml.{key}_token_id"
         v = g.metadata.get(full)
@@ -360,6 +414,7 @@ def check_model(g) -> None:
         raise UnsupportedModelError(f"{g.path}: architecture {arch!r} is not supported; dsd runs "
                                     f"{', '.join(sorted(ARCHITECTURES))} (convert a supported model)")
     _layout(g)
+    _damaged_keys(g)
     m, s = _Meta(g), _Spec(g)
     _SPECS[arch](g, m, s)
     s.verify()

@@ -10,7 +10,7 @@ results.
 
 Not mutated: the bytes of weight data, and the *values* of metadata that are themselves model
 content (float hyperparameters such as the norm epsilon or RoPE base, expert_used_count,
-the gating function, expert_weights_norm/scale, group_used_count): a different value there is
+the gating function, expert_weights_norm/scale, the expert group counts): a different value there is
 another valid model, which no check can tell from the original (see shard/gguf_check.py).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _FLOAT_TYPES = (6, 12)
 # integer/bool keys whose value is model content, not structure (see the module docstring)
 _SEMANTIC = ("expert_used_count", "expert_gating_func", "expert_weights_norm", "expert_weights_scale",
-             "expert_group_used_count")
+             "expert_group_count", "expert_group_used_count")
 
 
 def _regions(data: bytes):
