@@ -1,6 +1,7 @@
-"""IQ4_NL, IQ4_XS and MXFP4 products with 8-bit activations (shard/kernels/rows_iq8.py, issue
-15): x quantized per 32 elements (IQ4_NL, MXFP4: llama.cpp's Q8_0) or per 256 (IQ4_XS: Q8_K),
-the non-linear 4-bit codes looked up as int8 and multiplied with integer dot products.
+"""IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS and IQ3_XXS products with 8-bit activations (shard/kernels/
+rows_iq8.py, issue 15): x quantized per 32 elements (IQ4_NL, MXFP4: llama.cpp's Q8_0) or per 256
+(the super-block types: Q8_K), the non-linear 4-bit codes / grid rows and signs looked up as
+int8 and multiplied with integer dot products.
 
 Against the float64 product of gguf.quants.dequantize (not our decoder): every output within
 the analytic bound of the activation rounding (tests/test_kernels._int8_bound's: each x_i moves
@@ -20,14 +21,14 @@ from dsd.shard.kernels import exact_activations, registry
 from .test_kernels import _int8_bound
 from .test_quant_iq import random_raw, reference, set_scale
 
-TYPES = [G.IQ4_NL, G.IQ4_XS, G.MXFP4]
+TYPES = [G.IQ4_NL, G.IQ4_XS, G.MXFP4, G.IQ2_XXS, G.IQ3_XXS]
 
 pytestmark = [pytest.mark.int8, pytest.mark.skipif(
     not registry.INT8_ACTIVATIONS, reason="no 8-bit activation kernels on this CPU (or DSD_EXACT_ACTIVATIONS=1)")]
 
 
 def _blk(gt):
-    return 256 if gt == G.IQ4_XS else 32
+    return 32 if gt in (G.IQ4_NL, G.MXFP4) else 256
 
 
 def quantized(X, blk):
@@ -126,9 +127,10 @@ def _kv(gt):
 
 @pytest.mark.parametrize("gt", TYPES, ids=lambda g: g.name)
 def test_bit_exact_integer_sums(gt):
-    """Scales that make every step exact (d = 1 or 2^-1, per 32-element IQ4_XS scales, x integers
-    with max|x| = 127 per activation block, so dx = 1): the product is the exact integer sum,
-    every 4-bit code and x sign covered."""
+    """Scales that make every step exact (d = 1 or 2^-1, random per 32-element scales, x integers
+    with max|x| = 127 per activation block, so dx = 1): the product is the exact integer sum
+    (IQ2_XXS / IQ3_XXS: an exact multiple of 1/8, 1/4), every code, grid row, sign pattern and
+    x sign covered."""
     rng = np.random.default_rng(int(gt))
     bs, ts = GGML_QUANT_SIZES[gt]
     n, blk = 512, _blk(gt)

@@ -27,13 +27,20 @@ from numba import literally, njit, prange
 from numba.core import cgutils, types
 from numba.extending import overload
 
-from .dequant_iq import KV_FP4, KV_IQ4
+from .dequant_iq import GRID_IQ2XXS, GRID_IQ3XXS, KSIGNS, KV_FP4, KV_IQ4
 from .drivers_i8 import quant_x_q8_32, quant_x_q8k
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
 from .rows_i8 import STRICT, _fma, _hsum_strict
 
 K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
-IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4)
+K_IQ2_XXS, K_IQ3_XXS = int(G.IQ2_XXS), int(G.IQ3_XXS)
+IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4, K_IQ2_XXS, K_IQ3_XXS)
+_Q8K_KINDS = (K_IQ4_XS, K_IQ2_XXS, K_IQ3_XXS)  # x per 256 elements
+# lookup tables as LLVM constants: the grid rows as little-endian words (byte j = element j),
+# and per 7-bit sign index the 8 bytes 0xFF (element negated) / 0x00 of KSIGNS' bits
+_GRID2 = np.ascontiguousarray(GRID_IQ2XXS).view("<u8").ravel().astype(np.uint64)
+_GRID3 = np.ascontiguousarray(GRID_IQ3XXS).view("<u4").ravel().astype(np.uint64)
+_SMASK = np.where((KSIGNS[:, None] >> np.arange(8)) & 1, 0xFF, 0).astype(np.uint8).view("<u8").ravel().astype(np.uint64)
 ROWS_PER_ITEM = 16  # rows per parallel work item (as products_iq)
 
 
@@ -150,9 +157,84 @@ def _typer_dot_iq4_xs(typingctx, flat, o, nb, tab, xq, xd, xs):
     return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
 
 
+def _table(builder, name, vals, ty):
+    """A constant array global of builder's module (created once per module)."""
+    mod = builder.module
+    try:
+        return mod.get_global(name)
+    except KeyError:
+        aty = ir.ArrayType(ty, len(vals))
+        g = ir.GlobalVariable(mod, aty, name)
+        g.initializer = ir.Constant(aty, [int(v) for v in vals])
+        g.global_constant = True
+        g.linkage = "internal"
+        return g
+
+
+def _words(builder, table, idxs, ty, n):
+    """<32 x i8>: the n words table[idxs[k]] (i32 indices) side by side."""
+    v = ir.Constant(V(ty, n), None)
+    for k, i in enumerate(idxs):
+        w = builder.load(builder.gep(table, [ir.Constant(I32, 0), i]))
+        v = builder.insert_element(v, w, ir.Constant(I32, k))
+    return builder.bitcast(v, V(I8, 32))
+
+
+def _typer_dot_grid(iq3: bool):
+    """IQ2_XXS (66 B: d | 8 x (4 grid indices u8 | u32 4 x 7-bit sign indices | scale << 28))
+    or IQ3_XXS (98 B: d | qs[64] grid indices (a 4-value row each) | 8 x u32 signs + scale)
+    row against x per 256 elements (xq, xd; xs unused):
+        w = d (ls + 1/2) / 4 * g * sign (IQ2_XXS), d (ls + 1/2) / 2 * g * sign (IQ3_XXS)
+        sum w x = d dx / 8 (or / 4) * sum_j (2 ls_j + 1) (sum_{i in j} g_i (+-xq_i))
+    The grid values (unsigned, <= 62) are vpmaddubsw's unsigned operand, the signs go onto x
+    ((x ^ m) - m with m = 0 / -1 per byte), the scale into vpmaddwd: exact int32 lanes."""
+    bb = 98 if iq3 else 66
+
+    def typer(typingctx, flat, o, nb, tab, xq, xd, xs):
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xqa, xda, _ = args
+            fty, _, _, tty, xqty, xdty, _ = sig.args
+            e = Emit(context, builder, fty, fa, tty, ta)
+            ops = _Ops(builder, KV_IQ4)
+            I64t = ir.IntType(64)
+            grid = _table(builder, "dsd.grid_iq3xxs" if iq3 else "dsd.grid_iq2xxs",
+                          _GRID3 if iq3 else _GRID2, I32 if iq3 else I64t)
+            smask = _table(builder, "dsd.ksigns_mask", _SMASK, I64t)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                e.prefetch(e.at(ob, PREFETCH_BYTES))
+                e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
+                x0 = builder.mul(b, ir.Constant(I64, 256))
+                isum = ir.Constant(V(I32, 8), [0] * 8)
+                for ib in range(8):
+                    aux = e.ld(e.at(ob, 66 + 4 * ib if iq3 else 6 + 8 * ib), 1, I32)
+                    nidx = 8 if iq3 else 4
+                    gi = [builder.zext(e.ld(e.at(ob, 2 + 8 * ib + k), 1), I32) for k in range(nidx)]
+                    g = _words(builder, grid, gi, I32 if iq3 else I64t, nidx)
+                    si = [builder.and_(builder.lshr(aux, ir.Constant(I32, 7 * k)), ir.Constant(I32, 127))
+                          for k in range(4)]
+                    m = _words(builder, smask, si, I64t, 4)
+                    xv = _xload(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 32 * ib)), V(I8, 32))
+                    sx = builder.sub(builder.xor(xv, m), m)
+                    sc = builder.add(builder.shl(builder.lshr(aux, ir.Constant(I32, 28)), ir.Constant(I32, 1)),
+                                     ir.Constant(I32, 1))
+                    p16 = builder.call(ops.maddubs, [g, sx])
+                    isum = builder.add(isum, builder.call(ops.maddwd, [p16, e.splat(builder.trunc(sc, I16), 16)]))
+                dx = _xload(builder, context, xdty, xda, b, F32)
+                sd = builder.fmul(builder.fmul(e.f16(ob), dx, flags=STRICT),
+                                  ir.Constant(F32, 0.25 if iq3 else 0.125), flags=STRICT)
+                builder.store(_fma(builder, builder.sitofp(isum, V(F32, 8)), e.splat(sd, 8), builder.load(acc)), acc)
+            return _hsum_strict(e, builder.load(acc))
+        return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
+    return typer
+
+
 # (kind, flat, o, nb, tab, xq, xd, xs) -> float32
 dot_iq8_any = _by_kind({K_IQ4_NL: _typer_dot32(False), K_MXFP4: _typer_dot32(True),
-                        K_IQ4_XS: _typer_dot_iq4_xs}, "dot_iq8_any", 7)
+                        K_IQ4_XS: _typer_dot_iq4_xs, K_IQ2_XXS: _typer_dot_grid(False),
+                        K_IQ3_XXS: _typer_dot_grid(True)}, "dot_iq8_any", 7)
 
 
 def quant_iq(kind, X):
@@ -164,7 +246,7 @@ def quant_iq(kind, X):
 def _quant_iq(kind, X):
     if not isinstance(kind, types.IntegerLiteral):
         return None
-    if kind.literal_value == K_IQ4_XS:
+    if kind.literal_value in _Q8K_KINDS:
         return lambda kind, X: quant_x_q8k(X)
     return lambda kind, X: quant_x_q8_32(X)
 
@@ -223,5 +305,5 @@ def mm_iq8_serial(kind, flat, stride, nrows, nb, tab, X, out):
 
 def quantized_x(ggml_type: int, X: np.ndarray):
     """(xq, xd) as the kernels of ggml_type see X (for tests): 32- or 256-element blocks."""
-    xq, xd, _ = (quant_x_q8k if int(ggml_type) == K_IQ4_XS else quant_x_q8_32)(np.ascontiguousarray(X, np.float32))
+    xq, xd, _ = (quant_x_q8k if int(ggml_type) in _Q8K_KINDS else quant_x_q8_32)(np.ascontiguousarray(X, np.float32))
     return xq[:, :X.shape[1]], xd
