@@ -178,6 +178,7 @@ def _layout(g) -> None:
     prev: dict[str, int] = {}
     start: dict[str, int] = {}
     last_end: dict[str, int] = {}
+    align = {p.path: p.alignment for p in g._parts}   # each part has its own general.alignment
     for t in g.tensors.values():
         if t.file not in prev:
             prev[t.file] = t.offset  # data section start = first tensor (relative offset 0)
@@ -189,13 +190,14 @@ def _layout(g) -> None:
         elif t.offset != prev[t.file]:
             raise _fail(g.path, f"tensor {t.name!r} has data offset {t.offset - start[t.file]}, but the "
                         f"previous tensor's data ends at {prev[t.file] - start[t.file]} (aligned)", _REFIX)
-        prev[t.file] = t.offset + -(-t.nbytes // g.alignment) * g.alignment
+        al = align[t.file]
+        prev[t.file] = t.offset + -(-t.nbytes // al) * al
         last_end[t.file] = t.offset + t.nbytes
     # ... and the last one ends the file (the writers pad it to the alignment or not at all): a
     # damaged type or dims of the last tensor has no next tensor to disagree with
     for p in g._parts:
         end = last_end.get(p.path)
-        if end is not None and not end <= p.size <= -(-end // g.alignment) * g.alignment:
+        if end is not None and not end <= p.size <= -(-end // p.alignment) * p.alignment:
             raise _fail(g.path, f"{p.path}: the tensor table says the data ends at byte {end} but the file "
                         f"has {p.size} bytes", _REFIX)
 
@@ -458,7 +460,8 @@ def check_memory_fit(bytes_per_worker: list[int], topo=None, root: str = "/",
         avail_kb = _proc_meminfo_kb(root, "MemFree")
     warnings: list[str] = []
     if avail_kb is not None:
-        have = avail_kb * 1024 + (huge_free if pages != "4k" else 0)
+        # --pages thp/4k take ordinary memory: the reserved pools are of no use to them
+        have = avail_kb * 1024 + (huge_free if pages not in ("4k", "thp") else 0)
         if need > have:
             raise InsufficientMemoryError(
                 f"the model's weights need {human(need)} over {len(bytes_per_worker)} worker(s) but only "

@@ -138,3 +138,19 @@ def test_plan_refuses_model_that_does_not_fit(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(gguf_check, "_proc_meminfo_kb", lambda root, key: 1)  # 1 KiB available
     rc, err = _cli(capsys, "plan", "--model", p, "--nodes", "1")
     assert rc == 1 and "is available (/proc/meminfo MemAvailable + free hugepages)" in err, err
+
+
+def test_split_model_passes_and_runs(tmp_path):
+    # the layout check works per part (each part's own data section, alignment and end)
+    from dsd.shard.gguf_write import write_split_gguf
+    from tests.test_robust_gguf_corpus import _run
+
+    src = tiny_moe.write_tiny_deepseek2(tmp_path / "a.gguf")
+    with open_gguf(src) as g:
+        meta = dict(g.metadata)
+        tensors = {n: np.array(t.array()) for n, t in g.tensors.items()}
+    paths = write_split_gguf(tmp_path / "s.gguf", meta, tensors, max_tensors_per_part=7)
+    assert len(paths) > 2
+    with open_gguf(paths[0]) as g:
+        check_model(g)
+    np.testing.assert_array_equal(_run(src), _run(paths[0]))
