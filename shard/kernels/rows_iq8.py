@@ -30,7 +30,7 @@ from numba.extending import overload
 from .dequant_iq import GRID_IQ2XXS, GRID_IQ3XXS, KSIGNS, KV_FP4, KV_IQ4
 from .drivers_i8 import quant_x_q8_32, quant_x_q8k
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
-from .rows_i8 import STRICT, _fma, _hsum_strict
+from .rows_i8 import STRICT, _fma, _hsum_strict, _rows_2d, _store_token_sums, _token_accs
 
 K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
 K_IQ2_XXS, K_IQ3_XXS = int(G.IQ2_XXS), int(G.IQ3_XXS)
@@ -97,66 +97,6 @@ def _e8m0_half(builder, e):
     return builder.bitcast(bits, F32)
 
 
-def _typer_dot32(fp4: bool):
-    """IQ4_NL / MXFP4 row of nb 32-element blocks against xq int8 [>= n], xd float32 [>= n/32]
-    (xs unused) -> float32."""
-    bb = 17 if fp4 else 18
-    table = KV_FP4 if fp4 else KV_IQ4
-
-    def typer(typingctx, flat, o, nb, tab, xq, xd, xs):
-        def cg(context, builder, sig, args):
-            fa, o_, nb_, ta, xqa, xda, _ = args
-            fty, _, _, tty, xqty, xdty, _ = sig.args
-            e = Emit(context, builder, fty, fa, tty, ta)
-            ops = _Ops(builder, table)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
-            with cgutils.for_range(builder, nb_) as loop:
-                b = loop.index
-                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
-                e.prefetch(e.at(ob, PREFETCH_BYTES))
-                v = ops.values(e, e.at(ob, 1 if fp4 else 2))
-                xv = _xload(builder, context, xqty, xqa, builder.mul(b, ir.Constant(I64, 32)), V(I8, 32))
-                isum = ops.dot32(v, xv)
-                s = _e8m0_half(builder, e.ld(ob, 1)) if fp4 else e.f16(ob)
-                dx = _xload(builder, context, xdty, xda, b, F32)
-                sd = builder.fmul(s, dx, flags=STRICT)
-                builder.store(_fma(builder, builder.sitofp(isum, V(F32, 8)), e.splat(sd, 8), builder.load(acc)), acc)
-            return _hsum_strict(e, builder.load(acc))
-        return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
-    return typer
-
-
-def _typer_dot_iq4_xs(typingctx, flat, o, nb, tab, xq, xd, xs):
-    """IQ4_XS row of nb super-blocks against xq int8 [n], xd float32 [n/256] (xs unused)."""
-    def cg(context, builder, sig, args):
-        fa, o_, nb_, ta, xqa, xda, _ = args
-        fty, _, _, tty, xqty, xdty, _ = sig.args
-        e = Emit(context, builder, fty, fa, tty, ta)
-        ops = _Ops(builder, KV_IQ4)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
-        with cgutils.for_range(builder, nb_) as loop:
-            b = loop.index
-            ob = builder.add(o_, builder.mul(b, ir.Constant(I64, 136)))
-            e.prefetch(e.at(ob, PREFETCH_BYTES))
-            e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
-            sh = builder.zext(e.ld(e.at(ob, 2), 1, I16), I32)
-            x0 = builder.mul(b, ir.Constant(I64, 256))
-            isum = ir.Constant(V(I32, 8), [0] * 8)
-            for ib in range(8):
-                lo = builder.lshr(builder.zext(e.ld(e.at(ob, 4 + ib // 2), 1), I32), ir.Constant(I32, 4 * (ib % 2)))
-                lo = builder.and_(lo, ir.Constant(I32, 15))
-                hi = builder.and_(builder.lshr(sh, ir.Constant(I32, 2 * ib)), ir.Constant(I32, 3))
-                ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(I32, 4))), ir.Constant(I32, 32))
-                v = ops.values(e, e.at(ob, 8 + 16 * ib))
-                xv = _xload(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 32 * ib)), V(I8, 32))
-                isum = builder.add(isum, ops.dot32(v, xv, e.splat(builder.trunc(ls, I16), 16)))
-            dx = _xload(builder, context, xdty, xda, b, F32)
-            sd = builder.fmul(e.f16(ob), dx, flags=STRICT)
-            builder.store(_fma(builder, builder.sitofp(isum, V(F32, 8)), e.splat(sd, 8), builder.load(acc)), acc)
-        return _hsum_strict(e, builder.load(acc))
-    return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
-
-
 def _table(builder, name, vals, ty):
     """A constant array global of builder's module (created once per module)."""
     mod = builder.module
@@ -180,61 +120,162 @@ def _words(builder, table, idxs, ty, n):
     return builder.bitcast(v, V(I8, 32))
 
 
-def _typer_dot_grid(iq3: bool):
+# Each type: (block bytes, elements per block = per x scale, decode, token).  decode(e, b, ops,
+# ob) -> the weight side of the block at byte ob (decoded once, for every token of a multi-
+# token call); token(e, b, ops, w, xv) with xv(k) the 32 int8 x at element k of the block ->
+# (<8 x i32> integer sums, the block's float scale s): the block adds sitofp(isum) * (s * dx).
+
+def _dec32(fp4):
+    def decode(e, b, ops, ob):
+        s = _e8m0_half(b, e.ld(ob, 1)) if fp4 else e.f16(ob)
+        return ops.values(e, e.at(ob, 1 if fp4 else 2)), s
+
+    def token(e, b, ops, w, xv):
+        return ops.dot32(w[0], xv(0)), w[1]
+    return (17 if fp4 else 18), 32, decode, token
+
+
+def _dec_iq4_xs(e, b, ops, ob):
+    # 136 B: d | scales_h u16 (2 bits per 32 elements) | scales_l[4] (nibbles) | qs[128];
+    # sub-block ib: scale (l | h << 4) - 32, codes as IQ4_NL's over qs[16 ib : 16 ib + 16]
+    sh = b.zext(e.ld(e.at(ob, 2), 1, I16), I32)
+    vs, scs = [], []
+    for ib in range(8):
+        lo = b.and_(b.lshr(b.zext(e.ld(e.at(ob, 4 + ib // 2), 1), I32), ir.Constant(I32, 4 * (ib % 2))),
+                    ir.Constant(I32, 15))
+        hi = b.and_(b.lshr(sh, ir.Constant(I32, 2 * ib)), ir.Constant(I32, 3))
+        ls = b.sub(b.or_(lo, b.shl(hi, ir.Constant(I32, 4))), ir.Constant(I32, 32))
+        vs.append(ops.values(e, e.at(ob, 8 + 16 * ib)))
+        scs.append(e.splat(b.trunc(ls, I16), 16))
+    return vs, scs, e.f16(ob)
+
+
+def _tok_iq4_xs(e, b, ops, w, xv):
+    vs, scs, d = w
+    isum = ir.Constant(V(I32, 8), [0] * 8)
+    for ib in range(8):
+        isum = b.add(isum, ops.dot32(vs[ib], xv(32 * ib), scs[ib]))
+    return isum, d
+
+
+def _dec_grid(iq3):
     """IQ2_XXS (66 B: d | 8 x (4 grid indices u8 | u32 4 x 7-bit sign indices | scale << 28))
-    or IQ3_XXS (98 B: d | qs[64] grid indices (a 4-value row each) | 8 x u32 signs + scale)
-    row against x per 256 elements (xq, xd; xs unused):
+    or IQ3_XXS (98 B: d | qs[64] grid indices (a 4-value row each) | 8 x u32 signs + scale):
         w = d (ls + 1/2) / 4 * g * sign (IQ2_XXS), d (ls + 1/2) / 2 * g * sign (IQ3_XXS)
         sum w x = d dx / 8 (or / 4) * sum_j (2 ls_j + 1) (sum_{i in j} g_i (+-xq_i))
     The grid values (unsigned, <= 62) are vpmaddubsw's unsigned operand, the signs go onto x
     ((x ^ m) - m with m = 0 / -1 per byte), the scale into vpmaddwd: exact int32 lanes."""
-    bb = 98 if iq3 else 66
+    i64 = ir.IntType(64)
+
+    def decode(e, b, ops, ob):
+        grid = _table(b, "dsd.grid_iq3xxs" if iq3 else "dsd.grid_iq2xxs", _GRID3 if iq3 else _GRID2,
+                      I32 if iq3 else i64)
+        smask = _table(b, "dsd.ksigns_mask", _SMASK, i64)
+        e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
+        gs, ms, scs = [], [], []
+        for ib in range(8):
+            aux = e.ld(e.at(ob, 66 + 4 * ib if iq3 else 6 + 8 * ib), 1, I32)
+            nidx = 8 if iq3 else 4
+            gi = [b.zext(e.ld(e.at(ob, 2 + 8 * ib + k), 1), I32) for k in range(nidx)]
+            gs.append(_words(b, grid, gi, I32 if iq3 else i64, nidx))
+            si = [b.and_(b.lshr(aux, ir.Constant(I32, 7 * k)), ir.Constant(I32, 127)) for k in range(4)]
+            ms.append(_words(b, smask, si, i64, 4))
+            sc = b.add(b.shl(b.lshr(aux, ir.Constant(I32, 28)), ir.Constant(I32, 1)), ir.Constant(I32, 1))
+            scs.append(e.splat(b.trunc(sc, I16), 16))
+        return gs, ms, scs, b.fmul(e.f16(ob), ir.Constant(F32, 0.25 if iq3 else 0.125), flags=STRICT)
+
+    def token(e, b, ops, w, xv):
+        gs, ms, scs, s = w
+        isum = ir.Constant(V(I32, 8), [0] * 8)
+        for ib in range(8):
+            sx = b.sub(b.xor(xv(32 * ib), ms[ib]), ms[ib])
+            isum = b.add(isum, b.call(ops.maddwd, [b.call(ops.maddubs, [gs[ib], sx]), scs[ib]]))
+        return isum, s
+    return (98 if iq3 else 66), 256, decode, token
+
+
+_SPECS = {K_IQ4_NL: _dec32(False), K_MXFP4: _dec32(True), K_IQ4_XS: (136, 256, _dec_iq4_xs, _tok_iq4_xs),
+          K_IQ2_XXS: _dec_grid(False), K_IQ3_XXS: _dec_grid(True)}
+
+
+def _block_token(e, b, ops, tok, w, xq_ptr, dx, acc):
+    """acc + one block's contribution for one token: the same float operations in the one- and
+    multi-token kernels (batch invariance)."""
+    def xv(k):
+        v = b.load(b.bitcast(b.gep(xq_ptr, [ir.Constant(I64, k)]), ir.PointerType(V(I8, 32))))
+        v.align = 1
+        return v
+    isum, s = tok(e, b, ops, w, xv)
+    sd = b.fmul(s, dx, flags=STRICT)
+    return _fma(b, b.sitofp(isum, V(F32, 8)), e.splat(sd, 8), acc)
+
+
+def _typer_one(kind):
+    """Row of nb blocks against xq int8 [n], xd float32 [n / block] (xs unused) -> float32."""
+    bb, bs, decode, tok = _SPECS[kind]
 
     def typer(typingctx, flat, o, nb, tab, xq, xd, xs):
         def cg(context, builder, sig, args):
             fa, o_, nb_, ta, xqa, xda, _ = args
             fty, _, _, tty, xqty, xdty, _ = sig.args
             e = Emit(context, builder, fty, fa, tty, ta)
-            ops = _Ops(builder, KV_IQ4)
-            I64t = ir.IntType(64)
-            grid = _table(builder, "dsd.grid_iq3xxs" if iq3 else "dsd.grid_iq2xxs",
-                          _GRID3 if iq3 else _GRID2, I32 if iq3 else I64t)
-            smask = _table(builder, "dsd.ksigns_mask", _SMASK, I64t)
+            ops = _Ops(builder, KV_FP4 if kind == K_MXFP4 else KV_IQ4)
+            xqd = context.make_array(xqty)(context, builder, xqa).data
+            xdd = context.make_array(xdty)(context, builder, xda).data
             acc = cgutils.alloca_once_value(builder, ir.Constant(V(F32, 8), [0.0] * 8))
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
                 e.prefetch(e.at(ob, PREFETCH_BYTES))
-                e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
-                x0 = builder.mul(b, ir.Constant(I64, 256))
-                isum = ir.Constant(V(I32, 8), [0] * 8)
-                for ib in range(8):
-                    aux = e.ld(e.at(ob, 66 + 4 * ib if iq3 else 6 + 8 * ib), 1, I32)
-                    nidx = 8 if iq3 else 4
-                    gi = [builder.zext(e.ld(e.at(ob, 2 + 8 * ib + k), 1), I32) for k in range(nidx)]
-                    g = _words(builder, grid, gi, I32 if iq3 else I64t, nidx)
-                    si = [builder.and_(builder.lshr(aux, ir.Constant(I32, 7 * k)), ir.Constant(I32, 127))
-                          for k in range(4)]
-                    m = _words(builder, smask, si, I64t, 4)
-                    xv = _xload(builder, context, xqty, xqa, builder.add(x0, ir.Constant(I64, 32 * ib)), V(I8, 32))
-                    sx = builder.sub(builder.xor(xv, m), m)
-                    sc = builder.add(builder.shl(builder.lshr(aux, ir.Constant(I32, 28)), ir.Constant(I32, 1)),
-                                     ir.Constant(I32, 1))
-                    p16 = builder.call(ops.maddubs, [g, sx])
-                    isum = builder.add(isum, builder.call(ops.maddwd, [p16, e.splat(builder.trunc(sc, I16), 16)]))
-                dx = _xload(builder, context, xdty, xda, b, F32)
-                sd = builder.fmul(builder.fmul(e.f16(ob), dx, flags=STRICT),
-                                  ir.Constant(F32, 0.25 if iq3 else 0.125), flags=STRICT)
-                builder.store(_fma(builder, builder.sitofp(isum, V(F32, 8)), e.splat(sd, 8), builder.load(acc)), acc)
+                w = decode(e, builder, ops, ob)
+                xp = builder.gep(xqd, [builder.mul(b, ir.Constant(I64, bs))])
+                dx = builder.load(builder.gep(xdd, [b]))
+                builder.store(_block_token(e, builder, ops, tok, w, xp, dx, builder.load(acc)), acc)
             return _hsum_strict(e, builder.load(acc))
         return types.float32(flat, types.int64, types.int64, tab, xq, xd, xs), cg
     return typer
 
 
-# (kind, flat, o, nb, tab, xq, xd, xs) -> float32
-dot_iq8_any = _by_kind({K_IQ4_NL: _typer_dot32(False), K_MXFP4: _typer_dot32(True),
-                        K_IQ4_XS: _typer_dot_iq4_xs, K_IQ2_XXS: _typer_dot_grid(False),
-                        K_IQ3_XXS: _typer_dot_grid(True)}, "dot_iq8_any", 7)
+MULTI_MAX_T = 16
+
+
+def _typer_multi(kind):
+    """out[t, r] = row . x_t for the tn <= 16 token rows t0 <= t < t0 + tn of xq [T, n] /
+    xd [T, n / block]: each block decoded once for the tn tokens, per token exactly the
+    one-token kernel's arithmetic."""
+    bb, bs, decode, tok = _SPECS[kind]
+
+    def typer(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn):
+        def cg(context, builder, sig, args):
+            fa, o_, nb_, ta, xqa, xda, _, outa, r_, t0_, tn_ = args
+            fty, _, _, tty, xqty, xdty, _, outty = sig.args[:8]
+            e = Emit(context, builder, fty, fa, tty, ta)
+            ops = _Ops(builder, KV_FP4 if kind == K_MXFP4 else KV_IQ4)
+            (xqs, n), (xds, ndx) = _rows_2d(context, builder, xqty, xqa), _rows_2d(context, builder, xdty, xda)
+            outs, nout = _rows_2d(context, builder, outty, outa)
+            accs = _token_accs(builder, V(F32, 8), tn_)
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                ob = builder.add(o_, builder.mul(b, ir.Constant(I64, bb)))
+                e.prefetch(e.at(ob, PREFETCH_BYTES))
+                w = decode(e, builder, ops, ob)
+                with cgutils.for_range(builder, tn_) as lt:
+                    t = builder.add(t0_, lt.index)
+                    xp = builder.gep(xqs.data, [builder.add(builder.mul(t, n), builder.mul(b, ir.Constant(I64, bs)))])
+                    dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), b)]))
+                    ap = builder.gep(accs, [lt.index])
+                    builder.store(_block_token(e, builder, ops, tok, w, xp, dx, builder.load(ap)), ap)
+            _store_token_sums(e, builder, accs, tn_, t0_, outs, nout, r_)
+            return context.get_dummy_value()
+        return types.void(flat, types.int64, types.int64, tab, xq, xd, xs, out, types.int64, types.int64,
+                          types.int64), cg
+    return typer
+
+
+# (kind, flat, o, nb, tab, xq, xd, xs) -> float32: one row against one quantized vector
+dot_iq8_any = _by_kind({k: _typer_one(k) for k in _SPECS}, "dot_iq8_any", 7)
+# (kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn): one row against tn <= 16 vectors
+dot_iq8_multi_any = _by_kind({k: _typer_multi(k) for k in _SPECS}, "dot_iq8_multi_any", 11)
 
 
 def quant_iq(kind, X):
@@ -282,8 +323,8 @@ def mv_iq8_serial(kind, flat, offs, stride, nrows, nb, tab, X, xi, out):
 def _mm_item(kind, flat, stride, nrows, nb, tab, xq, xd, xs, out, c):
     T = xq.shape[0]
     for r in range(c * ROWS_PER_ITEM, min(nrows, (c + 1) * ROWS_PER_ITEM)):
-        for t in range(T):  # the row's bytes stay in L1 across the tokens
-            out[t, r] = dot_iq8_any(kind, flat, r * stride, nb, tab, xq[t], xd[t], xs[t])
+        for t0 in range(0, T, MULTI_MAX_T):
+            dot_iq8_multi_any(kind, flat, r * stride, nb, tab, xq, xd, xs, out, r, t0, min(MULTI_MAX_T, T - t0))
 
 
 @njit(cache=True, parallel=True, fastmath=True)
