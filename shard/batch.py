@@ -6,7 +6,7 @@ against that segment's own cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,7 +27,6 @@ class Batch:
     positions: np.ndarray          # int64 [T]
     segments: list[Segment]
     logit_rows: np.ndarray | None = None  # rows of T to compute logits for (None = all)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def single(cls, cache: SequenceCache, tokens, pos0: int | None = None,

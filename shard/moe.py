@@ -31,6 +31,7 @@ import numpy as np
 import os
 
 from dsd.shard import ops
+from dsd.shard.ffn import DenseFFN
 from dsd.shard.weights import SMALL_BATCH_MAX, ExpertStack, FusedExperts, Linear
 
 # Decode-sized batches run the routed experts as weights.FusedExperts (two fused kernel calls);
@@ -293,8 +294,6 @@ def moe_ffn_from_weights(w, layer: int, n_used: int, *, gating: int = GATING_SOF
                          norm: bool = False, scale: float = 0.0, n_groups: int = 1,
                          n_groups_used: int = 0, shared: bool = False) -> MoEFFN:
     """Build a layer's MoEFFN from the standard GGUF tensor names blk.N.ffn_{gate_inp,*_exps,*_shexp}."""
-    from dsd.shard.models.llama import DenseFFN
-
     p = f"blk.{layer}."
     bias = w.vector(p + "exp_probs_b.bias") if w.has(p + "exp_probs_b.bias") else None
     router = Router(w.linear(p + "ffn_gate_inp.weight"), n_used, gating, norm, scale, bias,

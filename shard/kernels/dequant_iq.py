@@ -342,7 +342,7 @@ def deq_rows_serial(kind, flat, stride, nrows, nb, tab, out):
         deq_row(kind, flat, r * stride, nb, tab, out[r])
 
 
-# ggml id -> one-block decoder (registry.QuantType.dequant_block)
+# ggml id -> one-block decoder
 BLOCK_DECODERS = {_K_IQ2_XXS: deq_iq2_xxs, _K_IQ2_XS: deq_iq2_xs, _K_IQ2_S: deq_iq2_s, _K_IQ3_XXS: deq_iq3_xxs,
                   _K_IQ3_S: deq_iq3_s, _K_IQ1_S: deq_iq1_s, _K_IQ1_M: deq_iq1_m, _K_IQ4_NL: deq_iq4_nl,
                   _K_IQ4_XS: deq_iq4_xs, _K_MXFP4: deq_mxfp4, _K_TQ1_0: deq_tq1_0, _K_TQ2_0: deq_tq2_0}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -24,7 +23,6 @@ from numba import typeof
 from numba.core import types as nbtypes
 
 from ._common import F16_TABLE
-from . import dequant as dq
 from . import drivers as dv
 from . import drivers_i8 as di
 from . import split
@@ -41,7 +39,6 @@ class QuantType:
     name: str
     block_size: int         # elements per block
     type_size: int          # bytes per block
-    dequant_block: Callable  # scalar numba fn (flat, o, f16tab, dst, d0): one block -> dst[d0:d0+bs]
     # rows.py decoder geometry: elements / bytes per SIMD block (32 elements for float types),
     # offset groups per block and elements per offset group (for the x group sums)
     simd_bs: int = 0
@@ -164,32 +161,32 @@ FUSED_CHUNKS_MAX_T = 128
 _TILE_ELEMS = 4 * 1024 * 1024
 
 
-def _register(gt: G, dequant_block):
+def _register(gt: G):
     """Adding a type = one call here plus its decoder in rows.py and branch in drivers.py."""
     from gguf.constants import GGML_QUANT_SIZES
     bs, ts = GGML_QUANT_SIZES[gt]
     kind = int(gt)
     _, sbs, sts, _, gsz = DECODERS[kind]
-    QUANT_TYPES[kind] = QuantType(kind, gt.name, bs, ts, dequant_block, sbs, sts, gsz)
+    QUANT_TYPES[kind] = QuantType(kind, gt.name, bs, ts, sbs, sts, gsz)
 
 
-_register(G.F32, dq.deq_f32)
-_register(G.F16, dq.deq_f16)
-_register(G.BF16, dq.deq_bf16)
-_register(G.Q4_0, dq.deq_q4_0)
-_register(G.Q4_1, dq.deq_q4_1)
-_register(G.Q5_0, dq.deq_q5_0)
-_register(G.Q5_1, dq.deq_q5_1)
-_register(G.Q8_0, dq.deq_q8_0)
-_register(G.Q2_K, dq.deq_q2_k)
-_register(G.Q3_K, dq.deq_q3_k)
-_register(G.Q4_K, dq.deq_q4_k)
-_register(G.Q5_K, dq.deq_q5_k)
-_register(G.Q6_K, dq.deq_q6_k)
+_register(G.F32)
+_register(G.F16)
+_register(G.BF16)
+_register(G.Q4_0)
+_register(G.Q4_1)
+_register(G.Q5_0)
+_register(G.Q5_1)
+_register(G.Q8_0)
+_register(G.Q2_K)
+_register(G.Q3_K)
+_register(G.Q4_K)
+_register(G.Q5_K)
+_register(G.Q6_K)
 # the low-bit types (IQ1_S ... IQ4_XS, MXFP4, TQ1_0, TQ2_0): their own decoders and products in
 # dequant_iq.py / products_iq.py; each entry point below hands them over first
 for _k, (_bs, _ts) in _piq.IQ_TYPES.items():
-    QUANT_TYPES[_k] = QuantType(_k, G(_k).name, _bs, _ts, _piq.BLOCK_DECODERS[_k], _bs, _ts, 32)
+    QUANT_TYPES[_k] = QuantType(_k, G(_k).name, _bs, _ts, _bs, _ts, 32)
 _IQ = frozenset(_piq.IQ_TYPES)
 
 def _wide_vectors() -> bool:

@@ -15,7 +15,7 @@ permutation inside the super-block would break, so they are computed from the un
 """
 from llvmlite import ir
 
-from .rows import F32, I8, I32, V, Blk, _k_scales, q3k_scales
+from .blocks_ir import F32, I8, I32, V, Blk, _k_scales, q3k_scales
 
 
 def _field(e, w, shift, mask, place=0):

@@ -13,6 +13,7 @@ import numpy as np
 from dsd.shard import ops
 from dsd.shard.batch import Batch
 from dsd.shard.kv_cache import SequenceCache
+from dsd.shard.ffn import DenseFFN  # noqa: F401  (deepseek2 and the daemon use it from here)
 from dsd.shard.weights import Embedding, FusedLinear
 
 
@@ -67,18 +68,6 @@ class ModelArgs:
             n_experts=int(g("expert_count", 0) or 0),
             n_experts_used=int(g("expert_used_count", 0) or 0),
         )
-
-
-class DenseFFN:
-    """SwiGLU feed-forward: x [T, D] -> W_down (silu(W_gate x) * W_up x)."""
-
-    def __init__(self, gate, up, down):
-        self.gate, self.up, self.down = gate, up, down
-        self.gate_up = FusedLinear([gate, up])  # decode: both in one kernel call
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        g, u = self.gate_up(x)
-        return self.down(ops.silu_mul(g, u))
 
 
 class Attention:
