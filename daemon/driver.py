@@ -18,7 +18,8 @@ from dsd.daemon.shm_channel import PeerDied
 
 _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log each forward's time and its waits
 # A wait expected to last long blocks until this long before its expected end, then spins (up
-# to twice this, then blocks again): timed wake-ups overshoot ~30 us here.
+# to twice this, then blocks again): timed wake-ups overshoot ~30 us here (DESIGN.md, "How a
+# process waits for its peer": the margin must exceed the host's timer overshoot).
 NAP_MARGIN = 50e-6
 
 

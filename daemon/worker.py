@@ -38,6 +38,8 @@ _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log every command's batch si
 
 
 _STATELESS = ("experts", "ffn", "head_share")
+# Wait constants: DESIGN.md, "How a process waits for its peer" (spin with a spare CPU; otherwise
+# spin about one wake-up latency, then block).
 PEER_SPIN_S = 1e-3  # a layer owner waiting for another worker's expert share spins this long
 # rows mode: a worker waiting for its next command spins this long before it blocks (the gaps
 # inside a decode step are < 1 ms; an idle daemon's workers sleep after this)
