@@ -35,6 +35,7 @@ class WorkerHandle:
         self.channel: Channel | None = None
         self.state = "starting"
         self.progress = (0, 0)
+        self.phase = ""               # while loading: "allocating" (pre-faulting) or "loading"
         self.stats: dict = {}
         self.outstanding = False
         self.policy = policy       # restarts.RestartPolicy
@@ -222,7 +223,7 @@ class Daemon(ClientSide):
             h.old_fds.append(h.pidfd)
         h.pidfd = os.pidfd_open(h.pid)
         h.channel.peer_fd = h.pidfd
-        h.state, h.progress, h.error = "starting", (0, 0), ""
+        h.state, h.progress, h.error, h.phase = "starting", (0, 0), "", ""
         self._write_info()
         self.log(f"worker {h.index}: pid {h.pid}, node {h.vnode.node}, CPUs {list(h.vnode.cpus)}")
 
@@ -318,6 +319,7 @@ class Daemon(ClientSide):
             self.wrk.send_multipart([ident, P.pack(self._assign(h))])
         elif t == "progress":
             h.progress = (msg["done"], msg["total"])
+            h.phase = msg.get("phase", "")
         elif t == "ready":
             h.state, h.stats = "ready", msg.get("stats", {})
             h.policy.ready()

@@ -64,6 +64,11 @@ def _key_from_file(path: str | None) -> str | None:
     return key
 
 
+def _doing(w: dict) -> str:
+    """'allocating' while pages are pre-faulted, 'loading' while the file is read, else the state."""
+    return w.get("phase") or w["state"] if w["state"] == "loading" else w["state"]
+
+
 def _bar(done: int, total: int, width: int = 30) -> str:
     f = done / total if total else 0.0
     n = int(f * width)
@@ -179,7 +184,7 @@ def run(args) -> int:
             print(f"dsd: {st['numa_note']}", file=sys.stderr)
             note_shown = True
         ws = st.get("workers", [])
-        lines = [f"  node {w['node']} worker {w['index']} {_bar(*w['progress'])} {w['state']}"
+        lines = [f"  node {w['node']} worker {w['index']} {_bar(*w['progress'])} {_doing(w)}"
                  for w in ws]
         if tty:
             if shown:
@@ -191,9 +196,10 @@ def run(args) -> int:
             for w in ws:  # quarter steps only, so logs stay short
                 done, total = w["progress"]
                 q = int(4 * done / total) if total else 0
-                if last_pct.get(w["index"]) != q:
-                    last_pct[w["index"]] = q
-                    print(f"  node {w['node']} worker {w['index']} {_bar(done, total)}", file=sys.stderr)
+                if last_pct.get(w["index"]) != (q, w.get("phase")):
+                    last_pct[w["index"]] = (q, w.get("phase"))
+                    print(f"  node {w['node']} worker {w['index']} {_bar(done, total)} {_doing(w)}",
+                          file=sys.stderr)
         if st.get("state") == "ready":
             break
         if st.get("state") == "failed":
