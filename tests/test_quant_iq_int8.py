@@ -8,15 +8,15 @@ the analytic bound of the activation rounding (tests/test_kernels._int8_bound's:
 by at most half a step, max|x_block| / 254), and within float32 rounding of the float64 product
 with the quantized x (computed here in numpy); bit-exact where every integer sum and scale
 product is exact; matvec, gathered products (also a worker's row / column share), small
-batches (each token through matvec's kernel: bit-identical rows), prompts (sgemm, float x),
-and DSD_EXACT_ACTIVATIONS' float path."""
+batches and short prompts (T <= products_iq.INT8_MAX_T; bit-identical rows to matvec's),
+longer prompts (sgemm, float x), and DSD_EXACT_ACTIVATIONS' float path."""
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as G
 
 from dsd.shard import kernels
-from dsd.shard.kernels import exact_activations, registry
+from dsd.shard.kernels import exact_activations, registry, rows_iq8
 
 from .test_kernels import _int8_bound
 from .test_quant_iq import random_raw, reference, set_scale
@@ -32,16 +32,24 @@ def _blk(gt):
 
 
 def quantized(X, blk):
-    """llama.cpp's Q8_0 / Q8_K activations, in numpy float64: x rounded to steps of
-    max|x_block| / 127 (the kernels compute round(x * (127 / amax)) in float32: the same
-    integers except at exact ties, which random normal x does not produce)."""
+    """llama.cpp's Q8_0 / Q8_K activations as the kernels compute them (rows_iq8.quantized_x),
+    as float64, checked against an independent numpy quantization: x rounded to steps of
+    max|x_block| / 127.  fastmath may compute 127 / max|x| and max|x| / 127 to within an ulp, so
+    a value within an ulp of a rounding tie may round the other way: allowed for a few in 10^4."""
     T, n = X.shape
+    xq, xd = rows_iq8.quantized_x(gt_of_blk(blk), X)
     xb = X.astype(np.float32).reshape(T, n // blk, blk)
     amax = np.abs(xb).max(axis=-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(xb * inv), -127, 127)
-    d = (amax / np.float32(127)).astype(np.float32)
-    return (q.astype(np.float64) * d.astype(np.float64)).reshape(T, n)
+    q = np.clip(np.rint(xb * inv), -127, 127).reshape(T, n)
+    diff = np.abs(q - xq)
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-4 * diff.size + 1
+    np.testing.assert_allclose(xd[:, :n // blk], (amax / np.float32(127))[..., 0], rtol=3e-7)  # or an ulp off
+    return (xq.astype(np.float64).reshape(T, n // blk, blk) * xd[:, :n // blk, None].astype(np.float64)).reshape(T, n)
+
+
+def gt_of_blk(blk):
+    return int(G.IQ4_XS if blk == 256 else G.IQ4_NL)
 
 
 def check(got, W64, X, blk):
@@ -76,7 +84,9 @@ def test_matvec_and_small_batches_within_rounding_bound(gt, parallel, monkeypatc
         got = kernels.matmul(raw, int(gt), X[:T])
         check(got, W, X[:T], blk)
         assert np.array_equal(got, alone[:T]), T
-    Xp = rng.standard_normal((40, n)).astype(np.float32)  # a prompt: dequantize + sgemm, float x
+    Xp = rng.standard_normal((40, n)).astype(np.float32)  # a short prompt: 8-bit x too
+    check(kernels.matmul(raw, int(gt), Xp), W, Xp, blk)
+    Xp = rng.standard_normal((80, n)).astype(np.float32)  # a prompt: dequantize + sgemm, float x
     got = kernels.matmul(raw, int(gt), Xp).astype(np.float64)
     ref = Xp.astype(np.float64) @ W.T
     assert np.all(np.abs(got - ref) <= 1e-5 * (np.abs(Xp.astype(np.float64)) @ np.abs(W).T))

@@ -16,9 +16,10 @@ read-only 1-D view with row r at flat[r * stride], x float32 (n_cols,), X float3
 (T, n_cols).
 
 With 8-bit activations (registry.INT8_ACTIVATIONS; DSD_EXACT_ACTIVATIONS=1 keeps float x) the
-types of rows_iq8.IQ8_KINDS (IQ4_NL, IQ4_XS, MXFP4) take rows_iq8's integer kernels instead for
-matvec, the gathered products and T <= SMALL_T (and every T in batch-invariant mode), as
-llama.cpp computes them (x quantized per 32 / 256 elements); prompts keep dequantize + sgemm.
+types of rows_iq8.IQ8_KINDS (IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS) take rows_iq8's integer
+kernels instead for matvec, the gathered products and T <= INT8_MAX_T (and every T in batch-invariant mode), as
+llama.cpp computes them (x quantized per 32 / 256 elements); longer prompts keep dequantize +
+sgemm with float x.
 
 Cache note (as drivers.py): numba's on-disk cache of these kernels holds the decoders inlined
 and is keyed on this file only; after editing dequant_iq.py or simd_iq.py delete
@@ -40,6 +41,9 @@ from .rows_iq8 import IQ8_KINDS, mm_iq8_parallel, mm_iq8_serial, mv_iq8_parallel
 
 ROWS_PER_ITEM = 16  # rows per parallel work item (one scratch row each; static prange schedule)
 SMALL_T = 16        # up to this many vectors: fused kernel (each row decoded once for all of them)
+# with 8-bit x (rows_iq8) up to this many: at T = 32-64 4-6x dequantize + sgemm on the AMD
+# machine (noisy, shared host), at T = 512 0.75-1.0x of it, so longer prompts keep sgemm
+INT8_MAX_T = 64
 _TILE_ELEMS = 4 * 1024 * 1024  # prompt path: rows dequantized per sgemm (16 MiB of float32)
 
 
@@ -261,7 +265,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out=None) -> np.ndarr
         else:
             _timed(par, T * nrows * rb, gather_parallel if par else gather_serial, ggml_type, flat,
                    np.zeros(T, np.int64), stride, nrows, nb, bs, F16_TABLE, X, np.arange(T, dtype=np.int64), o)
-    elif T <= SMALL_T:
+    elif T <= SMALL_T or (T <= INT8_MAX_T and _int8(R, ggml_type)):
         nbytes = nrows * rb
         par = R._par_ok(nbytes)
         if _int8(R, ggml_type):

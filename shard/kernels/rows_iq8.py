@@ -1,5 +1,5 @@
-"""IQ4_NL, IQ4_XS and MXFP4 rows with 8-bit activations and integer dot products (issue 15),
-the way llama.cpp computes them on AVX2:
+"""IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS and IQ3_XXS rows with 8-bit activations and integer dot
+products (issue 15), the way llama.cpp computes them on AVX2:
 
     IQ4_NL (18 B: d | qs[16])   and MXFP4 (17 B: E8M0 e | qs[16]) against x quantized per 32
         elements (xq int8, xd float32 per 32; drivers_i8.quant_x_q8_32, llama.cpp's Q8_0):
@@ -7,18 +7,22 @@ the way llama.cpp computes them on AVX2:
     IQ4_XS (136 B: d | scales_h u16 | scales_l[4] | qs[128]) against x quantized per 256
         (drivers_i8.quant_x_q8k, llama.cpp's Q8_K):
         sum w x = sum_B d_B dx_B sum_j (ls_j - 32) (sum_{i in sub-block j} v_i xq_i)
+    IQ2_XXS / IQ3_XXS against x per 256: grid rows (int8, unsigned) and sign masks from constant
+        tables (_dec_grid), the 4-bit sub-block scales as 2 ls + 1
 
 The 4-bit codes become their int8 table values (KV_IQ4: -127 .. 113; KV_FP4 doubled E2M1:
 -12 .. 12) by one vpshufb (the 16-entry table in both 128-bit lanes), then the signed x signed
 products go through vpmaddubsw with llama.cpp's sign trick: |v| (unsigned) times x * sign(v)
--- pair sums <= 2 * 127 * 127 < 2^15, exact -- and vpmaddwd (by 1, or by the IQ4_XS sub-block
-scale) into int32 lanes: the integer sum of a block is exact.  Float work per block: one int ->
-float conversion and one fma by s_b * dx_b into an 8-lane accumulator, summed in a fixed tree
-at the end (rows_i8._hsum_strict): the multi-token driver runs the same row kernel per token,
-so the products are batch-invariant.
+-- pair sums <= 2 * 127 * 127 < 2^15, exact -- and vpmaddwd (by 1, or by the sub-block scale)
+into int32 lanes: the integer sum of a block is exact.  Float work per block and token: one
+int -> float conversion and one fma by s_b * dx_b into an 8-lane accumulator, summed in a fixed
+tree at the end (rows_i8._hsum_strict).  The multi-token kernels decode each block once for up
+to 16 tokens and run the one-token kernel's arithmetic per token (_block_token), so products
+are batch-invariant.
 
 AVX2 instructions (llvm.x86.avx2.*): used only where registry.INT8_ACTIVATIONS holds (AVX2 or
-AVX-512 VNNI). Cache note: after editing this file delete __pycache__/rows_iq8.*.nbi / *.nbc.
+AVX-512 VNNI).  Not here yet: IQ1_S / IQ1_M, IQ2_XS / IQ2_S, IQ3_S, TQ1_0 / TQ2_0 (float x).
+Cache note: after editing this file delete __pycache__/rows_iq8.*.nbi / *.nbc.
 """
 import numpy as np
 from gguf import GGMLQuantizationType as G
