@@ -1,5 +1,5 @@
-"""IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS, IQ2_XS, IQ2_S and TQ2_0 products with 8-bit activations (shard/kernels/
-rows_iq8.py, issue 15): x quantized per 32 elements (IQ4_NL, MXFP4: llama.cpp's Q8_0) or per 256
+"""IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS, IQ2_XS, IQ2_S, IQ3_S and TQ2_0 products with 8-bit
+activations (shard/kernels/rows_iq8.py, issue 15): x quantized per 32 elements (IQ4_NL, MXFP4: llama.cpp's Q8_0) or per 256
 (the super-block types: Q8_K), the non-linear 4-bit codes / grid rows and signs looked up as
 int8 and multiplied with integer dot products.
 
@@ -21,7 +21,7 @@ from dsd.shard.kernels import exact_activations, registry, rows_iq8
 from .test_kernels import _int8_bound
 from .test_quant_iq import random_raw, reference, set_scale
 
-TYPES = [G.IQ4_NL, G.IQ4_XS, G.MXFP4, G.IQ2_XXS, G.IQ3_XXS, G.IQ2_XS, G.IQ2_S, G.TQ2_0]
+TYPES = [G.IQ4_NL, G.IQ4_XS, G.MXFP4, G.IQ2_XXS, G.IQ3_XXS, G.IQ2_XS, G.IQ2_S, G.IQ3_S, G.TQ2_0]
 
 pytestmark = [pytest.mark.int8, pytest.mark.skipif(
     not registry.INT8_ACTIVATIONS, reason="no 8-bit activation kernels on this CPU (or DSD_EXACT_ACTIVATIONS=1)")]

@@ -70,8 +70,8 @@ def test_logits_match_float64_reference(all_types_file):
 @pytest.mark.int8
 def test_logits_with_int8_activations_close_to_float64(all_types_file):
     """The same with 8-bit activations for the types that have integer kernels (rows_iq8:
-    IQ4_NL, IQ4_XS, MXFP4; x rounded to 1/254 of its block's max): within 1e-2 of the largest
-    logit, the same greedy tokens."""
+    all IQ types but IQ1_S, IQ1_M and TQ1_0; x rounded to 1/254 of its block's max): within 1e-2
+    of the largest logit, the same greedy tokens where the reference's margin is wider."""
     if not registry.INT8_ACTIVATIONS:
         pytest.skip("no 8-bit activation kernels on this CPU (or DSD_EXACT_ACTIVATIONS=1)")
     _check_logits(all_types_file, 1e-2)
@@ -88,7 +88,10 @@ def _check_logits(path, tol):
     for t in range(7, len(TOKENS)):  # one-token decode: matvec, gathered / fused experts
         step = model.forward(Batch.single(cache, [TOKENS[t]]))
         assert _rel(step[-1], ref[t]) <= tol, t
-    assert (got.argmax(-1) == ref[:7].argmax(-1)).all()
+    # greedy tokens the same wherever the reference's top-2 margin exceeds the allowed error
+    top2 = np.sort(ref[:7], axis=-1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > 2 * tol * np.abs(ref[:7]).max()
+    assert sure.sum() >= 4 and (got.argmax(-1) == ref[:7].argmax(-1))[sure].all()
 
 
 def _last_logits(model, work):

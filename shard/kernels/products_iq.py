@@ -16,10 +16,11 @@ read-only 1-D view with row r at flat[r * stride], x float32 (n_cols,), X float3
 (T, n_cols).
 
 With 8-bit activations (registry.INT8_ACTIVATIONS; DSD_EXACT_ACTIVATIONS=1 keeps float x) the
-types of rows_iq8.IQ8_KINDS (IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS, IQ2_XS, IQ2_S, TQ2_0) take
-rows_iq8's integer kernels instead for matvec, the gathered products and T <= INT8_MAX_T (and
-every T in batch-invariant mode), as llama.cpp computes them (x quantized per 32 / 256
-elements); longer prompts keep dequantize + sgemm with float x.
+types of rows_iq8.IQ8_KINDS (IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS, IQ2_XS, IQ2_S, IQ3_S,
+TQ2_0: all but IQ1_S, IQ1_M, TQ1_0) take rows_iq8's integer kernels instead for matvec, the
+gathered products and T <= INT8_MAX_T (and every T in batch-invariant mode), as llama.cpp
+computes them (x quantized per 32 / 256 elements); longer prompts keep dequantize + sgemm with
+float x.
 
 Cache note (as drivers.py): numba's on-disk cache of these kernels holds the decoders inlined
 and is keyed on this file only; after editing dequant_iq.py or simd_iq.py delete

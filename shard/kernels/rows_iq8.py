@@ -1,4 +1,4 @@
-"""IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS, IQ2_XS, IQ2_S and TQ2_0 rows with 8-bit activations
+"""IQ4_NL, IQ4_XS, MXFP4, IQ2_XXS, IQ3_XXS, IQ2_XS, IQ2_S, IQ3_S and TQ2_0 rows with 8-bit activations
 and integer dot products (issue 15), the way llama.cpp computes them on AVX2:
 
     IQ4_NL (18 B: d | qs[16])   and MXFP4 (17 B: E8M0 e | qs[16]) against x quantized per 32
@@ -7,8 +7,9 @@ and integer dot products (issue 15), the way llama.cpp computes them on AVX2:
     IQ4_XS (136 B: d | scales_h u16 | scales_l[4] | qs[128]) against x quantized per 256
         (drivers_i8.quant_x_q8k, llama.cpp's Q8_K):
         sum w x = sum_B d_B dx_B sum_j (ls_j - 32) (sum_{i in sub-block j} v_i xq_i)
-    IQ2_XXS / IQ3_XXS / IQ2_XS / IQ2_S against x per 256: grid rows (int8, unsigned) and sign
-        masks from constant tables (_dec_grid, _dec_iq2_xs_s), the 4-bit scales as 2 ls + 1
+    IQ2_XXS / IQ3_XXS / IQ2_XS / IQ2_S / IQ3_S against x per 256: grid rows (int8, unsigned)
+        and sign masks from constant tables (_dec_grid, _dec_iq2_xs_s, _dec_iq3_s), the 4-bit
+        scales as 2 ls + 1
     TQ2_0 against x per 256: the 2-bit codes minus 1 as int8, the IQ4 codes' products
 
 The 4-bit codes become their int8 table values (KV_IQ4: -127 .. 113; KV_FP4 doubled E2M1:
@@ -22,7 +23,7 @@ to 16 tokens and run the one-token kernel's arithmetic per token (_block_token),
 are batch-invariant.
 
 AVX2 instructions (llvm.x86.avx2.*): used only where registry.INT8_ACTIVATIONS holds (AVX2 or
-AVX-512 VNNI).  Not here yet: IQ1_S / IQ1_M, IQ3_S, TQ1_0 (float x).
+AVX-512 VNNI).  Not here yet: IQ1_S / IQ1_M, TQ1_0 (float x).
 Cache note: after editing this file delete __pycache__/rows_iq8.*.nbi / *.nbc.
 """
 import numpy as np
@@ -32,22 +33,23 @@ from numba import literally, njit, prange
 from numba.core import cgutils, types
 from numba.extending import overload
 
-from .dequant_iq import GRID_IQ2S, GRID_IQ2XS, GRID_IQ2XXS, GRID_IQ3XXS, KSIGNS, KV_FP4, KV_IQ4
+from .dequant_iq import GRID_IQ2S, GRID_IQ2XS, GRID_IQ2XXS, GRID_IQ3S, GRID_IQ3XXS, KSIGNS, KV_FP4, KV_IQ4
 from .drivers_i8 import quant_x_q8_32, quant_x_q8k
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
 from .rows_i8 import STRICT, _fma, _hsum_strict, _rows_2d, _store_token_sums, _token_accs
 
 K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
 K_IQ2_XXS, K_IQ3_XXS = int(G.IQ2_XXS), int(G.IQ3_XXS)
-K_IQ2_XS, K_IQ2_S, K_TQ2_0 = int(G.IQ2_XS), int(G.IQ2_S), int(G.TQ2_0)
-IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0)
-_Q8K_KINDS = (K_IQ4_XS, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0)  # x per 256 elements
+K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S = int(G.IQ2_XS), int(G.IQ2_S), int(G.TQ2_0), int(G.IQ3_S)
+IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S)
+_Q8K_KINDS = (K_IQ4_XS, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S)  # x per 256 elements
 # lookup tables as LLVM constants: the grid rows as little-endian words (byte j = element j),
 # and per 7-bit sign index the 8 bytes 0xFF (element negated) / 0x00 of KSIGNS' bits
 _GRID2 = np.ascontiguousarray(GRID_IQ2XXS).view("<u8").ravel().astype(np.uint64)
 _GRID3 = np.ascontiguousarray(GRID_IQ3XXS).view("<u4").ravel().astype(np.uint64)
 _GRID2X = np.ascontiguousarray(GRID_IQ2XS).view("<u8").ravel().astype(np.uint64)
 _GRID2S = np.ascontiguousarray(GRID_IQ2S).view("<u8").ravel().astype(np.uint64)
+_GRID3S = np.ascontiguousarray(GRID_IQ3S).view("<u4").ravel().astype(np.uint64)
 _BMASK = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0xFF, 0).astype(np.uint8).view("<u8").ravel()
 _SMASK = _BMASK.reshape(256)[KSIGNS].astype(np.uint64)  # by 7-bit sign index
 _BMASK = _BMASK.astype(np.uint64)  # by sign byte (IQ2_S)
@@ -239,6 +241,27 @@ def _dec_iq2_xs_s(iq2s):
     return (82 if iq2s else 74), 256, decode, _dec_grid(False)[3]
 
 
+def _dec_iq3_s(e, b, ops, ob):
+    # 110 B: d | qs[64] (low 8 index bits per 4 elements) | qh[8] (9th bits) | signs[32] (a byte
+    # per 8) | scales[4] (a nibble per 32); w = d (1 + 2 s) g sign: _dec_grid's token arithmetic
+    i64 = ir.IntType(64)
+    grid = _table(b, "dsd.grid_iq3s", _GRID3S, I32)
+    smask = _table(b, "dsd.bsigns_mask", _BMASK, i64)
+    e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
+    gs, ms, scs = [], [], []
+    for ib in range(8):
+        h = b.zext(e.ld(e.at(ob, 66 + ib), 1), I32)
+        gi = [b.or_(b.zext(e.ld(e.at(ob, 2 + 8 * ib + k), 1), I32),
+                    b.shl(b.and_(b.lshr(h, ir.Constant(I32, k)), ir.Constant(I32, 1)), ir.Constant(I32, 8)))
+              for k in range(8)]
+        gs.append(_words(b, grid, gi, I32, 8))
+        ms.append(_words(b, smask, [b.zext(e.ld(e.at(ob, 74 + 4 * ib + l), 1), I32) for l in range(4)], i64, 4))
+        sc = b.and_(b.lshr(b.zext(e.ld(e.at(ob, 106 + ib // 2), 1), I32), ir.Constant(I32, 4 * (ib % 2))),
+                    ir.Constant(I32, 15))
+        scs.append(e.splat(b.trunc(b.add(b.shl(sc, ir.Constant(I32, 1)), ir.Constant(I32, 1)), I16), 16))
+    return gs, ms, scs, e.f16(ob)
+
+
 def _dec_tq2_0(e, b, ops, ob):
     # 66 B: qs[64] (2 bits per element) | d; element 128 h + 32 k + j = bits 2k of qs[32 h + j],
     # minus 1: values -1 / 0 / 1 (int8), through the same sign-trick products as the IQ4 codes
@@ -258,7 +281,7 @@ def _tok_tq2_0(e, b, ops, w, xv):
     return isum, d
 
 
-_SPECS = {K_IQ2_XS: _dec_iq2_xs_s(False), K_IQ2_S: _dec_iq2_xs_s(True), K_TQ2_0: (66, 256, _dec_tq2_0, _tok_tq2_0),
+_SPECS = {K_IQ3_S: (110, 256, _dec_iq3_s, _dec_grid(False)[3]), K_IQ2_XS: _dec_iq2_xs_s(False), K_IQ2_S: _dec_iq2_xs_s(True), K_TQ2_0: (66, 256, _dec_tq2_0, _tok_tq2_0),
           K_IQ4_NL: _dec32(False), K_MXFP4: _dec32(True), K_IQ4_XS: (136, 256, _dec_iq4_xs, _tok_iq4_xs),
           K_IQ2_XXS: _dec_grid(False), K_IQ3_XXS: _dec_grid(True)}
 
