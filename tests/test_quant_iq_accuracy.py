@@ -20,7 +20,8 @@ from gguf import quants as gq
 
 from dsd.shard.batch import Batch
 from dsd.shard.gguf_file import open_gguf
-from dsd.shard.kernels import dequantize, exact_activations
+from dsd.shard.kernels import dequantize, exact_activations, registry
+from dsd.shard.kernels.rows_iq8 import IQ8_KINDS
 from dsd.shard.models import build_model
 from tests.fixtures.iq.make_fixtures import TENSOR, TYPES, llama_cpp_logits, test_tokens
 from tests.reference.llama_ref import llama_logits
@@ -81,9 +82,17 @@ def test_dsd_adds_no_error_beyond_the_weights(models, t):
         exact = m.forward(Batch.single(m.new_cache(64), toks, all_logits=True))
     base = _err(ref, truth)
     assert base > 0.01  # the quantization is visible at all
-    for got in (fast, exact):
-        assert _err(got, ref) < 1e-5
-        assert _err(got, truth) <= 1.001 * base
+    assert _err(exact, ref) < 1e-5
+    assert _err(exact, truth) <= 1.001 * base
+    # default: the types of rows_iq8.IQ8_KINDS take 8-bit activations (llama.cpp's scheme):
+    # their rounding comes on top (measured 0.008-0.014, the weights' 0.07-0.73), and is
+    # judged against llama.cpp's own on the same file below; the other types: the exact path
+    e = _err(fast, ref)
+    if registry.INT8_ACTIVATIONS and int(Q[t]) in IQ8_KINDS:
+        assert e < 0.02 and e < 0.25 * base
+        assert _err(fast, truth) <= 1.1 * base
+    else:
+        assert e < 1e-5
 
 
 def _llama_cpp_live(path):
