@@ -283,13 +283,13 @@ def allocate(nbytes: int, node: int, pages: str = "auto",
                         f"with memory: {[n.id for n in topo.nodes if n.mem_total]}")
     page = _KIND_PAGE[pages] if pages != "auto" else PAGE_2M
     length = _round_up(nbytes, page)
-    faulted = [0]
+    step = None
+    if progress is not None:
+        faulted = [0]
 
-    def step(n: int) -> None:   # a failed huge-page try is retried smaller: never past 100%
-        faulted[0] = min(faulted[0] + n, length)
-        progress(faulted[0], length)
-
-    step = step if progress is not None else None
+        def step(n: int) -> None:   # a failed huge-page try is retried smaller: never past 100%
+            faulted[0] = min(faulted[0] + n, length)
+            progress(faulted[0], length)
     if pages == "auto":
         return _allocate_auto(nbytes, node, topo, step)
     align = page if page > PAGE_4K else (PAGE_2M if pages == "thp" else PAGE_4K)

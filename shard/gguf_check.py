@@ -297,6 +297,19 @@ def _dense(s: _Spec, p: str, D: int, F: int) -> None:
     s.need(p + "ffn_down.weight", D, F)
 
 
+def _gqa_block(s: _Spec, p: str, D: int, H: int, Hkv: int, hd: int, qk_norm: bool = False) -> None:
+    """A llama-style block's norms and grouped-query attention (qwen3moe adds per-head QK norms)."""
+    s.need(p + "attn_norm.weight", D)
+    s.need(p + "ffn_norm.weight", D)
+    s.need(p + "attn_q.weight", H * hd, D)
+    s.need(p + "attn_k.weight", Hkv * hd, D)
+    s.need(p + "attn_v.weight", Hkv * hd, D)
+    if qk_norm:
+        s.need(p + "attn_q_norm.weight", hd)
+        s.need(p + "attn_k_norm.weight", hd)
+    s.need(p + "attn_output.weight", D, H * hd)
+
+
 def _spec_llama(g, m: _Meta, s: _Spec) -> None:
     c = _common(g, m, s)
     D = c["D"]
@@ -307,12 +320,7 @@ def _spec_llama(g, m: _Meta, s: _Spec) -> None:
     s.need("rope_freqs.weight", hd // 2, optional=True)
     for i in range(c["L"]):
         p = f"blk.{i}."
-        s.need(p + "attn_norm.weight", D)
-        s.need(p + "ffn_norm.weight", D)
-        s.need(p + "attn_q.weight", H * hd, D)
-        s.need(p + "attn_k.weight", Hkv * hd, D)
-        s.need(p + "attn_v.weight", Hkv * hd, D)
-        s.need(p + "attn_output.weight", D, H * hd)
+        _gqa_block(s, p, D, H, Hkv, hd)
         if E and s.has(p + "ffn_gate_inp.weight"):   # Mixtral: experts in a llama body
             _experts(g, m, s, p, D, Fe, E)
         else:
@@ -329,14 +337,7 @@ def _spec_qwen3moe(g, m: _Meta, s: _Spec) -> None:
     Fe = m.int("expert_feed_forward_length", lo=1)
     for i in range(c["L"]):
         p = f"blk.{i}."
-        s.need(p + "attn_norm.weight", D)
-        s.need(p + "ffn_norm.weight", D)
-        s.need(p + "attn_q.weight", H * hd, D)
-        s.need(p + "attn_k.weight", Hkv * hd, D)
-        s.need(p + "attn_v.weight", Hkv * hd, D)
-        s.need(p + "attn_q_norm.weight", hd)
-        s.need(p + "attn_k_norm.weight", hd)
-        s.need(p + "attn_output.weight", D, H * hd)
+        _gqa_block(s, p, D, H, Hkv, hd, qk_norm=True)
         _experts(g, m, s, p, D, Fe, E)
 
 

@@ -66,7 +66,9 @@ def _key_from_file(path: str | None) -> str | None:
 
 def _doing(w: dict) -> str:
     """'allocating' while pages are pre-faulted, 'loading' while the file is read, else the state."""
-    return w.get("phase") or w["state"] if w["state"] == "loading" else w["state"]
+    if w["state"] == "loading" and w.get("phase"):
+        return w["phase"]
+    return w["state"]
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
