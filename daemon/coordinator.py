@@ -147,7 +147,14 @@ class Daemon(ClientSide):
             name = f"{shm_prefix(self.cfg['instance'])}w{i}"
             h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"], hugepages=huge)
             self.handles.append(h)
-        kinds = sorted({h.channel.page_kind for h in self.handles})
+        # the workers' fixed links (daemon/sharded.py): links[(a, b)] carries a's requests to b
+        self.links = {}
+        for a in range(n):
+            for b in range(n):
+                if a != b:
+                    self.links[a, b] = Channel.create(f"{shm_prefix(self.cfg['instance'])}l{a}to{b}", data,
+                                                      self.sock_dir, self.cfg["spin_us"], hugepages=huge)
+        kinds = sorted({c.page_kind for c in [h.channel for h in self.handles] + list(self.links.values())})
         self.log("activation channels: " + ("2 MiB hugepages" if kinds == ["2m"] else
                  "/dev/shm" + ("" if not self.cfg.get("channel_hugepages") else
                                " (channel_hugepages: no 2 MiB pages to spare beyond the weights)")))
@@ -176,7 +183,8 @@ class Daemon(ClientSide):
         free = sum(n.pool("2m").free for n in topo.nodes)
         pages = self.cfg["pages"]
         need = 0 if pages in ("1g", "thp", "4k") else sum(-(-b // HUGE_2M) + 1 for b in self.plan.worker_bytes())
-        need += len(self.plan.pieces) * -(-(DATA + data_bytes) // HUGE_2M)
+        n = len(self.plan.pieces)
+        need += n * n * -(-(DATA + data_bytes) // HUGE_2M)   # n command channels, n(n-1) links
         return free > 0 and free >= need
 
     def _write_info(self) -> None:
@@ -185,7 +193,7 @@ class Daemon(ClientSide):
         from dsd.daemon.instance_dir import Identity
 
         info = {"pid": os.getpid(), "instance": self.cfg["instance"], "socket_dir": self.sock_dir,
-                "log_file": log_path(self.cfg), "shm": [h.channel.name for h in self.handles],
+                "log_file": log_path(self.cfg), "shm": [h.channel.name for h in self.handles] + [c.name for c in getattr(self, "links", {}).values()],
                 "workers": [h.pid for h in self.handles if h.pid]}
         # start time + command line of each worker: `dsd stop` kills only these processes
         for h in self.handles:
@@ -279,6 +287,9 @@ class Daemon(ClientSide):
                 "spin_between": self._own_cpus() and h.index != self._with_driver(),
                 "block_between": h.index == self._with_driver(),
                 "channel": h.channel.name, "channel_path": h.channel.path,
+                "links": [[j, self.links[h.index, j].name, self.links[h.index, j].path,
+                           self.links[j, h.index].name, self.links[j, h.index].path]
+                          for j in range(len(self.handles)) if j != h.index],
                 "spin_us": self.cfg["spin_us"], "context": self.context,
                 "coordinator_pid": os.getpid()})
 
@@ -503,6 +514,9 @@ class Daemon(ClientSide):
                 name = h.channel.name
                 h.channel.close(unlink=True)
                 remove_fifos(self.sock_dir, name)
+        for ch in getattr(self, "links", {}).values():
+            ch.close(unlink=True)
+            remove_fifos(self.sock_dir, ch.name)
         for s in ("ctl", "wrk", "out", "engine_push"):
             sock = getattr(self, s, None)
             if sock is not None:

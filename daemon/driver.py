@@ -1,14 +1,18 @@
-"""The coordinator's forward pass: runs Plan.program() stages over the workers' channels.
+"""The coordinator's side of a forward pass: one step descriptor to every worker, logits back.
 
-One call = one flat batch (several sequences' new tokens, as in dsd.shard.batch): the token ids
-and segment table go to every stage, activations [T, D] float32 go through shared memory, and
-the last stage returns logits [len(logit_rows), vocab].  A worker that dies mid-pass raises
-WorkerDied at once (its pidfd wakes the waiting select).
+One call = one flat batch (several sequences' new tokens, as in dsd.shard.batch).  Every worker
+gets the same descriptor (token ids, segment table, KV frees) on its own shared-memory channel
+and runs the model's forward pass over its shards (daemon/sharded.py); hidden states move
+between the workers over their own links, never through here.  The head's owner replies with
+logits [len(logit_rows), vocab]; the others reply empty when their part is done.  A worker that
+dies mid-pass raises WorkerDied at once (its pidfd wakes the waiting select); after any failure
+the other workers are told to abort the step, and the next step first resyncs the peer links.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -16,11 +20,12 @@ import numpy as np
 from dsd.daemon.shm_channel import PeerDied
 
 
-_TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log each forward's time and its waits
+_TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log each forward's time
 # A wait expected to last long blocks until this long before its expected end, then spins (up
 # to twice this, then blocks again): timed wake-ups overshoot ~30 us here (DESIGN.md, "How a
 # process waits for its peer": the margin must exceed the host's timer overshoot).
 NAP_MARGIN = 50e-6
+WARM_SEQ = -1   # the throwaway sequence of the warm-up steps
 
 
 class WorkerDied(Exception):
@@ -36,80 +41,53 @@ class WorkerError(Exception):
 class Driver:
     def __init__(self, plan, handles):
         self.plan = plan
-        self.program = plan.program()
         self.handles = handles            # list of WorkerHandle (channel, pid)
-        self.pending_free: list[list[int]] = [[] for _ in handles]
-        self.hop_ns: list[int] = []       # send->reply latency of tiny stages (bench)
+        self.pending_free: list[int] = []
+        self.hop_ns: list[int] = []       # command -> reply latency of an empty command (pings)
         self.steps = 0
-        # duration (s) of each (stage, worker, batch rows) last time: a wait expected to outlast
-        # the channel's spin budget first sleeps through most of it, so the coordinator does not
+        # duration (s) of the last step of each batch size: a wait expected to outlast the
+        # channel's spin budget first sleeps through most of it, so the coordinator does not
         # take CPU time from the workers (2 cores here; measured: a process spinning 20% of a
-        # core slowed a 2-thread decode step by 17-60%)
-        self._expect: dict[tuple, float] = {}
-        self._fwd_procs: list = []            # worker processes when the current pass began
-        self._idle: dict[tuple, float] = {}   # (stage, worker, rows) -> idle time after it, last time
-        self._seen: dict[int, tuple] = {}     # worker -> (key, time) of its last reply
-        self._waited = 0.0
-        self._t_end = 0.0
-        self._stage_w: list[str] = []
+        # core slowed a 2-thread decode step by 17-60%); the watchdog scales its limit by it
+        self._expect: dict[int, float] = {}
         self.block_on: set[int] = set()   # workers on our CPUs: wait for them without spinning
+        self.lock = threading.Lock()      # one step at a time (engine thread, warm-up)
+        self._pids_sent: list[int | None] = [None] * len(handles)  # per worker: pids it was told
+        self._prepared: tuple | None = None   # worker pids the links were resynced and warmed for
+        self._resync = False
         # worker pids when the last command went out: a death is reported with the pid that died,
         # not the restarted worker's (the coordinator's I/O thread may respawn it before we look)
         self._pids: list[int | None] = [h.pid for h in handles]
 
     def free(self, seq_ids) -> None:
-        for q in self.pending_free:
-            q.extend(seq_ids)
+        self.pending_free.extend(seq_ids)
 
-    def _call(self, w: int, hdr: dict, arrays: dict, key: tuple | None = None) -> None:
-        h = self.handles[w]
-        hdr = dict(hdr)
-        now = time.perf_counter()
-        prev = self._seen.pop(w, None)
-        if prev is not None:  # how long w sat idle after its previous reply
-            self._idle[prev[0]] = now - prev[1]
-        if key is not None and key in self._idle:
-            hdr["idle"] = self._idle[key]  # expected wait for w's next command after this one
-        if _TRACE:
-            hdr["t_sent"] = time.perf_counter()
-        if self.pending_free[w]:
-            hdr["free"], self.pending_free[w] = self.pending_free[w], []
-        if self.plan.split and "ops" in hdr:  # channels of the others, lent for this stage
-            hdr["peers"] = [[i, o.channel.name, o.pid, o.channel.path]
-                            for i, o in enumerate(self.handles) if i != w]
-            # their KV frees ride along (the owner passes them on with its first command): a
-            # worker that drives no layer (rows mode) never gets a command from us
-            pf = [[i, q] for i, q in enumerate(self.pending_free) if i != w and q]
-            if pf and self.plan.gathers(hdr["ops"]):
-                hdr["peer_free"] = pf
-                for i, _ in pf:
-                    self.pending_free[i] = []
-        self._pids = [o.pid for o in self.handles]
-        h.channel.resync()  # another worker may have driven this channel since our last command
-        h.channel.send(hdr, arrays)
-        h.outstanding = True
+    # -- one command to every worker -------------------------------------------------------------
+    def _send_all(self, hdr: dict, arrays: dict) -> None:
+        self._pids = [h.pid for h in self.handles]
+        pids = [[i, p] for i, p in enumerate(self._pids) if p is not None]
+        if self.pending_free:
+            hdr["free"], self.pending_free = self.pending_free, []
+        for w, h in enumerate(self.handles):
+            # abort: the counter a waiting worker watches (see _collect)
+            hw = dict(hdr, abort=h.channel.abort_count())
+            if len(self.handles) > 1 and self._pids_sent[w] != tuple(self._pids):
+                hw["pids"] = pids   # the peers' processes, when they changed
+                self._pids_sent[w] = tuple(self._pids)
+            h.channel.send(hw, arrays)
+            h.outstanding = True
 
-    def _wait(self, w: int, key: tuple | None = None, t_sent: float = 0.0) -> dict:
+    def _wait(self, w: int, nap: float = 0.0) -> dict:
         h = self.handles[w]
-        t_w = time.perf_counter()
-        nap = spin = 0.0
-        exp = self._expect.get(key, 0.0) if key is not None else 0.0
+        spin = None
         if w in self.block_on:  # it computes on the CPU we would spin on: block until kicked
             nap, spin = 0.0, 1e-9
-        elif exp > 4 * h.channel.spin:  # long stage: block through most of it, then spin
-            nap = exp - (time.perf_counter() - t_sent) - NAP_MARGIN
+        elif nap > 0:
             spin = 2 * NAP_MARGIN
         try:
-            rh, arr = h.channel.reply_wait(nap=nap, spin=spin or None)
-            if key is not None:
-                self._seen[w] = (key, time.perf_counter())
-                self._expect[key] = time.perf_counter() - t_sent
-                if _TRACE:
-                    self._waited += time.perf_counter() - t_w
-                    late = (time.perf_counter() - rh["t_done"]) * 1e3 if "t_done" in rh else -1
-                    self._stage_w.append(f"{key[0]}.{w}:{(time.perf_counter() - t_sent) * 1e3:.2f}"
-                                         f"(seen+{late:.2f},nap {nap * 1e3:.2f})")
+            rh, arr = h.channel.reply_wait(nap=nap, spin=spin)
         except PeerDied:
+            self._pids_sent[w] = None
             raise WorkerDied(w, self._pids[w]) from None
         finally:
             h.outstanding = False
@@ -117,69 +95,141 @@ class Driver:
             raise WorkerError(f"worker {w} sent a malformed reply header ({type(rh).__name__})")
         if rh.get("ok", False) is not True:
             d = rh.get("dead_peer")
-            if isinstance(d, int) and 0 <= d < len(self._pids):  # its peer died computing a share
+            if isinstance(d, int) and 0 <= d < len(self._pids):  # a peer died during the step
                 raise WorkerDied(d, self._pids[d])
+            if rh.get("aborted"):
+                raise _Aborted()
             raise WorkerError(str(rh.get("error", f"worker {w} failed")))
         return arr
 
+    def _collect(self, first: int, nap: float = 0.0) -> dict:
+        """Every worker's reply (first: the head's owner, with nap); a failure aborts the step
+        on the others, collects what they still owe, and raises the first real cause."""
+        order = [first] + [w for w in range(len(self.handles)) if w != first]
+        out, err = {}, None
+        for w in order:
+            if err is not None and not self.handles[w].outstanding:
+                continue
+            try:
+                if w == first and err is None and len(self.handles) > 2:
+                    self._watch_others(first)
+                arr = self._wait(w, nap if w == first else 0.0)
+                if w == first:
+                    out = arr
+            except _Aborted:
+                continue
+            except (WorkerDied, WorkerError) as e:
+                if err is None:
+                    err = e
+                    self._resync = True
+                    for h in self.handles:   # peers waiting on the failed one give up the step
+                        if h.outstanding:
+                            h.channel.abort_step()
+        if err is not None:
+            raise err
+        return out
+
+    def _watch_others(self, first: int) -> None:
+        """With three or more workers, a worker can fail while the head's owner waits for a
+        third one that waits for the failed one: poll the others' channels meanwhile, and read
+        a failure at once (its reply makes _collect abort the rest)."""
+        h = self.handles[first]
+        while True:
+            try:
+                h.channel.reply_wait(deadline=time.perf_counter() + 0.02, spin=1e-9)
+                return   # (the reply stays in the channel for _wait to read)
+            except TimeoutError:
+                pass
+            except PeerDied:
+                return   # _wait reports it
+            for w, o in enumerate(self.handles):
+                if w != first and o.outstanding and o.channel.idle():
+                    try:
+                        self._wait(w)   # raises the failure if that reply is one
+                    except _Aborted:
+                        pass
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """After a start, a restart or a failed step: resync the peer links, then run two warm-up
+        steps (a 5-token prompt and one decode token of a throwaway sequence), so numba loads
+        every kernel now, not during a request."""
+        pids = tuple(h.pid for h in self.handles)
+        if self._prepared == pids and not self._resync:
+            return
+        if len(self.handles) > 1:
+            self._send_all({"resync": True}, {})
+            self._collect(0)
+        self._resync = False
+        if self._prepared != pids:
+            for pos0, T in ((0, 5), (5, 1)):
+                self._step(np.zeros(T, np.int64), [WARM_SEQ], [T], [pos0], [T - 1])
+            self.pending_free.append(WARM_SEQ)
+        self._prepared = pids
+
+    def _step(self, tokens, seqs, ns, pos0, logit_rows) -> np.ndarray:
+        T = len(tokens)
+        hdr = {"seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
+        t0 = time.perf_counter()
+        self._send_all(hdr, {"tokens": np.asarray(tokens, dtype=np.int64)})
+        exp = self._expect.get(T, 0.0)
+        nap = exp - (time.perf_counter() - t0) - NAP_MARGIN if exp > 4 * self.handles[0].channel.spin else 0.0
+        out = self._collect(self.plan.head_owner, nap)
+        self._expect[T] = time.perf_counter() - t0
+        if "logits" not in out:
+            raise WorkerError(f"worker {self.plan.head_owner} (the head's owner) sent no logits")
+        return out["logits"]
+
+    def forward(self, tokens: np.ndarray, seqs: list[int], ns: list[int], pos0: list[int],
+                logit_rows: list[int]) -> np.ndarray:
+        with self.lock:
+            self._prepare()
+            t = time.perf_counter()
+            logits = self._step(tokens, seqs, ns, pos0, logit_rows)
+            self.steps += 1
+            if _TRACE:
+                print(f"[dsd driver] T={len(tokens)} step {(time.perf_counter() - t) * 1e3:.2f} ms",
+                      file=sys.stderr, flush=True)
+            return logits
+
+    def needs_prepare(self) -> bool:
+        return self._resync or self._prepared != tuple(h.pid for h in self.handles)
+
+    def prepare(self) -> None:
+        with self.lock:
+            self._prepare()
+
+    def ping(self, w: int) -> int:
+        """Round trip of an empty command to worker w (ns)."""
+        with self.lock:
+            t0 = time.perf_counter_ns()
+            self.handles[w].channel.send({}, {})
+            self.handles[w].outstanding = True
+            self._wait(w)
+            ns = time.perf_counter_ns() - t0
+            self.hop_ns.append(ns)
+            return ns
+
     def drain(self) -> None:
-        """After a failed pass: collect the replies live workers still owe (to us, or to a layer
-        owner that was driving their channel), so the next command never overwrites a channel a
-        worker is reading."""
+        """After a failed pass: collect the replies live workers still owe (so the next command
+        never overwrites a channel a worker is reading); the next step resyncs the links."""
+        self._resync = True
         for w, h in enumerate(self.handles):
             if h.outstanding:
+                h.channel.abort_step()
                 try:
                     h.channel.reply_wait(deadline=time.perf_counter() + 30)
                 except Exception:
                     pass
                 h.outstanding = False
-        deadline = time.perf_counter() + 30
-        for h, proc in zip(self.handles, self._fwd_procs):
-            # only a process that ran during the failed pass: a replacement never answers it
-            while (not h.channel.idle() and time.perf_counter() < deadline and proc is not None
-                   and proc is getattr(h, "proc", None) and proc.poll() is None):
-                time.sleep(0.001)
 
     def flush_frees(self) -> None:
         """Send pending KV frees now (used when idle, so caches do not linger)."""
-        for w, q in enumerate(self.pending_free):
-            if q:
-                self._call(w, {"ops": []}, {})
-                self._wait(w)
+        with self.lock:
+            if self.pending_free:
+                self._send_all({}, {})
+                self._collect(0)
 
-    def _trace(self, T: int, t_fwd: float) -> None:
-        """DSD_TRACE_STEPS: one log line per forward (duration, time in waits, idle time before
-        it, and per stage: duration, how late the reply was seen, the nap taken)."""
-        print(f"[dsd driver] T={T} forward {(time.perf_counter() - t_fwd) * 1e3:.2f} ms, waits "
-              f"{self._waited * 1e3:.2f} ms, gap before {(t_fwd - self._t_end) * 1e3:.2f} ms; "
-              + " ".join(self._stage_w), file=sys.stderr, flush=True)
-        self._stage_w = []
-        self._t_end = time.perf_counter()
-        self._waited = 0.0
 
-    def forward(self, tokens: np.ndarray, seqs: list[int], ns: list[int], pos0: list[int],
-                logit_rows: list[int]) -> np.ndarray:
-        base = {"seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
-        tokens = np.asarray(tokens, dtype=np.int64)
-        h = None
-        t_fwd = time.perf_counter()
-        self._fwd_procs = [getattr(w, "proc", None) for w in self.handles]
-        for si, st in enumerate(self.program):
-            if st["kind"] == "seq":
-                w = st["worker"]
-                arrays = {"tokens": tokens}
-                if h is not None:
-                    arrays["h"] = h
-                t0 = time.perf_counter_ns()
-                key = (si, w, len(tokens))
-                self._call(w, dict(base, ops=st["ops"]), arrays, key)
-                out = self._wait(w, key, t0 * 1e-9)
-                if len(tokens) == 1 and st["ops"] == [["embed"]]:
-                    self.hop_ns.append(time.perf_counter_ns() - t0)
-                if "logits" in out:
-                    self.steps += 1
-                    if _TRACE:
-                        self._trace(len(tokens), t_fwd)
-                    return out["logits"]
-                h = out["h"]
-        raise RuntimeError("placement program has no head stage")
+class _Aborted(Exception):
+    """A worker gave up the step because the coordinator aborted it (another worker failed)."""

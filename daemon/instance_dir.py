@@ -161,7 +161,8 @@ def worker_identities(sock_dir: str) -> list[Identity]:
 def _channel_re(instance: str) -> re.Pattern:
     from dsd.daemon.shm_channel import shm_prefix
 
-    return re.compile(re.escape(shm_prefix(instance)) + r"w\d+")
+    # w<i>: a worker's command channel; l<a>to<b>: the link from worker a to worker b
+    return re.compile(re.escape(shm_prefix(instance)) + r"(w\d+|l\d+to\d+)")
 
 
 def clean_stale(sock_dir: str, instance: str) -> list[str]:

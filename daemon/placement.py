@@ -1,8 +1,8 @@
 """Placement: which worker holds which bytes of a GGUF model, computed from its tensor table.
 
 A Plan is data, applied to a plain model from outside: each worker builds the normal model over a
-weight source that holds only its pieces (daemon/slice_weights.py), and the coordinator drives
-the layers through `Plan.program()`.  Modes:
+weight source that holds only its pieces (daemon/slice_weights.py), and daemon/sharded.py turns
+the split modules into collectives over the workers' links.  Modes:
 
   layers   dense models (and --nodes 1): contiguous layer ranges, a pipeline.
   experts  MoE: every MoE layer's routed experts split between all workers as whole experts
@@ -100,47 +100,6 @@ class Plan:
                 out[int(m.group(1))] = ("whole", 0, 0)
         return out
 
-    def program(self) -> list[dict]:
-        """The coordinator's stages for one forward pass:
-        {"kind": "seq", "worker": w, "ops": [...]}   one worker, h in -> h (or logits) out
-        ops: ["embed"], ["layers", a, b], ["attn", i], ["route", i], ["experts_all", i],
-             ["head"]; rows mode also ["ffn_all", i] (a dense FFN split by rows) and
-             ["head_all"] (an output head split by vocab rows), and its ["attn", i] gathers
-             every worker's heads (MLA).
-        A split MoE layer is ["attn", i], ["route", i], ["experts_all", i] on the layer's owner,
-        which hands the routed tokens to the other workers itself (through their channels, the
-        coordinator lends them for the stage) and adds their partial sums: two hops per layer
-        between workers instead of four through the coordinator, and consecutive layers of one
-        owner are one stage."""
-        stages: list[dict] = []
-
-        def add(w: int, op: list) -> None:
-            if stages and stages[-1]["kind"] == "seq" and stages[-1]["worker"] == w:
-                last = stages[-1]["ops"][-1]
-                if op[0] == "layers" and last[0] == "layers" and last[2] == op[1]:
-                    last[2] = op[2]
-                else:
-                    stages[-1]["ops"].append(op)
-            else:
-                stages.append({"kind": "seq", "worker": w, "ops": [op]})
-
-        add(self.embed_owner, ["embed"])
-        moe = set(self.moe_layers)
-        for i, o in enumerate(self.layer_owner):
-            # ["attn", i] and ["ffn_all", i] gather the other workers' shares when the layer's
-            # heads / dense FFN are split (split_attn / split_ffn: rows mode), else run whole
-            if self.split and i in moe:
-                add(o, ["attn", i])
-                add(o, ["route", i])
-                add(o, ["experts_all", i])
-            elif self.split and self.mode == "rows":
-                add(o, ["attn", i])
-                add(o, ["ffn_all", i])
-            else:
-                add(o, ["layers", i, i + 1])
-        add(self.head_owner, ["head_all"] if self.split and self.split_head() else ["head"])
-        return stages
-
     @functools.cached_property
     def _split_names(self) -> frozenset[str]:
         # (asked per op of every step: computed once; pieces do not change after planning)
@@ -153,12 +112,6 @@ class Plan:
     def split_ffn(self, i: int) -> bool:
         """Is layer i's dense FFN split by rows between the workers?"""
         return f"blk.{i}.ffn_gate.weight" in self._split_names
-
-    def gathers(self, ops: list) -> bool:
-        """Does a stage with these ops hand work to the other workers (so it can pass on their
-        KV frees)?"""
-        return any(op[0] in ("experts_all", "head_all") or (op[0] == "ffn_all" and self.split_ffn(op[1]))
-                   or (op[0] == "attn" and self.split_attn(op[1])) for op in ops)
 
     def split_head(self) -> bool:
         return "output.weight" in self._split_names

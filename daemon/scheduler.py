@@ -236,13 +236,7 @@ class Scheduler:
             return []
         out = []
         for w in range(len(self.driver.handles)):
-            ts = []
-            for _ in range(int(n)):
-                t0 = time.perf_counter_ns()
-                self.driver._call(w, {"ops": []}, {})
-                self.driver._wait(w)
-                ts.append(time.perf_counter_ns() - t0)
-            out.append(ts)
+            out.append([self.driver.ping(w) for _ in range(int(n))])
         return out
 
     def fail_all(self, message: str) -> None:
@@ -252,7 +246,13 @@ class Scheduler:
 
     def run(self) -> None:
         while not self.stopping:
-            if not self.active and self.ready.is_set() and any(self.driver.pending_free):
+            if self.ready.is_set() and self.driver.needs_prepare():
+                try:  # (re)started workers: resync their links and warm up before a request waits
+                    self.driver.prepare()
+                except (WorkerDied, WorkerError) as e:
+                    self.log(f"warming up the workers: {e}")
+                    self.driver.drain()
+            if not self.active and self.ready.is_set() and self.driver.pending_free:
                 try:  # idle: drop finished sequences' KV caches now, not with the next request
                     self.driver.flush_frees()
                 except (WorkerDied, WorkerError) as e:

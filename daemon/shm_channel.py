@@ -31,6 +31,9 @@ import numpy as np
 from dsd.daemon.protocol import pack, unpack
 
 _CMD, _DONE, _WSLEEP, _CSLEEP, _HLEN, _STOP = 0, 8, 16, 24, 32, 40  # int64 indices (x8 bytes)
+# A coordinator channel's step-abort counter: the coordinator raises it after a failed step, and a
+# worker waiting on a peer link (daemon/sharded.py) gives up the step when it moves.
+_ABORT = 48
 HDR = 1 << 16
 DATA = 4096 + HDR
 
@@ -53,6 +56,10 @@ def _tight_timer_slack() -> None:
 
 class PeerDied(Exception):
     """The process on the other side of a channel exited."""
+
+
+class StepAborted(Exception):
+    """The coordinator aborted the step this wait belonged to (another worker failed)."""
 
 
 def shm_prefix(instance: str) -> str:
@@ -140,6 +147,9 @@ class Channel:
         self.peer_at_send: int | None = None  # peer_fd when the pending command was sent
         self.seq = int(self.ctl[_CMD])
         self.wait_stats = [0, 0]  # [spins that succeeded, blocking waits]
+        # peer links only: (ctl array of this worker's coordinator channel, value of its _ABORT
+        # slot when the step began, that channel's FIFO): a wait raises StepAborted once it moves
+        self.abort: tuple | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
     @classmethod
@@ -272,13 +282,16 @@ class Channel:
                 self.wait_stats[0] += 1
                 return
         t_end = time.perf_counter() + (self.spin if spin is None else spin)
+        ab = self.abort
         while time.perf_counter() < t_end:
             for _ in range(64):
                 if ctl[slot] >= want:
                     self.wait_stats[0] += 1
                     return
+            if ab is not None and ab[0][_ABORT] != ab[1]:
+                raise StepAborted(self.name)
         self.wait_stats[1] += 1
-        fds = [fifo] + ([self.peer_fd] if self.peer_fd is not None else [])
+        fds = [fifo] + ([self.peer_fd] if self.peer_fd is not None else []) + ([ab[2]] if ab else [])
         ctl[sleep_slot] = 1
         try:
             while ctl[slot] < want:
@@ -296,6 +309,13 @@ class Channel:
                     raise PeerDied(self.name)
                 if ctl[_STOP] and self.side == "worker":
                     raise PeerDied(self.name)
+                if ab is not None and ab[0][_ABORT] != ab[1] and ctl[slot] < want:
+                    if ab[2] in r:
+                        try:
+                            os.read(ab[2], 4096)
+                        except BlockingIOError:
+                            pass
+                    raise StepAborted(self.name)
                 if deadline is not None and time.perf_counter() > deadline:
                     raise TimeoutError(f"no answer on {self.name}")
         finally:
@@ -324,6 +344,14 @@ class Channel:
         channel's spin budget after that."""
         self._wait(_DONE, self.seq, _CSLEEP, self.to_coord, deadline, spin, nap)
         return self._read(copy=True)
+
+    def abort_step(self) -> None:
+        """Tell a worker waiting on one of its peer links to give up the current step."""
+        self.ctl[_ABORT] += 1
+        self._kick(self.to_worker)
+
+    def abort_count(self) -> int:
+        return int(self.ctl[_ABORT])
 
     def stop(self) -> None:
         """Tell a worker blocked on this channel to leave its loop."""

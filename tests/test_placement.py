@@ -8,6 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from dsd.daemon.placement import choose_mode, make_plan
+from dsd.daemon.sharded import collectives
 from dsd.errors import DsdError
 from dsd.shard.gguf_file import open_gguf
 from dsd.shard.model_path import default_model_path
@@ -56,9 +57,11 @@ def test_smollm2_layer_pipeline():
             assert sum(wb) == g.tensor_nbytes_total()
             assert max(wb) < 1.3 * sum(wb) / n  # balanced by bytes
             assert plan.head_owner == own[-1] and plan.embed_owner == own[-1]  # tied embeddings
-        prog = make_plan(g, 2, "auto").program()
-        assert prog[0]["ops"] == [["embed"]] and prog[-1]["ops"][-1] == ["head"]
-        assert [s["worker"] for s in prog] == [1, 0, 1]
+        plan = make_plan(g, 2, "auto")
+        # the hidden state's path (embedding, layers, head): tied embeddings live with the head
+        path = [plan.embed_owner] + plan.layer_owner + [plan.head_owner]
+        assert [w for k, w in enumerate(path) if k == 0 or path[k - 1] != w] == [1, 0, 1]
+        assert not any(collectives(plan, i) for i in range(plan.n_layers))  # nothing is split
 
 
 @pytest.mark.parametrize("mode", ["experts", "rows"])
@@ -74,12 +77,10 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
                 for p in plan.pieces[w]:
                     if (p.mode == "rows" and "ffn" in p.name) or p.mode == "cols":
                         assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
-            prog = plan.program()
-            ops = [op for st in prog for op in st["ops"]]
-            # every MoE layer (not the dense lead layer 0): attention + routing, then the owner
-            # gathers every worker's expert share; consecutive ops of one worker are one stage
-            assert [op[1] for op in ops if op[0] == "experts_all"] == plan.moe_layers == [1, 2, 3]
-            assert all(a["worker"] != b["worker"] for a, b in zip(prog, prog[1:]))
+            # every MoE layer (not the dense lead layer 0): the owner gathers every worker's
+            # expert share
+            got = [i for i in range(plan.n_layers) if "experts" in collectives(plan, i)]
+            assert got == plan.moe_layers == [1, 2, 3]
             # shared experts run in the experts stage: every worker holds a row share of them
             for name in ("blk.1.ffn_gate_shexp.weight", "blk.1.ffn_down_shexp.weight"):
                 held = [p for ps in plan.pieces for p in ps if p.name == name]
@@ -91,7 +92,8 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
                 want = (n, {"rows"}) if mode == "rows" else (1, {"whole"})
                 assert (len(held), {p.mode for p in held}) == want, name
             if mode == "rows":
-                assert ["attn", 0] in ops and ["ffn_all", 0] in ops and ops[-1] == ["head_all"]
+                assert collectives(plan, 0) == ["attn", "ffn"] and plan.split_head()
+                assert all(collectives(plan, i) == ["attn", "experts"] for i in (1, 2, 3))
                 # MLA: every worker holds the q rows, k_b / v_b matrices and attn_output
                 # columns of a head range; the latent's weights stay with the layer's owner
                 assert all(plan.split_attn(i) for i in range(4))
@@ -110,7 +112,8 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
                 assert rows[0][0] == 0 and rows[-1][1] == g.tensors["output.weight"].shape[0]
                 assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
             else:
-                assert ["layers", 0, 1] in ops and ops[-1] == ["head"]
+                # the dense lead layer runs whole on its owner, the head whole on the last's
+                assert collectives(plan, 0) == [] and not plan.split_head()
         if mode == "experts":  # 10 experts over 3 workers: the 4-expert share rotates
             counts = np.zeros(3)
             for w in range(3):
