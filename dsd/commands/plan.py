@@ -9,6 +9,17 @@ def add_arguments(p) -> None:
     p.add_argument("--nodes", "-N", type=int, default=None)
     p.add_argument("--placement", choices=["experts", "rows", "auto"], default=None)
     p.add_argument("--json", action="store_true")
+    # --predict: decode tok/s per placement from a performance model (daemon/predict.py)
+    p.add_argument("--predict", action="store_true", help="predict decode tok/s of each placement")
+    p.add_argument("--shape", default=None, help="with --predict: a known model shape instead of a "
+                   "file (deepseek-r1-q4_k_m, deepseek-v2-lite-q4_k_m; bytes estimated)")
+    p.add_argument("--machine-nodes", type=int, default=0, help="NUMA nodes (default: this machine's)")
+    p.add_argument("--bandwidth", type=float, default=0.0, help="GB/s per node (default: measured now)")
+    p.add_argument("--cores", type=int, default=0, help="cores per node (default: this machine's)")
+    p.add_argument("--cross-bandwidth", type=float, default=0.0, help="GB/s between nodes")
+    p.add_argument("--hop-us", type=float, default=10.0, help="one message between two processes, us")
+    p.add_argument("--layer-us", type=float, default=700.0, help="Python/launch overhead per layer, us")
+    p.add_argument("--core-gbs", type=float, default=8.0, help="GB/s of weights one core's kernels process")
 
 
 def run(args) -> int:
@@ -20,6 +31,8 @@ def run(args) -> int:
     from dsd.shard.gguf_file import open_gguf
     from dsd.shard.model_path import resolve_model
 
+    if getattr(args, "predict", False):
+        return _predict(args)
     cfg = load_config({"model": args.model, "nodes": args.nodes, "placement": args.placement})
     path = resolve_model(cfg["model"] or None)
     with open_gguf(path) as g:
@@ -52,4 +65,21 @@ def run(args) -> int:
         print(f"note: {note}")
     for w in mem_warnings:
         print(f"warning: {w}")
+    return 0
+
+
+def _predict(args) -> int:
+    from dsd.daemon.predict import ShapeModel, machine_from_args, report
+
+    m = machine_from_args(args)
+    n = args.nodes or (m.nodes if m.nodes > 1 else 2)
+    if args.shape:
+        lines = report(ShapeModel(args.shape), m, n)
+    else:
+        from dsd.shard.gguf_file import open_gguf
+        from dsd.shard.model_path import resolve_model
+
+        with open_gguf(resolve_model(args.model or None)) as g:
+            lines = report(g, m, n)
+    print("\n".join(lines))
     return 0
