@@ -6,16 +6,26 @@
 
 Routing follows llama.cpp's build_moe_ffn (src/llama-graph.cpp), which is what GGUF files are
 converted for:
-  probs     = softmax(logits) (Mixtral, Qwen3-MoE, DeepSeek V2) or sigmoid(logits) (DeepSeek V3/R1)
+  logits   += ffn_gate_inp.bias when the router has one (gpt-oss)
+  probs     = softmax(logits) (Mixtral, Qwen3-MoE, DeepSeek V2) or sigmoid(logits) (DeepSeek V3/R1),
+              or the logits themselves (gpt-oss, LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT)
   selection = probs + exp_probs_b (DeepSeek V3 "noaux_tc" bias; weights still come from probs)
   groups    = if expert_group_count > 1: keep the expert_group_used_count groups with the
               highest group score, others masked out.  Group score: sum of the group's top-2
               selection scores (DeepSeek V3 "noaux_tc", sigmoid gating; llama.cpp uses this for
               every deepseek2 file) or, with softmax gating, the group's max score (DeepSeek V2's
               published "group_limited_greedy"; llama.cpp deviates from the model there)
-  ids       = top-k(selection);  w = probs[ids]
+  ids       = top-k(selection);  w = probs[ids];  w = softmax(w) with SOFTMAX_WEIGHT gating
   w        /= max(sum(w), 2^-14)  if expert_weights_norm
   w        *= expert_weights_scale if it is set (non-zero)
+
+Experts: SwiGLU silu(gate) * up by default; gpt-oss's clamped variant (act="swiglu_oai",
+llama.cpp's ggml_swiglu_oai): g = min(gate, limit), u = clamp(up, -limit, limit),
+h = g * sigmoid(alpha * g) * (u + 1), alpha 1.702, limit 7.  Optional per-expert biases
+(ffn_{gate,up,down}_exps.bias [E, F] / [E, D], gpt-oss) are added after each product; the down
+bias is part of the expert's output, so it is scaled by the routing weight like the rest.  The
+fused decode kernels (weights.FusedExperts) know neither: experts with biases or the clamped
+activation always take the gathered products, with biases and activation in numpy.
 
 RoutedExperts reads only the chosen experts' bytes.  A daemon worker may hold a subset of the
 experts (ExpertStack.expert_ids / experts=...) and/or a slice rows=(r0, r1) of the intermediate
@@ -40,11 +50,26 @@ FUSED_MOE = os.environ.get("DSD_UNFUSED_MOE", "") in ("", "0")
 
 GATING_SOFTMAX = 1  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX (also the default when absent)
 GATING_SIGMOID = 2  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (DeepSeek V3/R1)
+GATING_SOFTMAX_WEIGHT = 3  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT: top-k of the raw logits,
+                           # softmax over those k (gpt-oss)
+ACT_SILU, ACT_SWIGLU_OAI = "silu", "swiglu_oai"
 _NORM_MIN = 6.103515625e-5  # llama.cpp clamps the weight sum from below by 2^-14
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def swiglu_oai(gate: np.ndarray, up: np.ndarray, alpha: float = 1.702, limit: float = 7.0) -> np.ndarray:
+    """gpt-oss's clamped SwiGLU (float32): min(gate, limit) * sigmoid(alpha * min(gate, limit))
+    * (clamp(up, -limit, limit) + 1)."""
+    g = np.minimum(gate, np.float32(limit))
+    out = np.multiply(g, np.float32(-alpha))
+    np.exp(out, out=out)
+    out += np.float32(1.0)
+    np.divide(g, out, out=out)
+    out *= np.clip(up, np.float32(-limit), np.float32(limit)) + np.float32(1.0)
+    return out.astype(np.float32, copy=False)
 
 
 def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:
@@ -63,15 +88,18 @@ class Router:
 
     def __init__(self, gate_inp: Linear, n_used: int, gating: int = GATING_SOFTMAX,
                  norm: bool = False, scale: float = 0.0, bias: np.ndarray | None = None,
-                 n_groups: int = 1, n_groups_used: int = 0):
+                 n_groups: int = 1, n_groups_used: int = 0, logit_bias: np.ndarray | None = None):
         self.gate_inp = gate_inp
         self.n_experts = gate_inp.rows
         self.n_used = int(n_used)
         self.gating = GATING_SOFTMAX if gating in (0, None) else int(gating)
-        if self.gating not in (GATING_SOFTMAX, GATING_SIGMOID):
+        if self.gating not in (GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT):
             from dsd.errors import UnsupportedModelError
             raise UnsupportedModelError(
-                f"expert_gating_func {gating} is not supported (dsd knows 1=softmax, 2=sigmoid)")
+                f"expert_gating_func {gating} is not supported (dsd knows 1=softmax, 2=sigmoid, "
+                "3=softmax of the top-k logits)")
+        # ffn_gate_inp.bias (gpt-oss): added to the logits before anything else
+        self.logit_bias = None if logit_bias is None else np.asarray(logit_bias, dtype=np.float32).reshape(-1)
         self.norm, self.scale = bool(norm), float(scale or 0.0)
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32).reshape(-1)
         self.n_groups = int(n_groups or 1)
@@ -79,6 +107,10 @@ class Router:
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         logits = self.gate_inp(x)  # [T, E]
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        if self.gating == GATING_SOFTMAX_WEIGHT:
+            return logits
         return ops.softmax(logits) if self.gating == GATING_SOFTMAX else sigmoid(logits)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +121,8 @@ class Router:
             p = probs[0]
             ids = np.argsort(-p, kind="stable")[:self.n_used]
             w = p[ids].astype(np.float32)
+            if self.gating == GATING_SOFTMAX_WEIGHT:
+                w = ops.softmax(w)
             if self.norm:
                 w /= max(np.float32(w.sum()), np.float32(_NORM_MIN))
             if self.scale:
@@ -108,6 +142,8 @@ class Router:
             sel = np.where(np.repeat(mask, E // self.n_groups, axis=1), sel, -np.inf)
         ids = topk_desc(sel, self.n_used)
         w = np.take_along_axis(probs, ids, axis=1).astype(np.float32)
+        if self.gating == GATING_SOFTMAX_WEIGHT:
+            w = ops.softmax(w, axis=1)
         if self.norm:
             w = w / np.maximum(w.sum(axis=1, keepdims=True), np.float32(_NORM_MIN))
         if self.scale:
@@ -126,11 +162,19 @@ class RoutedExperts:
     (expert, row-slice) pairs this object owns.  Tokens routed to the same expert are computed
     as one matrix product.  bytes_read accumulates the weight bytes touched (each chosen expert
     once per call); reset_stats() zeroes it.
+    act: ACT_SILU (default) or ACT_SWIGLU_OAI (alpha, limit); biases: (gate [E, F], up [E, F],
+    down [E, D]), each optional, indexed by global expert id (module docstring).  With a row
+    slice, gate/up biases are sliced likewise and the down bias is added by the slice holding
+    row 0 only, so the slices' partial sums still add up to the full output.
     """
 
     def __init__(self, gate_exps: ExpertStack, up_exps: ExpertStack, down_exps: ExpertStack,
-                 experts=None, rows: tuple[int, int] | None = None):
+                 experts=None, rows: tuple[int, int] | None = None, *, act: str = ACT_SILU,
+                 alpha: float = 1.702, limit: float = 7.0, biases=(None, None, None)):
         self.gate_exps, self.up_exps, self.down_exps = gate_exps, up_exps, down_exps
+        if act not in (ACT_SILU, ACT_SWIGLU_OAI):
+            raise ValueError(f"unknown expert activation {act!r}")
+        self.act, self.alpha, self.limit = act, float(alpha), float(limit)
         held = set(gate_exps.expert_ids) & set(up_exps.expert_ids) & set(down_exps.expert_ids)
         chosen = held if experts is None else set(int(e) for e in experts)
         missing = chosen - held
@@ -148,6 +192,12 @@ class RoutedExperts:
                                  f"{down_exps.name or 'ffn_down_exps'}); use aligned_row_ranges()")
         self.rows = (r0, r1)
         self.full_rows = (r0, r1) == (0, F)
+        gb, ub, db = (None if b is None else np.asarray(b, dtype=np.float32) for b in biases)
+        self.gate_b = None if gb is None else gb[:, r0:r1]
+        self.up_b = None if ub is None else ub[:, r0:r1]
+        self.down_b = db if r0 == 0 else None
+        # the fused decode kernels compute silu(gate x) * up x without biases
+        self.plain = act == ACT_SILU and gb is None and ub is None and db is None
         # this object's share of every held expert as stacks (views, no copy) for the gathered
         # small-batch path: gate/up rows r0:r1 [E, r1-r0, D], down columns r0:r1 [E, D, r1-r0]
         self._gate_s, self._up_s, self._down_s = gate_exps, up_exps, down_exps
@@ -203,17 +253,37 @@ class RoutedExperts:
             tok = grp // k                       # tokens that chose e (each at most once)
             w = weights.reshape(-1)[grp]         # [n]
             gate, up, down = self.views(e)
-            if tok.size == 1:                    # decode: matrix-vector kernels
-                xt = x[tok[0]]
-                y = down(ops.silu_mul(gate(xt), up(xt)))[None, :]
+            if self.plain:
+                if tok.size == 1:                # decode: matrix-vector kernels
+                    xt = x[tok[0]]
+                    y = down(ops.silu_mul(gate(xt), up(xt)))[None, :]
+                else:
+                    xs = x[tok]
+                    y = down(ops.silu_mul(gate(xs), up(xs)))
             else:
                 xs = x[tok]
-                y = down(ops.silu_mul(gate(xs), up(xs)))
+                pe = np.full(tok.size, e, dtype=np.int64)
+                y = self._down_bias(down(self._hidden(gate(xs), up(xs), pe)), pe)
             out[tok] += y * w[:, None]
             self.bytes_read += gate.nbytes + up.nbytes + down.nbytes
             self.expert_evals += 1
         return out
 
+    def _hidden(self, g: np.ndarray, u: np.ndarray, pe) -> np.ndarray:
+        """The intermediate activation of pairs [P, F'] whose experts are pe [P]: biases, then
+        silu(g) * u or the clamped gpt-oss SwiGLU."""
+        if self.gate_b is not None:
+            g = g + self.gate_b[pe]
+        if self.up_b is not None:
+            u = u + self.up_b[pe]
+        if self.act == ACT_SWIGLU_OAI:
+            return swiglu_oai(g, u, self.alpha, self.limit)
+        return ops.silu_mul(g, u)
+
+    def _down_bias(self, y: np.ndarray, pe) -> np.ndarray:
+        if self.down_b is not None:
+            y = y + self.down_b[pe]
+        return y
 
     def _gathered(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Decode-sized T: every owned (token, chosen expert) pair in two fused kernel calls
@@ -231,7 +301,7 @@ class RoutedExperts:
             return np.zeros((T, D), dtype=np.float32)
         pe = [flat[i] for i in own]                       # expert of each owned pair
         tok = np.asarray(own, dtype=np.int64) // k        # its token
-        if FUSED_MOE:
+        if FUSED_MOE and self.plain:
             if self._fused is None:  # made on the first decode step
                 self._fused = FusedExperts(self._gate_s, self._up_s, self._down_s)
             if self._fused.ok:
@@ -241,8 +311,13 @@ class RoutedExperts:
                 w = np.asarray(weights, dtype=np.float32).reshape(-1)[own]
                 return self._fused(x, pe, tok, w)
         xs = np.ascontiguousarray(x, dtype=np.float32)
-        h = ops.silu_mul(self._gate_s.gather(pe, xs, tok), self._up_s.gather(pe, xs, tok))  # [P, F']
-        y = self._down_s.gather(pe, h)                                                         # [P, D]
+        if self.plain:
+            h = ops.silu_mul(self._gate_s.gather(pe, xs, tok), self._up_s.gather(pe, xs, tok))  # [P, F']
+            y = self._down_s.gather(pe, h)                                                     # [P, D]
+        else:
+            pa = np.asarray(pe, dtype=np.int64)
+            h = self._hidden(self._gate_s.gather(pe, xs, tok), self._up_s.gather(pe, xs, tok), pa)
+            y = self._down_bias(self._down_s.gather(pe, np.ascontiguousarray(h, dtype=np.float32)), pa)
         y *= np.asarray(weights, dtype=np.float32).reshape(-1)[own][:, None]
         distinct = set(pe)
         self.bytes_read += sum(self.expert_nbytes(e) for e in distinct)
@@ -292,14 +367,21 @@ class MoEFFN:
 
 def moe_ffn_from_weights(w, layer: int, n_used: int, *, gating: int = GATING_SOFTMAX,
                          norm: bool = False, scale: float = 0.0, n_groups: int = 1,
-                         n_groups_used: int = 0, shared: bool = False) -> MoEFFN:
-    """Build a layer's MoEFFN from the standard GGUF tensor names blk.N.ffn_{gate_inp,*_exps,*_shexp}."""
+                         n_groups_used: int = 0, shared: bool = False, act: str = ACT_SILU,
+                         alpha: float = 1.702, limit: float = 7.0) -> MoEFFN:
+    """Build a layer's MoEFFN from the standard GGUF tensor names blk.N.ffn_{gate_inp,*_exps,*_shexp}
+    (with the router's and the experts' .bias tensors where the file has them, gpt-oss)."""
     p = f"blk.{layer}."
-    bias = w.vector(p + "exp_probs_b.bias") if w.has(p + "exp_probs_b.bias") else None
-    router = Router(w.linear(p + "ffn_gate_inp.weight"), n_used, gating, norm, scale, bias,
-                    n_groups, n_groups_used)
+
+    def opt(name):
+        return w.vector(p + name) if w.has(p + name) else None
+
+    router = Router(w.linear(p + "ffn_gate_inp.weight"), n_used, gating, norm, scale, opt("exp_probs_b.bias"),
+                    n_groups, n_groups_used, logit_bias=opt("ffn_gate_inp.bias"))
+    biases = tuple(opt(f"ffn_{n}_exps.bias") for n in ("gate", "up", "down"))
     experts = RoutedExperts(w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight"),
-                            w.experts(p + "ffn_down_exps.weight"))
+                            w.experts(p + "ffn_down_exps.weight"), act=act, alpha=alpha, limit=limit,
+                            biases=biases)
     sh = None
     if shared and w.has(p + "ffn_gate_shexp.weight"):
         sh = DenseFFN(w.linear(p + "ffn_gate_shexp.weight"), w.linear(p + "ffn_up_shexp.weight"),

@@ -15,6 +15,12 @@ to the numba functions as uint16 bit patterns) with contiguous inner
 axis (any head/position stride, e.g. views of SequenceCache buffers [Hkv, cap, D], or two views
 of one latent array for DeepSeek MLA); out [H, Dv]. Query head h uses kv head h // (H // Hkv).
 Dk must be a multiple of 16 (callers fall back to numpy otherwise).
+
+Optional (gpt-oss): `sinks` [H], one learned logit per query head that joins the softmax's
+denominator only (softmax over [scores, sink], the sink's column dropped), and a sliding
+`window` W: the query at position p sees keys p-W+1 .. p (llama.cpp LLAMA_SWA_TYPE_STANDARD,
+transformers' sliding_window).  decode(..., sinks=None, window=0), the default, is the plain
+kernel, bit-identical to before; causal_attention() is the numpy prompt path with both options.
 """
 import numpy as np
 from llvmlite import ir
@@ -364,9 +370,17 @@ def supported(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> bool:
             and q.shape[0] % k.shape[0] == 0)
 
 
-def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+           sinks: np.ndarray | None = None, window: int = 0) -> np.ndarray:
     """One query token: q [H, Dk] -> [H, Dv] (softmax(q k^T * scale) v per head).
-    k, v float32 or float16 (read as uint16 bit patterns)."""
+    k, v float32 or float16 (read as uint16 bit patterns).  The query is at the last position:
+    window > 0 keeps only the last `window` keys; sinks [H] (float) adds exp(sink_h) to head h's
+    softmax denominator (see the module docstring).  Both default off: the plain kernels."""
+    if window and window < k.shape[1]:
+        L = k.shape[1]
+        k, v = k[:, L - window:], v[:, L - window:]
+    if sinks is not None:
+        return _decode_sinks(q, k, v, scale, np.ascontiguousarray(sinks, dtype=np.float32).reshape(-1))
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
     if k.dtype == np.float16:
@@ -391,6 +405,149 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     else:
         decode_serial(q, k, v, np.float32(scale), out)
     return out
+
+
+@njit(cache=True, fastmath=True)
+def decode_serial_sinks(q, k, v, scale, sinks, out):
+    """decode_serial with a sink logit per query head in each softmax denominator:
+    out_h = sum_l e^(s_l - M) v_l / (sum_l e^(s_l - M) + e^(sink_h - M)), M = max(max_l s_l, sink_h)
+    (the max includes the sink, so no exponent overflows whatever the sink's size)."""
+    Hkv, L = k.shape[0], k.shape[1]
+    g = q.shape[0] // Hkv
+    Dv = v.shape[2]
+    s = np.empty((g, L), np.float32)
+    mx = np.empty(g, np.float32)
+    tot = np.empty(g, np.float32)
+    out[:, :] = 0.0
+    for j in range(Hkv):
+        _head_partial(q, k, v, scale, out, j, g, s, mx, tot)
+        for i in range(g):
+            h = j * g + i
+            M = max(mx[i], sinks[h])
+            f = np.exp(mx[i] - M)
+            inv = f / (tot[i] * f + np.exp(sinks[h] - M))
+            for d in range(Dv):
+                out[h, d] *= inv
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def decode_split_sinks(q, k, v, scale, sinks, out, nsplit):
+    """decode_split with the sinks of decode_serial_sinks: the sink joins the log-sum-exp
+    combine as one more term, e^(sink_h - M), of the denominator."""
+    Hkv, L = k.shape[0], k.shape[1]
+    H, Dv = q.shape[0], v.shape[2]
+    g = H // Hkv
+    po = np.zeros((nsplit, H, Dv), np.float32)
+    pm = np.full((nsplit, H), -np.inf, np.float32)
+    pt = np.zeros((nsplit, H), np.float32)
+    for it in prange(Hkv * nsplit):
+        j = it // nsplit
+        c = it - j * nsplit
+        a = c * L // nsplit
+        b = (c + 1) * L // nsplit
+        if b > a:
+            s = np.empty((g, b - a), np.float32)
+            mx = np.empty(g, np.float32)
+            tot = np.empty(g, np.float32)
+            _head_partial(q, k[:, a:b], v[:, a:b], scale, po[c], j, g, s, mx, tot)
+            for i in range(g):
+                pm[c, j * g + i] = mx[i]
+                pt[c, j * g + i] = tot[i]
+    for h in range(H):
+        M = sinks[h]
+        for c in range(nsplit):
+            if pt[c, h] > 0:
+                M = max(M, pm[c, h])
+        den = np.exp(sinks[h] - M)
+        for d in range(Dv):
+            out[h, d] = 0
+        for c in range(nsplit):
+            if pt[c, h] > 0:
+                f = np.exp(pm[c, h] - M)
+                den += f * pt[c, h]
+                for d in range(Dv):
+                    out[h, d] += f * po[c, h, d]
+        inv = np.float32(1.0) / den
+        for d in range(Dv):
+            out[h, d] *= inv
+
+
+def _decode_sinks(q, k, v, scale, sinks):
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty((q.shape[0], v.shape[2]), np.float32)
+    if k.dtype == np.float16:
+        k, v = k.view(np.uint16), v.view(np.uint16)
+    import numba
+
+    from . import stats
+
+    nsplit = n_splits(k.shape[0], k.shape[1], numba.get_num_threads())
+    if k.shape[0] * k.shape[1] * (k.shape[2] + v.shape[2]) * k.itemsize < SPLIT_MIN_BYTES:
+        nsplit = 0  # as decode(): a function of the shapes only
+    sc = np.float32(scale)
+    if nsplit:
+        args = (q, k, v, sc, sinks, out, nsplit)
+        stats.timed("attention_decode_split_sinks", decode_split_sinks, *args) if stats.enabled \
+            else decode_split_sinks(*args)
+    else:
+        args = (q, k, v, sc, sinks, out)
+        stats.timed("attention_decode_serial_sinks", decode_serial_sinks, *args) if stats.enabled \
+            else decode_serial_sinks(*args)
+    return out
+
+
+ATTN_CHUNK = 128  # query rows per block of causal_attention's prompt path (as ops.ATTN_CHUNK)
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: float,
+                     sinks: np.ndarray | None = None, window: int = 0) -> np.ndarray:
+    """ops.attention with attention sinks and a sliding window (module docstring), any n:
+    q [n, H, Dk] at positions q_pos0 .. q_pos0+n-1; k [Hkv, L, Dk], v [Hkv, L, Dv] hold positions
+    0 .. L-1 (L = q_pos0 + n) -> [n, H, Dv] float32.  One query: the decode kernels when the shapes
+    allow (supported()); batch-invariant mode: every query as that decode step; else numpy
+    (float32 BLAS), in query chunks that read only the keys they can see."""
+    from . import batch_invariant_mode
+
+    n, H, _ = q.shape
+    Hkv, L, _ = k.shape
+    if n > 1 and batch_invariant_mode():
+        out = np.empty((n, H, v.shape[-1]), dtype=np.float32)
+        for i in range(n):
+            end = q_pos0 + i + 1
+            out[i] = causal_attention(q[i:i + 1], k[:, :end], v[:, :end], q_pos0 + i, scale, sinks, window)[0]
+        return out
+    if n == 1 and L == q_pos0 + 1 and supported(q[0], k, v):
+        return decode(q[0], k, v, scale, sinks, window)[None]
+    if n > ATTN_CHUNK:
+        out = np.empty((n, H, v.shape[-1]), dtype=np.float32)
+        for i0 in range(0, n, ATTN_CHUNK):
+            i1 = min(n, i0 + ATTN_CHUNK)
+            out[i0:i1] = causal_attention(q[i0:i1], k[:, :q_pos0 + i1], v[:, :q_pos0 + i1], q_pos0 + i0,
+                                          scale, sinks, window)
+        return out
+    lo = max(0, q_pos0 - window + 1) if window else 0  # keys before lo are outside every window
+    k, v = k[:, lo:].astype(np.float32, copy=False), v[:, lo:].astype(np.float32, copy=False)
+    g = H // Hkv
+    qg = q.reshape(n, Hkv, g, -1).transpose(1, 2, 0, 3).reshape(Hkv, g * n, -1)
+    scores = np.matmul(qg, k.transpose(0, 2, 1))  # [Hkv, g*n, L - lo]
+    scores *= np.float32(scale)
+    kpos = lo + np.arange(L - lo)[None, :]
+    qpos = (q_pos0 + np.arange(n))[:, None]
+    vis = kpos <= qpos
+    if window:
+        vis &= kpos > qpos - window
+    scores.reshape(Hkv, g, n, -1)[...] += np.where(vis, np.float32(0.0), np.float32(-np.inf))
+    m = scores.max(axis=-1, keepdims=True)                       # [Hkv, g*n, 1]
+    if sinks is not None:
+        sk = np.repeat(np.asarray(sinks, np.float32).reshape(Hkv, g, 1), n, axis=2).reshape(Hkv, g * n, 1)
+        m = np.maximum(m, sk)
+    e = np.exp(scores - m)
+    den = e.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        den += np.exp(sk - m)
+    e /= den
+    out = np.matmul(e, v)  # [Hkv, g*n, Dv]
+    return out.reshape(Hkv, g, n, -1).transpose(2, 0, 1, 3).reshape(n, H, -1)
 
 
 def warm_up() -> None:

@@ -10,7 +10,27 @@ ARCHITECTURES = {
     "llama": "llama",
     "deepseek2": "deepseek2",
     "qwen3moe": "qwen3_moe",
+    "qwen2": "qwen",
+    "qwen3": "qwen",
+    "gpt-oss": "gpt_oss",
 }
+
+
+def _gpt_oss_spec(g, m, s):
+    from dsd.shard.models.gpt_oss import gguf_spec
+
+    return gguf_spec(g, m, s)
+
+
+def _register_gguf_specs() -> None:
+    """gguf_check's tensor spec of the architectures whose spec lives in their model module
+    (gpt-oss; check_model imports this package before it looks its spec up)."""
+    from dsd.shard import gguf_check
+
+    gguf_check._SPECS.setdefault("gpt-oss", _gpt_oss_spec)
+
+
+_register_gguf_specs()
 
 
 def build_model(gguf_model, weights=None):
