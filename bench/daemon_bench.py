@@ -7,6 +7,11 @@ aggregate decode speed of concurrent streams.  Ratios measured in one run (the m
 Without --model a synthetic model is written once with `dsd synth` (--synth-layers, default 4,
 V2-Lite widths) to /tmp/dsd-bench-synth-L<layers>.gguf.  Each configuration starts its own
 daemon on a private socket directory and stops it afterwards.
+
+A/B of two versions of the code: --tree DIR (repeatable) runs every configuration with the
+daemon of each source tree, interleaved (e.g. `git worktree add /tmp/before <commit>`; the
+client side is this tree's, so both must speak the same protocol version).  Per configuration
+it also prints the peer-link messages and the coordinator's CPU time per decoded token.
 """
 from __future__ import annotations
 
@@ -73,13 +78,33 @@ def concurrent(sock_dir, prompts, n) -> tuple[float, float]:
     return e2e, steady
 
 
-def run_config(model, nodes, placement, args, tmp) -> dict:
+def shadow_package(tree: str, tmp: str) -> str:
+    """A directory to put first on PYTHONPATH so `import dsd` is `tree`'s code: dsd/ holds the
+    tree's dsd/ files and links to its daemon/, shard/, numa/, client/, conf/ (the package-dir
+    mapping of pyproject.toml)."""
+    root = os.path.join(tmp, "tree-" + uuid.uuid4().hex[:6])
+    pkg = os.path.join(root, "dsd")
+    os.makedirs(pkg)
+    for f in os.listdir(os.path.join(tree, "dsd")):
+        os.symlink(os.path.join(tree, "dsd", f), os.path.join(pkg, f))
+    for sub in ("daemon", "shard", "numa", "client", "conf"):
+        os.symlink(os.path.join(tree, sub), os.path.join(pkg, sub))
+    return root
+
+
+def _counters(st) -> tuple[int, float]:
+    return (sum(w.get("link_messages") or 0 for w in st["workers"]), st.get("cpu_s") or 0.0)
+
+
+def run_config(model, nodes, placement, args, tmp, tree=None) -> dict:
     from dsd.client import Client
 
     inst = "bench" + uuid.uuid4().hex[:6]
     sock = os.path.join(tmp, inst)
     env = dict(os.environ, DSD_SOCKET_DIR=sock, DSD_INSTANCE=inst,
                DSD_LOG_FILE=os.path.join(tmp, inst + ".log"))
+    if tree:
+        env["PYTHONPATH"] = shadow_package(tree, tmp) + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     dsd(["start", "--model", model, "--nodes", str(nodes), "--placement", placement,
          "--max-batch", str(max(8, args.streams))], env)
@@ -88,13 +113,20 @@ def run_config(model, nodes, placement, args, tmp) -> dict:
         c = Client(socket_dir=sock, timeout=120)
         prompt = [1] + list(range(100, 116))
         c.generate(prompt, temperature=0, max_tokens=4, ignore_eos=True)   # warm up
+        time.sleep(1.2)   # (workers report their counters every second)
+        m0, cpu0 = _counters(c.status())
         single = statistics.median(single_stream(c, prompt, args.tokens) for _ in range(args.repeats))
+        time.sleep(1.2)
+        m1, cpu1 = _counters(c.status())
+        steps = args.repeats * args.tokens   # one prefill step + tokens - 1 decode steps each
         hops = c._call({"type": "hops", "n": args.hops})["ns"]
         hop_us = [statistics.median(h) / 1000 for h in hops]
         prompts = [[1] + list(range(200 + 7 * i, 210 + 7 * i)) for i in range(args.streams)]
         e2e, steady = concurrent(sock, prompts, args.tokens) if args.streams > 1 else (None, None)
         st = c.status()
-        return {"nodes": nodes, "placement": st["placement"], "start_s": round(load_s, 1),
+        return {"tree": tree or ".", "nodes": nodes, "placement": st["placement"], "start_s": round(load_s, 1),
+                "link_msgs_per_token": round((m1 - m0) / steps, 1),
+                "coord_cpu_ms_per_token": round((cpu1 - cpu0) / steps * 1e3, 3),
                 "decode_tok_s": round(single, 2), "hop_us_median": [round(h, 1) for h in hop_us],
                 "streams": args.streams, "aggregate_tok_s": round(e2e, 2) if e2e else None,
                 "steady_tok_s": round(steady, 2) if steady else None,
@@ -115,6 +147,8 @@ def main() -> int:
                     help="comma-separated NODES:PLACEMENT list")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every config this many times, interleaved")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tree", action="append", default=None,
+                    help="run the daemon of this source tree (repeat for an interleaved A/B)")
     args = ap.parse_args()
     model = args.model
     if model is None:
@@ -122,16 +156,18 @@ def main() -> int:
         if not os.path.exists(model):
             print(f"writing {model} ...", file=sys.stderr)
             dsd(["synth", model, "--layers", str(args.synth_layers)], dict(os.environ))
-    configs = [(int(n), pl) for n, pl in (c.split(":") for c in args.configs.split(","))]
+    configs = [(int(n), pl, t) for n, pl in (c.split(":") for c in args.configs.split(","))
+               for t in (args.tree or [None])]
     runs: dict = {cfg: [] for cfg in configs}
     with tempfile.TemporaryDirectory(prefix="dsd-bench-") as tmp:
         for rnd in range(args.rounds):  # interleaved: a noisy minute hits every config alike
             for cfg in configs:
-                r = run_config(model, cfg[0], cfg[1], args, tmp)
+                r = run_config(model, cfg[0], cfg[1], args, tmp, cfg[2])
                 r["round"] = rnd
                 runs[cfg].append(r)
                 print(json.dumps(r) if args.json else
-                      f"round {rnd} nodes {r['nodes']} {r['placement']:8s} decode {r['decode_tok_s']:7.2f} tok/s | "
+                      f"round {rnd} {r['tree']} nodes {r['nodes']} {r['placement']:8s} decode {r['decode_tok_s']:7.2f} tok/s | "
+                      f"link msgs {r['link_msgs_per_token']}/token, coordinator CPU {r['coord_cpu_ms_per_token']} ms/token | "
                       f"hop median {r['hop_us_median']} us | {r['streams']} streams {r['aggregate_tok_s']} "
                       f"tok/s end-to-end, {r['steady_tok_s']} steady (max batch {r['max_decode_batch']}) | "
                       f"start {r['start_s']}s", flush=True)
@@ -144,10 +180,11 @@ def main() -> int:
     print(f"medians over {args.rounds} round(s):")
     for cfg in configs:
         one, e2e, steady = med(cfg, "decode_tok_s"), med(cfg, "aggregate_tok_s"), med(cfg, "steady_tok_s")
-        line = f"  nodes {cfg[0]} {cfg[1]:8s} decode {one:.2f} tok/s"
+        line = f"  {cfg[2] or '.'} nodes {cfg[0]} {cfg[1]:8s} decode {one:.2f} tok/s"
         if cfg != base:
             ratios = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs[cfg], runs[base])]
-            line += f" = {one / med(base, 'decode_tok_s'):.2f}x of nodes {base[0]} (per-round {[round(x, 2) for x in ratios]})"
+            line += (f" = {one / med(base, 'decode_tok_s'):.2f}x of {base[2] or '.'} nodes {base[0]} "
+                     f"(per-round {[round(x, 2) for x in ratios]})")
         if e2e:
             line += f" | {args.streams} streams {e2e / one:.2f}x one stream end-to-end, {steady / one:.2f}x steady"
         print(line)

@@ -139,13 +139,21 @@ class Daemon(ClientSide):
         T = int(self.cfg["prefill_chunk"]) + int(self.cfg["max_batch"])
         rows = int(self.cfg["max_batch"]) + 1
         data = max(T * (8 + 8 * self.d_model + 12 * k), rows * self.vocab * 4) + 16 * 64 + 4096
+        from dsd.daemon import calibrate
+
+        self.transport = calibrate.measure()   # this host's wake-up latency and timer overshoot
+        if int(self.cfg["spin_us"]) > 0:
+            self.transport["spin_us"] = float(self.cfg["spin_us"])
+        self.log("transport: wake-up {wake_us} us, timer overshoot {overshoot_us} us -> spin {spin_us} us, "
+                 "nap margin {nap_margin_us} us".format(**self.transport))
+        spin_us = self.transport["spin_us"]
         self.handles = []
         huge = bool(self.cfg.get("channel_hugepages")) and self._channel_hugepages(topo, data)
         for i, v in enumerate(vnodes):
             h = WorkerHandle(i, v, int(self.cfg["threads_per_node"]) or len(v.cpus), RestartPolicy(
                 self.cfg["restart_max"], self.cfg["restart_window_s"], self.cfg["restart_healthy_s"]))
             name = f"{shm_prefix(self.cfg['instance'])}w{i}"
-            h.channel = Channel.create(name, data, self.sock_dir, self.cfg["spin_us"], hugepages=huge)
+            h.channel = Channel.create(name, data, self.sock_dir, spin_us, hugepages=huge)
             self.handles.append(h)
         # the workers' fixed links (daemon/sharded.py): links[(a, b)] carries a's requests to b
         self.links = {}
@@ -153,7 +161,7 @@ class Daemon(ClientSide):
             for b in range(n):
                 if a != b:
                     self.links[a, b] = Channel.create(f"{shm_prefix(self.cfg['instance'])}l{a}to{b}", data,
-                                                      self.sock_dir, self.cfg["spin_us"], hugepages=huge)
+                                                      self.sock_dir, spin_us, hugepages=huge)
         kinds = sorted({c.page_kind for c in [h.channel for h in self.handles] + list(self.links.values())})
         self.log("activation channels: " + ("2 MiB hugepages" if kinds == ["2m"] else
                  "/dev/shm" + ("" if not self.cfg.get("channel_hugepages") else
@@ -290,7 +298,7 @@ class Daemon(ClientSide):
                 "links": [[j, self.links[h.index, j].name, self.links[h.index, j].path,
                            self.links[j, h.index].name, self.links[j, h.index].path]
                           for j in range(len(self.handles)) if j != h.index],
-                "spin_us": self.cfg["spin_us"], "context": self.context,
+                "spin_us": self.transport["spin_us"], "context": self.context,
                 "coordinator_pid": os.getpid()})
 
     def _worker_of(self, ident: bytes, msg: dict) -> WorkerHandle | None:
@@ -408,7 +416,7 @@ class Daemon(ClientSide):
             return 1
         self.admission = Admission(int(self.cfg["max_batch"]), int(self.cfg["max_queue"]),
                                    float(self.cfg["request_timeout"]))
-        self.driver = Driver(self.plan, self.handles)
+        self.driver = Driver(self.plan, self.handles, self.transport["nap_margin_us"] * 1e-6)
         self.watch = StallWatch(self, float(self.cfg["stall_timeout_s"]), float(self.cfg["stall_kill_s"]))
         if self._with_driver() is not None:
             self.driver.block_on = {self._with_driver()}

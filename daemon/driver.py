@@ -21,11 +21,27 @@ from dsd.daemon.shm_channel import PeerDied
 
 
 _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log each forward's time
-# A wait expected to last long blocks until this long before its expected end, then spins (up
-# to twice this, then blocks again): timed wake-ups overshoot ~30 us here (DESIGN.md, "How a
-# process waits for its peer": the margin must exceed the host's timer overshoot).
-NAP_MARGIN = 50e-6
+# A wait expected to last long blocks until nap_margin before its expected end, then spins (up
+# to twice that, then blocks again): the margin covers the host's timer overshoot, measured at
+# start (daemon/calibrate.py; DESIGN.md, "How a process waits for its peer").
+NAP_MARGIN = 50e-6   # (when not measured: twice the ~25 us overshoot measured on the 2-core VMs)
 WARM_SEQ = -1   # the throwaway sequence of the warm-up steps
+
+
+class StepResult:
+    """What the head's owner sent for the logit rows of a step: token ids of the plain-greedy
+    rows (argmax computed there) and logits [rows, vocab] of the others, in row order."""
+
+    def __init__(self, out: dict, greedy: list[int], n_rows: int):
+        self.ids = dict(zip(greedy, (int(t) for t in out.get("ids", ()))))
+        rest = [k for k in range(n_rows) if k not in self.ids]
+        self.rows = dict(zip(rest, range(len(rest))))
+        self.logits = out.get("logits")
+
+    def token(self, row: int, sampler, history) -> int:
+        if row in self.ids:
+            return self.ids[row]
+        return sampler.sample(self.logits[self.rows[row]], history)
 
 
 class WorkerDied(Exception):
@@ -39,8 +55,9 @@ class WorkerError(Exception):
 
 
 class Driver:
-    def __init__(self, plan, handles):
+    def __init__(self, plan, handles, nap_margin: float = NAP_MARGIN):
         self.plan = plan
+        self.nap_margin = nap_margin
         self.handles = handles            # list of WorkerHandle (channel, pid)
         self.pending_free: list[int] = []
         self.hop_ns: list[int] = []       # command -> reply latency of an empty command (pings)
@@ -83,7 +100,7 @@ class Driver:
         if w in self.block_on:  # it computes on the CPU we would spin on: block until kicked
             nap, spin = 0.0, 1e-9
         elif nap > 0:
-            spin = 2 * NAP_MARGIN
+            spin = 2 * self.nap_margin
         try:
             rh, arr = h.channel.reply_wait(nap=nap, spin=spin)
         except PeerDied:
@@ -167,30 +184,33 @@ class Driver:
             self.pending_free.append(WARM_SEQ)
         self._prepared = pids
 
-    def _step(self, tokens, seqs, ns, pos0, logit_rows) -> np.ndarray:
+    def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=()) -> dict:
         T = len(tokens)
         hdr = {"seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
+        if greedy:
+            hdr["greedy"] = list(greedy)
         t0 = time.perf_counter()
         self._send_all(hdr, {"tokens": np.asarray(tokens, dtype=np.int64)})
         exp = self._expect.get(T, 0.0)
-        nap = exp - (time.perf_counter() - t0) - NAP_MARGIN if exp > 4 * self.handles[0].channel.spin else 0.0
+        nap = exp - (time.perf_counter() - t0) - self.nap_margin if exp > 4 * self.handles[0].channel.spin else 0.0
         out = self._collect(self.plan.head_owner, nap)
         self._expect[T] = time.perf_counter() - t0
-        if "logits" not in out:
+        if len(out.get("ids", ())) != len(greedy) or (len(greedy) < len(logit_rows) and "logits" not in out):
             raise WorkerError(f"worker {self.plan.head_owner} (the head's owner) sent no logits")
-        return out["logits"]
+        return out
 
     def forward(self, tokens: np.ndarray, seqs: list[int], ns: list[int], pos0: list[int],
-                logit_rows: list[int]) -> np.ndarray:
+                logit_rows: list[int], greedy: list[int] = ()) -> StepResult:
+        """One step; greedy: indices into logit_rows whose token is the argmax of its logits."""
         with self.lock:
             self._prepare()
             t = time.perf_counter()
-            logits = self._step(tokens, seqs, ns, pos0, logit_rows)
+            out = self._step(tokens, seqs, ns, pos0, logit_rows, greedy)
             self.steps += 1
             if _TRACE:
                 print(f"[dsd driver] T={len(tokens)} step {(time.perf_counter() - t) * 1e3:.2f} ms",
                       file=sys.stderr, flush=True)
-            return logits
+            return StepResult(out, list(greedy), len(logit_rows))
 
     def needs_prepare(self) -> bool:
         return self._resync or self._prepared != tuple(h.pid for h in self.handles)
@@ -233,3 +253,43 @@ class Driver:
 
 class _Aborted(Exception):
     """A worker gave up the step because the coordinator aborted it (another worker failed)."""
+
+
+class LocalDriver:
+    """The Driver's interface over a model in this process (`dsd generate`, Engine.generate):
+    the scheduler drives it exactly as it drives the workers."""
+
+    def __init__(self, model, context: int):
+        self.model, self.context = model, context
+        self.caches: dict = {}
+        self.pending_free: list[int] = []
+        self.handles: list = []
+        self.steps = 0
+
+    def forward(self, tokens, seqs, ns, pos0, logit_rows, greedy=()) -> StepResult:
+        from dsd.shard.batch import Batch
+
+        for sid in self.pending_free:
+            self.caches.pop(sid, None)
+        self.pending_free = []
+        batch = Batch.of_sequences(self.caches, lambda: self.model.new_cache(self.context),
+                                   tokens, seqs, ns, pos0, logit_rows)
+        self.steps += 1
+        return StepResult({"logits": self.model.forward(batch)}, [], len(logit_rows))
+
+    def free(self, seq_ids) -> None:
+        self.pending_free.extend(seq_ids)
+
+    def flush_frees(self) -> None:
+        for sid in self.pending_free:
+            self.caches.pop(sid, None)
+        self.pending_free = []
+
+    def needs_prepare(self) -> bool:
+        return False
+
+    def prepare(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass

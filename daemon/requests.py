@@ -62,14 +62,17 @@ def status(d) -> dict:
             "page_kinds": s.get("page_kinds"), "kv_bytes": s.get("kv_bytes", 0),
             "sequences": s.get("sequences", 0), "tokens": s.get("tokens", 0),
             "busy_tok_s": _rate(s), **h.policy.report(), "error": h.error,
-            "spin_hits": s.get("spin_hits"), "blocking_waits": s.get("blocking_waits")})
+            "spin_hits": s.get("spin_hits"), "blocking_waits": s.get("blocking_waits"),
+            "link_messages": s.get("link_messages")})
     sched = d.scheduler.stats() if hasattr(d, "scheduler") else {}
     queue = d.admission.stats() if hasattr(d, "admission") else {}
     if queue:   # requests admitted that have no token yet (the scheduler's inbox is only a hand-off)
         sched["queued"] = queue["waiting"]
     hops = sorted(d.driver.hop_ns[-2000:]) if hasattr(d, "driver") else []
     return {"type": "status", "v": P.VERSION, "state": d.state, "error": d.error, "pid": os.getpid(),
-            "uptime_s": time.time() - d.t_start, "instance": d.cfg["instance"],
+            "uptime_s": time.time() - d.t_start,
+            "cpu_s": time.process_time(),   # the coordinator's CPU time, all threads
+            "transport": getattr(d, "transport", None), "instance": d.cfg["instance"],
             "socket_dir": d.sock_dir, "log_file": log_path(d.cfg),
             "model": getattr(d, "model_path", None),
             "placement": d.plan.mode if hasattr(d, "plan") else None,

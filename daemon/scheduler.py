@@ -215,7 +215,9 @@ class Scheduler:
         t0 = time.perf_counter()
         self.max_decode_batch = max(self.max_decode_batch, len(decode))
         self.steps += 1
-        logits = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows)
+        # plain greedy rows come back as token ids (argmax on the head's worker), the others as logits
+        greedy = [k for k, r in enumerate(owners) if r.sampler.plain_greedy]
+        out = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows, greedy)
         if decode:
             self.decode_window.append((time.perf_counter(), len(decode), time.perf_counter() - t0))
         for r in decode:
@@ -227,7 +229,7 @@ class Scheduler:
                 continue
             if r.t_first is None:
                 r.t_first = time.perf_counter()
-            tok = r.sampler.sample(logits[row], r.history)
+            tok = out.token(row, r.sampler, r.history)
             self._emit(r, tok)
         return True
 

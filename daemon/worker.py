@@ -169,7 +169,8 @@ class Worker:
                 "kv_bytes": sum(c.nbytes for c in list(self.caches.values())),
                 "sequences": len(self.caches), "tokens": self.tokens, "busy_s": self.busy,
                 "load_s": self.load_s, "spin_hits": self.ch.wait_stats[0],
-                "blocking_waits": self.ch.wait_stats[1]}
+                "blocking_waits": self.ch.wait_stats[1],
+                "link_messages": self.links.messages if self.links is not None else 0}
 
     # -- I/O thread ----------------------------------------------------------------------------
     def io_loop(self) -> None:
@@ -195,22 +196,11 @@ class Worker:
 
     # -- compute loop --------------------------------------------------------------------------
     def batch(self, hdr: dict, tokens):
-        import numpy as np
-
-        from dsd.shard.batch import Batch, Segment
+        from dsd.shard.batch import Batch
         from dsd.shard.kv_cache import SequenceCache
 
-        segs, pos, start = [], [], 0
-        for sid, n, p0 in zip(hdr["seqs"], hdr["n"], hdr["pos0"]):
-            c = self.caches.get(sid)
-            if c is None:
-                c = self.caches[sid] = SequenceCache(self.plan.n_layers, self.context)
-            segs.append(Segment(c, start, n, p0))
-            pos.append(np.arange(p0, p0 + n, dtype=np.int64))
-            start += n
-        lr = hdr.get("logit_rows")
-        return Batch(tokens=tokens, positions=np.concatenate(pos), segments=segs,
-                     logit_rows=None if lr is None else np.asarray(lr, dtype=np.int64))
+        return Batch.of_sequences(self.caches, lambda: SequenceCache(self.plan.n_layers, self.context),
+                                  tokens, hdr["seqs"], hdr["n"], hdr["pos0"], hdr.get("logit_rows"))
 
     def execute(self, hdr: dict, arr: dict) -> dict:
         """One command of the coordinator: a step descriptor (every worker gets the same one:
@@ -233,7 +223,20 @@ class Worker:
             self.links.begin_step((self.ch.ctl, int(hdr.get("abort", 0)), self.ch.to_worker))
         logits = self.sharded.forward(batch)
         self.tokens += int(len(tokens))
-        return {} if logits is None else {"logits": logits}
+        if logits is None:
+            return {}
+        greedy = hdr.get("greedy")
+        if not greedy:
+            return {"logits": logits}
+        import numpy as np
+
+        # plain-greedy rows: only their argmax goes back (the coordinator would compute the same)
+        keep = np.ones(len(logits), dtype=bool)
+        keep[greedy] = False
+        out = {"ids": np.argmax(logits[greedy], axis=-1).astype(np.int64)}
+        if keep.any():
+            out["logits"] = logits[keep]
+        return out
 
     def share(self, fn):
         """Run fn (this worker's share of a split product) on this worker's own CPUs: the other

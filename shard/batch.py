@@ -47,6 +47,21 @@ class Batch:
         return cls(tokens=tokens, positions=np.array([c.length for c in caches], dtype=np.int64),
                    segments=segs, logit_rows=None)
 
+    @classmethod
+    def of_sequences(cls, caches: dict, new_cache, tokens, seqs, ns, pos0, logit_rows=None) -> "Batch":
+        """The batch of a step descriptor: segment k is ns[k] new tokens of sequence seqs[k]
+        from position pos0[k], its cache caches[seqs[k]] (made with new_cache() the first time)."""
+        segs, pos, start = [], [], 0
+        for sid, n, p0 in zip(seqs, ns, pos0):
+            c = caches.get(sid)
+            if c is None:
+                c = caches[sid] = new_cache()
+            segs.append(Segment(c, start, n, p0))
+            pos.append(np.arange(p0, p0 + n, dtype=np.int64))
+            start += n
+        return cls(tokens=np.asarray(tokens, dtype=np.int64), positions=np.concatenate(pos), segments=segs,
+                   logit_rows=None if logit_rows is None else np.asarray(logit_rows, dtype=np.int64))
+
     def finish(self) -> None:
         """Mark the new tokens as cached (call after the last layer ran)."""
         for s in self.segments:

@@ -82,37 +82,35 @@ class Engine:
         return self.model.forward(Batch.single(cache, tokens, all_logits=True))
 
     def generate(self, prompt_ids: list[int], params) -> Iterator[StepOutput]:
-        """Prefill the prompt as one batch, then decode one token at a time."""
-        from dsd.shard.sampling import Sampler, StopStrings
+        """Prefill the prompt as one batch, then decode one token at a time: the daemon's
+        scheduler (stop ids and strings, length, incremental detokenization, the context check)
+        driving this process's model (daemon/driver.py LocalDriver)."""
+        import threading
+
+        from dsd.daemon.driver import LocalDriver
+        from dsd.daemon.scheduler import Request, Scheduler
+        from dsd.errors import DsdError
 
         params.validate()
         if not prompt_ids:
             raise ValueError("empty prompt")
         ctx = self.model.args.context_length
-        if len(prompt_ids) >= ctx:
-            from dsd.errors import DsdError
-            raise DsdError(f"prompt has {len(prompt_ids)} tokens but the context holds {ctx}; shorten it")
-        sampler = Sampler(params)
-        stops = StopStrings(params.stop)
-        decoder = self.tokenizer.decoder()
-        cache = self.model.new_cache(ctx)
-        history = list(prompt_ids)
-        logits = self.model.forward(Batch.single(cache, prompt_ids))[-1]
-        max_new = min(params.max_tokens, ctx - len(prompt_ids))
-        for i in range(max_new):
-            tok = sampler.sample(logits, history)
-            history.append(tok)
-            if tok in self.tokenizer.stop_ids and not params.ignore_eos:
-                tail, _ = stops.push(decoder.flush())
-                yield StepOutput(tok, tail + stops.flush(), "stop")
+        sent: list[dict] = []
+        ready = threading.Event()
+        ready.set()
+        sched = Scheduler(self.tokenizer, LocalDriver(self.model, ctx), ctx, max_batch=1,
+                          prefill_chunk=len(prompt_ids), send=lambda client, msg: sent.append(msg),
+                          ready_event=ready, log=lambda msg: None)
+        sched._admit(Request("generate", b"", list(prompt_ids), params, stream=True))
+        while True:
+            for msg in sent:
+                if msg["type"] == "error":
+                    raise DsdError(msg["message"])
+                ids = msg["token_ids"]
+                for k, tok in enumerate(ids):  # one StepOutput per token; text with the last
+                    last = k == len(ids) - 1
+                    yield StepOutput(tok, msg["text"] if last else "", msg["finish_reason"] if last else None)
+            sent.clear()
+            if not sched.active:
                 return
-            text, stopped = stops.push(decoder.push(tok))
-            if stopped:
-                yield StepOutput(tok, text, "stop")
-                return
-            if i == max_new - 1:
-                tail, stopped = stops.push(decoder.flush())
-                yield StepOutput(tok, text + tail + ("" if stopped else stops.flush()), "length")
-                return
-            yield StepOutput(tok, text)
-            logits = self.model.forward(Batch.single(cache, [tok]))[-1]
+            sched.step()

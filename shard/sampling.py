@@ -161,6 +161,12 @@ class Sampler:
         out[ids] = np.where(v > 0, v / pen, v * pen)
         return out
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The pick is argmax of the raw logits (no penalty): whoever holds them can make it."""
+        p = self.params
+        return p.temperature == 0 and (float(p.repetition_penalty) == 1.0 or int(p.repeat_last_n) == 0)
+
     def sample(self, logits: np.ndarray, history=()) -> int:
         p = self.params
         l = np.asarray(logits, dtype=np.float32).reshape(-1)
