@@ -169,6 +169,37 @@ def test_gpt_oss_matches_transformers(tmp_path, kw):
     assert rel_err(got, hf_gpt_oss_logits(path, TOKENS)) <= 1e-3
 
 
+def test_gpt_oss_llama_cpp_converter(tmp_path):
+    """A transformers checkpoint through llama.cpp's own convert_hf_to_gguf.py (f32: the converter
+    splits the interleaved gate_up_proj into ffn_gate_exps / ffn_up_exps and their biases)."""
+    import torch
+    import transformers as tf
+
+    from tests.reference.hf_convert import VOCAB_SIZE, hf_logits_f64, make_gguf, randomize_, sample_tokens
+
+    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                beta_fast=32.0, beta_slow=1.0, truncate=True)
+    cfg = tf.GptOssConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                          num_experts_per_tok=2, sliding_window=4, layer_types=["sliding_attention",
+                                                                                "full_attention"] * 2,
+                          max_position_embeddings=256, rope_parameters=rope, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    m = randomize_(tf.GptOssForCausalLM(cfg).float(), bias_std=0.3)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.sinks.normal_(0, 1.5)
+            layer.mlp.experts.gate_up_proj.mul_(6)  # some gate / up values beyond the +-7 clamps
+    path = make_gguf(m, tmp_path, "f32")
+    toks = sample_tokens(16)
+    with exact_activations():
+        model = build_model(open_gguf(path))
+        got = model.forward(Batch.single(model.new_cache(64), toks, all_logits=True))
+    assert rel_err(got, hf_logits_f64(m, toks)) <= 1e-3
+
+
 def test_gpt_oss_window_and_sinks_matter(tiny):
     """The test model is sensitive to what it checks: another window or no sinks changes the logits."""
     with exact_activations():
