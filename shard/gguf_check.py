@@ -297,13 +297,19 @@ def _dense(s: _Spec, p: str, D: int, F: int) -> None:
     s.need(p + "ffn_down.weight", D, F)
 
 
-def _gqa_block(s: _Spec, p: str, D: int, H: int, Hkv: int, hd: int, qk_norm: bool = False) -> None:
-    """A llama-style block's norms and grouped-query attention (qwen3moe adds per-head QK norms)."""
+def _gqa_block(s: _Spec, p: str, D: int, H: int, Hkv: int, hd: int, qk_norm: bool = False,
+               bias: bool = False) -> None:
+    """A llama-style block's norms and grouped-query attention (qwen3moe and qwen3 add per-head QK
+    norms; qwen2 / qwen3 may have q/k/v biases, optional in llama.cpp)."""
     s.need(p + "attn_norm.weight", D)
     s.need(p + "ffn_norm.weight", D)
     s.need(p + "attn_q.weight", H * hd, D)
     s.need(p + "attn_k.weight", Hkv * hd, D)
     s.need(p + "attn_v.weight", Hkv * hd, D)
+    if bias:
+        s.need(p + "attn_q.bias", H * hd, optional=True)
+        s.need(p + "attn_k.bias", Hkv * hd, optional=True)
+        s.need(p + "attn_v.bias", Hkv * hd, optional=True)
     if qk_norm:
         s.need(p + "attn_q_norm.weight", hd)
         s.need(p + "attn_k_norm.weight", hd)
@@ -339,6 +345,18 @@ def _spec_qwen3moe(g, m: _Meta, s: _Spec) -> None:
         p = f"blk.{i}."
         _gqa_block(s, p, D, H, Hkv, hd, qk_norm=True)
         _experts(g, m, s, p, D, Fe, E)
+
+
+def _spec_qwen_dense(g, m: _Meta, s: _Spec) -> None:
+    """qwen2 (q/k/v biases) and qwen3 (per-head QK norms): dense llama blocks."""
+    c = _common(g, m, s)
+    D = c["D"]
+    H, Hkv, hd = _heads(g, m, D, key_default=True)
+    F = m.int("feed_forward_length", lo=1)
+    for i in range(c["L"]):
+        p = f"blk.{i}."
+        _gqa_block(s, p, D, H, Hkv, hd, qk_norm=g.architecture == "qwen3", bias=True)
+        _dense(s, p, D, F)
 
 
 def _spec_deepseek2(g, m: _Meta, s: _Spec) -> None:
@@ -403,7 +421,8 @@ def _spec_deepseek2(g, m: _Meta, s: _Spec) -> None:
             _experts(g, m, s, p, D, Fe, E, n_shared if s.has(p + "ffn_gate_shexp.weight") else 0)
 
 
-_SPECS = {"llama": _spec_llama, "qwen3moe": _spec_qwen3moe, "deepseek2": _spec_deepseek2}
+_SPECS = {"llama": _spec_llama, "qwen3moe": _spec_qwen3moe, "deepseek2": _spec_deepseek2,
+          "qwen2": _spec_qwen_dense, "qwen3": _spec_qwen_dense}
 
 
 def check_model(g) -> None:
