@@ -193,6 +193,12 @@ class RoutedExperts:
         self.rows = (r0, r1)
         self.full_rows = (r0, r1) == (0, F)
         gb, ub, db = (None if b is None else np.asarray(b, dtype=np.float32) for b in biases)
+        for b, st, what in ((gb, gate_exps, "gate"), (ub, up_exps, "up"), (db, down_exps, "down")):
+            # a stack that is itself a row share (a daemon worker's) would need the bias's
+            # matching slice and row offset, which it does not know: refuse instead of guessing
+            if b is not None and (b.ndim != 2 or b.shape[1] != st.rows):
+                raise ValueError(f"{what} expert bias of shape {b.shape} does not match the stack's "
+                                 f"{st.rows} rows")
         self.gate_b = None if gb is None else gb[:, r0:r1]
         self.up_b = None if ub is None else ub[:, r0:r1]
         self.down_b = db if r0 == 0 else None

@@ -395,3 +395,33 @@ def test_swiglu_oai_clamps():
     gc = np.minimum(g.astype(np.float64), 7)
     want = gc / (1 + np.exp(-1.702 * gc)) * (np.clip(u, -7, 7) + 1)
     np.testing.assert_allclose(swiglu_oai(g, u), want, rtol=1e-6, atol=1e-7)
+
+
+def test_split_placements(tiny):
+    """Daemon placements: one worker holding everything builds and runs as the single process;
+    two workers (MoE models always get experts / rows splits, whose workers would lack the
+    expert biases or their row offset) are refused, not silently wrong."""
+    from dsd.daemon.placement import make_plan
+    from dsd.daemon.slice_weights import SliceWeights
+    from dsd.errors import UnsupportedModelError
+
+    with open_gguf(tiny) as g:
+        sw = SliceWeights(g, make_plan(g, 1, "auto").pieces[0], node=0, pages="4k")
+        try:
+            with exact_activations():
+                m = build_model(g, sw)
+                got = m.forward(Batch.single(m.new_cache(64), TOKENS, all_logits=True))
+                one = build_model(g)
+                want = one.forward(Batch.single(one.new_cache(64), TOKENS, all_logits=True))
+            assert np.array_equal(got, want)
+        finally:
+            sw.free()
+        for mode in ("experts", "rows"):
+            plan = make_plan(g, 2, mode)
+            for w in range(2):
+                sw = SliceWeights(g, plan.pieces[w], node=0, pages="4k")
+                try:
+                    with pytest.raises((UnsupportedModelError, ValueError)):
+                        build_model(g, sw)
+                finally:
+                    sw.free()

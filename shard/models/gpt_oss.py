@@ -181,6 +181,19 @@ class GptOssModel(Model):
 
 
 def build(gguf_model, weights) -> GptOssModel:
+    holds = getattr(weights, "holds", None)  # a daemon worker's SliceWeights
+    if holds is not None:
+        for i in range(int(gguf_model.metadata.get(f"{ARCH}.block_count", 0))):
+            p = f"blk.{i}."
+            if holds(p + "ffn_gate_exps.weight") and gguf_model.tensors.get(p + "ffn_gate_exps.bias") is not None \
+                    and not holds(p + "ffn_gate_exps.bias"):
+                # experts / rows placements ship the expert biases to the layer's owner only:
+                # the other workers' expert shares would silently run without them
+                from dsd.errors import UnsupportedModelError
+                raise UnsupportedModelError(
+                    f"{gguf_model.path}: gpt-oss with its routed experts split between workers "
+                    "(placement experts/rows) is not supported yet (the expert biases are not "
+                    "distributed); use --placement layers or one node")
     emb = gguf_model.tensors["token_embd.weight"]
     return GptOssModel(ModelArgs.from_dict(gguf_model.metadata, vocab_size=emb.shape[0]), weights)
 
