@@ -460,6 +460,7 @@ class Daemon(ClientSide):
                     self._expire()
                     self._ping_silent()
                 self.watch.check()
+                self._check_http()
                 for fd, h in list(fd_map.items()):
                     if fd in events and h.pidfd == fd and h.state not in ("dead", "stopped"):
                         self._on_worker_exit(h)
@@ -480,21 +481,48 @@ class Daemon(ClientSide):
         return 1 if self.error else 0
 
     def _start_http(self) -> None:
-        from dsd.daemon.http_serve import start_server
-
+        """The HTTP API runs in a process of its own (dsd/commands/http_frontend.py) on the socket
+        bound at start, so its Python does not share our GIL with the scheduling loop."""
+        self.http_restarts: list[float] = []
+        self._spawn_http()
         host, port = self.http_addr
-        try:
-            self.http_server = start_server(host, port, self.sock_dir, self.cfg.get("api_key"),
-                                            log_level="warning", sock=self.http_sock)
-        except Exception as exc:
-            self.fail(f"--http {self.cfg['http']}: the HTTP server did not start: {exc}")
+        h = f"[{host}]" if ":" in host else host
+        self.log(f"HTTP API on http://{h}:{self.http_sock.getsockname()[1]} (process {self.http_proc.pid})")
+
+    def _spawn_http(self) -> None:
+        env = dict(os.environ)
+        env.pop("DSD_API_KEY", None)
+        if self.cfg.get("api_key"):
+            env["DSD_API_KEY"] = self.cfg["api_key"]   # never on a command line (ps shows those)
+        fd = self.http_sock.fileno()
+        self.http_proc = subprocess.Popen(
+            [sys.executable, "-m", "dsd.cli", "http-frontend", "--socket-dir", self.sock_dir, "--fd", str(fd)],
+            stdin=subprocess.DEVNULL, pass_fds=(fd,), env=env)
+
+    def _check_http(self) -> None:
+        """Restart an HTTP process that died (at most 5 times a minute: then the daemon fails)."""
+        p = getattr(self, "http_proc", None)
+        if p is None or p.poll() is None or self.stopping:
             return
-        self.log(f"HTTP API on {self.http_server.url}")
+        now = time.monotonic()
+        self.http_restarts = [t for t in self.http_restarts if now - t < 60] + [now]
+        if len(self.http_restarts) > 5:
+            self.fail(f"the HTTP API process died {len(self.http_restarts)} times within a minute "
+                      f"(last exit code {p.returncode}); see the log")
+            return
+        self.log(f"the HTTP API process (pid {p.pid}) exited with code {p.returncode}; restarting it")
+        self._spawn_http()
 
     def _cleanup(self) -> None:
-        if getattr(self, "http_server", None) is not None:
-            self.http_server.stop(timeout=5)
-        elif getattr(self, "http_sock", None) is not None:
+        hp = getattr(self, "http_proc", None)
+        if hp is not None and hp.poll() is None:
+            hp.terminate()   # uvicorn finishes open responses (timeout_graceful_shutdown 5 s)
+            try:
+                hp.wait(timeout=7)
+            except subprocess.TimeoutExpired:
+                hp.kill()
+                hp.wait()
+        if getattr(self, "http_sock", None) is not None:
             self.http_sock.close()
         for h in getattr(self, "handles", []):
             if h.proc and h.proc.poll() is None:

@@ -270,3 +270,27 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, socket_dir=None,
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def serve_socket(fd: int, socket_dir: str, api_key: str | None, log_level: str = "warning") -> None:
+    """The daemon's HTTP process (dsd/commands/http_frontend.py): serve on an inherited listening
+    socket until SIGTERM, or until the coordinator dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    import uvicorn
+
+    from dsd.daemon.http_api import create_app
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)   # die with the coordinator
+    except Exception:
+        pass
+    sock = socket.socket(fileno=fd)
+    host = sock.getsockname()[0]
+    _warn_exposure(host, api_key)
+    server = uvicorn.Server(uvicorn_config(create_app(_LazyClient(socket_dir), api_key, None), log_level))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

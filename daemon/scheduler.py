@@ -66,6 +66,8 @@ class Scheduler:
         self.failed = 0
         self.max_decode_batch = 0
         self.steps = 0
+        self.step_gaps: deque = deque(maxlen=4096)   # s between consecutive steps (see step)
+        self._last_end: float | None = None
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -213,6 +215,9 @@ class Scheduler:
                 rows.append(len(toks) - 1)
                 owners.append(r)
         t0 = time.perf_counter()
+        if self._last_end is not None and self._last_end > t0 - 0.1:
+            # coordinator time between two back-to-back steps (sampling, sending, admitting)
+            self.step_gaps.append(t0 - self._last_end)
         self.max_decode_batch = max(self.max_decode_batch, len(decode))
         self.steps += 1
         # plain greedy rows come back as token ids (argmax on the head's worker), the others as logits
@@ -231,6 +236,7 @@ class Scheduler:
                 r.t_first = time.perf_counter()
             tok = out.token(row, r.sampler, r.history)
             self._emit(r, tok)
+        self._last_end = time.perf_counter()
         return True
 
     def _hops(self, n: int) -> list[list[int]]:
@@ -291,4 +297,13 @@ class Scheduler:
             tps = sum(n for _, n, _ in w) / span if span > 0 else None
         return {"active": len(self.active), "queued": self.inbox.qsize(),
                 "completed": self.completed, "failed": self.failed, "decode_tok_s": tps,
-                "max_decode_batch": self.max_decode_batch, "steps": self.steps}
+                "max_decode_batch": self.max_decode_batch, "steps": self.steps,
+                "step_gap_us": _percentiles(self.step_gaps)}
+
+
+def _percentiles(xs) -> dict | None:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    return {"p50": round(xs[len(xs) // 2] * 1e6, 1), "p99": round(xs[min(len(xs) - 1, len(xs) * 99 // 100)] * 1e6, 1),
+            "n": len(xs)}

@@ -24,6 +24,7 @@ COMMANDS = {
     "plan": "plan",
     "chat": "chat",
     "worker": "worker",
+    "http-frontend": "http_frontend",
 }
 
 
