@@ -42,8 +42,9 @@ from dsd.errors import DsdError
 
 # Defaults for the figures that are not read from the machine (topology) or measured at once
 # (bandwidth); where they come from is in BENCHMARKS.md's "Placement model" section.
-CORE_GBS = 8.0     # weight bytes per second one core's product kernels get through, GB/s
-LAYER_US = 700.0   # Python + launches per layer per decoded token, us
+CORE_GBS = 14.7    # weight bytes per second one core's product kernels get through, GB/s
+LAYER_US = 570.0   # Python + launches per layer per decoded token, us: an MoE model's layer
+LAYER_US_DENSE = 150.0  # ... a dense model's (SmolLM2: 4.5 ms outside kernels / 30 layers)
 HOP_US = 10.0      # one shared-memory message between two processes, us (DESIGN.md: w ~ 7-9 us)
 
 
@@ -54,7 +55,7 @@ class Machine:
     cores: int = 2          # cores per node
     xbw: float = 30.0       # cross-node bandwidth, GB/s (activations only)
     hop_us: float = HOP_US
-    layer_us: float = LAYER_US
+    layer_us: float | None = None   # None: LAYER_US for an MoE model, LAYER_US_DENSE otherwise
     core_gbs: float = CORE_GBS
 
     def rates(self, n_workers: int) -> list[float]:
@@ -121,12 +122,16 @@ def predict(plan, m: Machine, n_used: int, n_experts: int, dim: int, vocab: int)
         xbytes += far * (act + (4 * vocab / N if c == "head" else act))
     xbytes += sum(act for a, b in handovers if m.node_of(a) != m.node_of(b))
     terms = {"weights_s": t_w, "hops": hops, "hops_s": hops * m.hop_us * 1e-6,
-             "xfer_s": xbytes / (m.xbw * 1e9), "overhead_s": L * m.layer_us * 1e-6}
+             "xfer_s": xbytes / (m.xbw * 1e9), "overhead_s": L * _layer_us(m, plan) * 1e-6}
     total = terms["weights_s"] + terms["hops_s"] + terms["xfer_s"] + terms["overhead_s"]
     bytes_w = [sum(st[w] for d in read for st in d.values()) for w in range(N)]
     return {"mode": plan.mode, "nodes": N, "s_per_token": total, "tok_s": 1.0 / total,
             "bytes_per_worker": bytes_w, "messages": 2 * (N - 1) * len(coll) + 2 * len(handovers) + 2 * N,
             "rates_gbs": rate, **terms}
+
+
+def _layer_us(m: Machine, plan) -> float:
+    return m.layer_us if m.layer_us is not None else LAYER_US if plan.moe_layers else LAYER_US_DENSE
 
 
 def _shape_facts(g) -> tuple[int, int, int, int]:
@@ -219,14 +224,18 @@ def machine_from_args(args) -> Machine:
 
         bw = measure_read_bandwidth(256 << 20, 3)
     xbw = args.cross_bandwidth or (bw if nodes == 1 else bw / 4)
-    return Machine(nodes, bw, cores, xbw, args.hop_us, args.layer_us, args.core_gbs)
+    pick = lambda v, d: d if v is None else v  # noqa: E731  (0 is a value: no overhead)
+    return Machine(nodes, bw, cores, xbw, pick(args.hop_us, HOP_US), args.layer_us, pick(args.core_gbs, CORE_GBS))
 
 
 def report(g, m: Machine, n: int) -> list[str]:
+    lu = m.layer_us if m.layer_us is not None else \
+        LAYER_US if any(_EXPS.match(t) for t in g.tensors) else LAYER_US_DENSE
     lines = [f"model: {g.path}" + (f" ({g.note})" if getattr(g, "note", "") else ""),
              f"file: {sum(t.nbytes for t in g.tensors.values()) / 1e9:.1f} GB; machine: {m.nodes} node(s) x "
              f"{m.cores} cores, {m.bw:.1f} GB/s per node (core kernels {m.core_gbs:g} GB/s each), "
-             f"cross-node {m.xbw:.1f} GB/s, hop {m.hop_us:g} us, {m.layer_us:g} us per layer",
+             f"cross-node {m.xbw:.1f} GB/s, hop {m.hop_us:g} us, "
+             f"{lu:g} us per layer",
              "predicted decode, one stream, batch 1 (a model, not a measurement; terms in ms/token):"]
     for label, p in predict_all(g, m, n):
         if "error" in p:
