@@ -1,4 +1,5 @@
-"""Synthetic GGUF models for benchmarks: DeepSeek-shaped files of any depth with random weights.
+"""Synthetic GGUF models for benchmarks: DeepSeek-shaped (or, with arch "gpt-oss" /
+gpt_oss_spec(), gpt-oss-20b-shaped) files of any depth with random weights.
 
 Quantizing gigabytes of random floats is slow, so quantized tensors are written as random bytes
 per block with their fp16 scale fields overwritten by controlled values (`random_blocks`): every
@@ -132,6 +133,66 @@ class SynthSpec:
     embd_type: str = ""         # token_embd
     output_type: str = ""       # output (the head)
     overrides: dict | None = None  # tensor name -> type (tests: every type in one file)
+    # "gpt-oss": gpt-oss-shaped instead (gpt_oss_spec() gives gpt-oss-20b's widths); these
+    # fields are its own (the MLA / shared / dense fields above are then unused)
+    arch: str = "deepseek2"
+    kv_heads: int = 8
+    head_dim: int = 64
+    sliding_window: int = 128
+
+
+def gpt_oss_spec(**kw) -> SynthSpec:
+    """gpt-oss-20b's shapes (24 layers there; 4 here): hidden 2880, 64 query / 8 kv heads of 64,
+    32 experts (top-4) of 2880, sliding window 128, YaRN x32 over 4096 positions, MXFP4 experts
+    and Q8_0 elsewhere (as the released GGUF).  Keyword arguments override any field."""
+    d = dict(arch="gpt-oss", layers=4, hidden=2880, heads=64, kv_heads=8, head_dim=64, experts=32,
+             experts_used=4, shared=0, expert_ffn=2880, dense_lead=0, context=131072, yarn_factor=32.0,
+             yarn_orig_ctx=4096, yarn_log_mul=0.0, qtype="Q8_0", expert_type="MXFP4", sliding_window=128)
+    d.update(kw)
+    return SynthSpec(**d)
+
+
+def _tensor_plan_gpt_oss(s: SynthSpec):
+    """gpt-oss tensors (llama.cpp names): kinds as _tensor_plan's plus 'bias' (small F32 values)."""
+    D, H, Hkv, hd, E, F = s.hidden, s.heads, s.kv_heads, s.head_dim, s.experts, s.expert_ffn
+    t = [("token_embd.weight", (s.vocab, D), "mat"), ("output_norm.weight", (D,), "norm"),
+         ("output.weight", (s.vocab, D), "mat")]
+    for i in range(s.layers):
+        p = f"blk.{i}."
+        t.append((p + "attn_norm.weight", (D,), "norm"))
+        for n, rows in (("attn_q", H * hd), ("attn_k", Hkv * hd), ("attn_v", Hkv * hd)):
+            t += [(p + n + ".weight", (rows, D), "mat"), (p + n + ".bias", (rows,), "bias")]
+        t += [(p + "attn_output.weight", (D, H * hd), "mat"), (p + "attn_output.bias", (D,), "bias"),
+              (p + "attn_sinks.weight", (H,), "bias"), (p + "post_attention_norm.weight", (D,), "norm"),
+              (p + "ffn_gate_inp.weight", (E, D), "f32"), (p + "ffn_gate_inp.bias", (E,), "bias"),
+              (p + "ffn_gate_exps.weight", (E, F, D), "mat"), (p + "ffn_gate_exps.bias", (E, F), "bias"),
+              (p + "ffn_up_exps.weight", (E, F, D), "mat"), (p + "ffn_up_exps.bias", (E, F), "bias"),
+              (p + "ffn_down_exps.weight", (E, D, F), "mat"), (p + "ffn_down_exps.bias", (E, D), "bias")]
+    return t
+
+
+def _add_metadata_gpt_oss(w, s: SynthSpec) -> None:
+    a = "gpt-oss"
+    w.add_name(f"dsd synthetic gpt-oss-shaped {s.layers}-layer {s.qtype} experts={s.expert_type or s.qtype}")
+    w.add_block_count(s.layers)
+    w.add_context_length(s.context)
+    w.add_embedding_length(s.hidden)
+    w.add_feed_forward_length(s.expert_ffn)
+    w.add_expert_feed_forward_length(s.expert_ffn)
+    w.add_head_count(s.heads)
+    w.add_head_count_kv(s.kv_heads)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(150000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(s.vocab)
+    w.add_expert_count(s.experts)
+    w.add_expert_used_count(s.experts_used)
+    w.add_sliding_window(s.sliding_window)
+    if s.yarn_factor > 1:
+        w.add_string(f"{a}.rope.scaling.type", "yarn")
+        w.add_float32(f"{a}.rope.scaling.factor", s.yarn_factor)
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", s.yarn_orig_ctx)
 
 
 def _tensor_plan(s: SynthSpec):
@@ -207,8 +268,14 @@ def _tokenizer_metadata() -> dict:
 
 
 def _add_metadata(w, s: SynthSpec, tok: dict) -> None:
-    from gguf import GGUFValueType as V
+    if s.arch == "gpt-oss":
+        _add_metadata_gpt_oss(w, s)
+    else:
+        _add_metadata_deepseek2(w, s)
+    _add_tokenizer(w, tok)
 
+
+def _add_metadata_deepseek2(w, s: SynthSpec) -> None:
     a = "deepseek2"
     mix = "".join(f" {r}={t}" for r, t in (("experts", s.expert_type), ("down", s.expert_down_type),
                                                ("attn", s.attn_type), ("shared", s.shared_type),
@@ -244,6 +311,11 @@ def _add_metadata(w, s: SynthSpec, tok: dict) -> None:
         w.add_float32(f"{a}.rope.scaling.factor", s.yarn_factor)
         w.add_uint32(f"{a}.rope.scaling.original_context_length", s.yarn_orig_ctx)
         w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", s.yarn_log_mul)
+
+
+def _add_tokenizer(w, tok: dict) -> None:
+    from gguf import GGUFValueType as V
+
     w.add_quantization_version(2)
     sub = {str: V.STRING, int: V.INT32, float: V.FLOAT32, bool: V.BOOL}
     for k, (v, vt) in tok.items():
@@ -255,7 +327,7 @@ def _add_metadata(w, s: SynthSpec, tok: dict) -> None:
 
 
 def write_synthetic(path, spec: SynthSpec | None = None, progress=None) -> dict:
-    """Write a synthetic deepseek2 GGUF to `path`, streaming tensor bytes. Returns a summary dict
+    """Write a synthetic deepseek2 (or spec.arch "gpt-oss") GGUF to `path`, streaming tensor bytes. Returns a summary dict
     (bytes, tensors, seconds). progress(done_bytes, total_bytes) is called after each tensor."""
     import os
     import time
@@ -266,13 +338,15 @@ def write_synthetic(path, spec: SynthSpec | None = None, progress=None) -> dict:
     if s.vocab != 49152:
         raise ValueError("the copied SmolLM2 tokenizer has 49152 tokens; vocab must be 49152")
     t0 = time.perf_counter()
+    if s.arch not in ("deepseek2", "gpt-oss"):
+        raise ValueError(f"synthetic models are deepseek2 or gpt-oss, not {s.arch!r}")
     plan = []
-    for name, shape, kind in _tensor_plan(s):
-        qt = Q.F32 if kind in ("norm", "f32") else _choose_type(s, shape, name)
+    for name, shape, kind in (_tensor_plan_gpt_oss(s) if s.arch == "gpt-oss" else _tensor_plan(s)):
+        qt = Q.F32 if kind in ("norm", "f32", "bias") else _choose_type(s, shape, name)
         bs, ts = GGML_QUANT_SIZES[qt]
         nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // bs) * ts
         plan.append((name, shape, kind, qt, nbytes))
-    w = GGUFWriter(os.fspath(path), "deepseek2")
+    w = GGUFWriter(os.fspath(path), s.arch)
     _add_metadata(w, s, _tokenizer_metadata())
     for name, shape, kind, qt, nbytes in plan:
         bs, ts = GGML_QUANT_SIZES[qt]
@@ -288,6 +362,8 @@ def write_synthetic(path, spec: SynthSpec | None = None, progress=None) -> dict:
             data = np.ones(shape, dtype=np.float32).view(np.uint8)
         elif kind == "f32":
             data = random_blocks(Q.F32, shape, rng, std=1.0 / np.sqrt(shape[-1]))
+        elif kind == "bias":
+            data = random_blocks(Q.F32, shape, rng, std=0.1)
         else:
             # 0.5/sqrt(fan_in) keeps activations O(1) through the residual stream
             std = 1.0 if name == "token_embd.weight" else 0.5 / np.sqrt(shape[-1])

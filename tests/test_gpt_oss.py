@@ -425,3 +425,21 @@ def test_split_placements(tiny):
                         build_model(g, sw)
                 finally:
                     sw.free()
+
+
+def test_synth_gpt_oss(tmp_path):
+    """shard/synth.py's gpt-oss-shaped file (narrowed here) passes gguf_check and runs."""
+    from dsd.shard.synth import gpt_oss_spec, write_synthetic
+
+    spec = gpt_oss_spec(layers=2, hidden=256, heads=8, kv_heads=2, experts=8, experts_used=4, expert_ffn=128,
+                        sliding_window=4)
+    path = tmp_path / "s.gguf"
+    write_synthetic(path, spec)
+    with open_gguf(str(path)) as g:
+        assert g.architecture == "gpt-oss" and g.tensors["blk.0.ffn_gate_exps.weight"].ggml_type == Q.MXFP4
+        m = build_model(g)
+        assert [a.window for a in m.attn] == [4, 0] and m.args.yarn_factor == 32.0
+        cache = m.new_cache(64)
+        full = m.forward(Batch.single(cache, TOKENS[:8], all_logits=True))
+        step = m.forward(Batch.single(cache, TOKENS[8:9]))
+    assert full.shape == (8, 49152) and np.isfinite(full).all() and np.isfinite(step).all()
