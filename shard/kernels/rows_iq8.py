@@ -23,7 +23,8 @@ to 16 tokens and run the one-token kernel's arithmetic per token (_block_token),
 are batch-invariant.
 
 AVX2 instructions (llvm.x86.avx2.*): used only where registry.INT8_ACTIVATIONS holds (AVX2 or
-AVX-512 VNNI).  Not here yet: IQ1_S / IQ1_M, TQ1_0 (float x).
+AVX-512 VNNI).  IQ1_S, IQ1_M and TQ1_0: their decoders in rows_iq1.py (IQ1_SPECS), merged
+into _SPECS here, so they share these row kernels and drivers.
 Cache note: after editing this file delete __pycache__/rows_iq8.*.nbi / *.nbc.
 """
 import numpy as np
@@ -35,14 +36,15 @@ from numba.extending import overload
 
 from .dequant_iq import GRID_IQ2S, GRID_IQ2XS, GRID_IQ2XXS, GRID_IQ3S, GRID_IQ3XXS, KSIGNS, KV_FP4, KV_IQ4
 from .drivers_i8 import quant_x_q8_32, quant_x_q8k
+from .rows_iq1 import IQ1_KINDS, IQ1_SPECS
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
 from .rows_i8 import STRICT, _fma, _hsum_strict, _rows_2d, _store_token_sums, _token_accs
 
 K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
 K_IQ2_XXS, K_IQ3_XXS = int(G.IQ2_XXS), int(G.IQ3_XXS)
 K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S = int(G.IQ2_XS), int(G.IQ2_S), int(G.TQ2_0), int(G.IQ3_S)
-IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S)
-_Q8K_KINDS = (K_IQ4_XS, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S)  # x per 256 elements
+IQ8_KINDS = (K_IQ4_NL, K_IQ4_XS, K_MXFP4, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S) + IQ1_KINDS
+_Q8K_KINDS = (K_IQ4_XS, K_IQ2_XXS, K_IQ3_XXS, K_IQ2_XS, K_IQ2_S, K_TQ2_0, K_IQ3_S) + IQ1_KINDS  # x per 256
 # lookup tables as LLVM constants: the grid rows as little-endian words (byte j = element j),
 # and per 7-bit sign index the 8 bytes 0xFF (element negated) / 0x00 of KSIGNS' bits
 _GRID2 = np.ascontiguousarray(GRID_IQ2XXS).view("<u8").ravel().astype(np.uint64)
@@ -283,7 +285,7 @@ def _tok_tq2_0(e, b, ops, w, xv):
 
 _SPECS = {K_IQ3_S: (110, 256, _dec_iq3_s, _dec_grid(False)[3]), K_IQ2_XS: _dec_iq2_xs_s(False), K_IQ2_S: _dec_iq2_xs_s(True), K_TQ2_0: (66, 256, _dec_tq2_0, _tok_tq2_0),
           K_IQ4_NL: _dec32(False), K_MXFP4: _dec32(True), K_IQ4_XS: (136, 256, _dec_iq4_xs, _tok_iq4_xs),
-          K_IQ2_XXS: _dec_grid(False), K_IQ3_XXS: _dec_grid(True)}
+          K_IQ2_XXS: _dec_grid(False), K_IQ3_XXS: _dec_grid(True), **IQ1_SPECS}
 
 
 def _block_token(e, b, ops, tok, w, xq_ptr, dx, acc):
