@@ -18,6 +18,7 @@ import time
 import zmq
 
 from dsd.daemon import protocol as P
+from dsd.daemon import worker_protocol as W
 from dsd.daemon.client_side import ClientSide
 from dsd.daemon.restarts import RestartPolicy
 from dsd.daemon.admission import Admission
@@ -230,7 +231,7 @@ class Daemon(ClientSide):
         # numpy's OpenBLAS sizes its pool when numpy is imported, before the worker pins itself:
         # on a node share of 1 CPU a 2-thread BLAS pool runs both threads on that CPU (an
         # 88-token prompt took 2.5x as long in rows mode).  One BLAS thread per CPU it will use.
-        borrow = h.vnode.shared > 1 and not self._own_cpus()
+        borrow = h.vnode.shared > 1 and not self.own_cpus()
         env["OPENBLAS_NUM_THREADS"] = str(len(h.vnode.node_cpus) if borrow else (h.threads or len(h.vnode.cpus)))
         h.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, env=env)
         h.pid = h.proc.pid
@@ -274,25 +275,25 @@ class Daemon(ClientSide):
 
     def _with_driver(self) -> int | None:
         """The worker whose CPUs we share (rows mode on a shared node, one driving worker)."""
-        if self._own_cpus() and len(set(self.plan.layer_owner)) == 1 and \
+        if self.own_cpus() and len(set(self.plan.layer_owner)) == 1 and \
                 len({h.vnode.node for h in self.handles}) == 1:
             return self.plan.layer_owner[0]
         return None
 
-    def _own_cpus(self) -> bool:
+    def own_cpus(self) -> bool:
         """rows mode with CPUs of its own for every worker (a node with fewer CPUs than workers
         has them share CPUs: spinning there would stall the sibling)."""
         cpus = [c for h in self.handles for c in h.vnode.cpus]
         return self.plan.mode == "rows" and self.plan.n_workers > 1 and len(cpus) == len(set(cpus))
 
     def _assign(self, h: WorkerHandle) -> dict:
-        return P.build(P.TO_WORKER, "assign", plan=self.plan.to_dict(), node=h.vnode.node, **{
+        return W.build(W.TO_WORKER, "assign", plan=self.plan.to_dict(), node=h.vnode.node, **{
                 "cpus": list(h.vnode.cpus), "threads": h.threads, "pages": self.cfg["pages"],
                 # rows mode splits every heavy product, so each worker keeps its own CPUs and
                 # spins between the commands of a pass: on a shared node, workers that take turns
                 # on all of its CPUs pay a process switch per turn (~0.1-0.25 ms on this VM)
-                "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 and not self._own_cpus() else None,
-                "spin_between": self._own_cpus() and h.index != self._with_driver(),
+                "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 and not self.own_cpus() else None,
+                "spin_between": self.own_cpus() and h.index != self._with_driver(),
                 "block_between": h.index == self._with_driver(),
                 "channel": h.channel.name, "channel_path": h.channel.path,
                 "links": [[j, self.links[h.index, j].name, self.links[h.index, j].path,
@@ -318,7 +319,7 @@ class Daemon(ClientSide):
         try:
             if len(frames) != 2:
                 raise P.ProtocolError(f"worker message of {len(frames) - 1} frames (one expected)")
-            msg = P.decode(frames[1], P.FROM_WORKER)
+            msg = W.decode(frames[1], W.FROM_WORKER)
             h = self._worker_of(frames[0], msg)
         except P.ProtocolError as e:
             self._bad_frame("workers", str(e))

@@ -17,7 +17,9 @@ import time
 
 import numpy as np
 
+from dsd.daemon.schema import ProtocolError
 from dsd.daemon.shm_channel import PeerDied
+from dsd.daemon.worker_protocol import REPLY
 
 
 _TRACE = bool(os.environ.get("DSD_TRACE_STEPS"))  # log each forward's time
@@ -108,8 +110,10 @@ class Driver:
             raise WorkerDied(w, self._pids[w]) from None
         finally:
             h.outstanding = False
-        if not isinstance(rh, dict) or not isinstance(arr, dict):
-            raise WorkerError(f"worker {w} sent a malformed reply header ({type(rh).__name__})")
+        try:
+            REPLY.check(rh)
+        except ProtocolError as e:
+            raise WorkerError(f"worker {w} sent a malformed reply: {e}") from None
         if rh.get("ok", False) is not True:
             d = rh.get("dead_peer")
             if isinstance(d, int) and 0 <= d < len(self._pids):  # a peer died during the step
@@ -175,7 +179,7 @@ class Driver:
         if self._prepared == pids and not self._resync:
             return
         if len(self.handles) > 1:
-            self._send_all({"resync": True}, {})
+            self._send_all({"type": "resync"}, {})
             self._collect(0)
         self._resync = False
         if self._prepared != pids:
@@ -186,7 +190,7 @@ class Driver:
 
     def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=()) -> dict:
         T = len(tokens)
-        hdr = {"seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
+        hdr = {"type": "step", "seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
         if greedy:
             hdr["greedy"] = list(greedy)
         t0 = time.perf_counter()
@@ -223,7 +227,7 @@ class Driver:
         """Round trip of an empty command to worker w (ns)."""
         with self.lock:
             t0 = time.perf_counter_ns()
-            self.handles[w].channel.send({}, {})
+            self.handles[w].channel.send({"type": "free"}, {})
             self.handles[w].outstanding = True
             self._wait(w)
             ns = time.perf_counter_ns() - t0
@@ -247,7 +251,7 @@ class Driver:
         """Send pending KV frees now (used when idle, so caches do not linger)."""
         with self.lock:
             if self.pending_free:
-                self._send_all({}, {})
+                self._send_all({"type": "free"}, {})
                 self._collect(0)
 
 

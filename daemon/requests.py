@@ -55,7 +55,7 @@ def status(d) -> dict:
         workers.append({
             "index": h.index, "pid": h.pid, "state": h.state, "node": h.vnode.node,
             "cpus": list(h.vnode.cpus), "threads": h.threads, "progress": list(h.progress), "phase": h.phase,
-            "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 and not d._own_cpus() else None,
+            "node_cpus": list(h.vnode.node_cpus) if h.vnode.shared > 1 and not d.own_cpus() else None,
             "stage_threads": s.get("stage_threads", h.threads),
             "channel_pages": h.channel.page_kind if getattr(h, "channel", None) else None,
             "weight_bytes": s.get("weight_bytes"), "placement": s.get("placement"),

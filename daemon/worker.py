@@ -12,8 +12,8 @@ header {seqs, n, pos0: the batch's segments (sequence id, new tokens, first posi
 logit_rows, free: sequence ids whose KV cache to drop, abort: the coordinator's abort counter,
 pids: [[worker, pid]] when they changed} and array tokens [T] int64.  Shares of split layers
 and hidden states move between workers over the fixed peer links; the head's owner replies with
-logits [len(logit_rows), vocab], every other worker with an empty reply.  {"resync": true}
-resets the peer links after a failed step.
+logits [len(logit_rows), vocab], every other worker with an empty reply; a "resync" command
+resets the peer links after a failed step (the schemas: daemon/worker_protocol.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import sys
 import threading
 import time
 
-from dsd.daemon import protocol as P
+from dsd.daemon import worker_protocol as W
+from dsd.daemon.protocol import workers_endpoint
+from dsd.daemon.schema import ProtocolError, pack
 from dsd.daemon.shm_channel import PeerDied
 from dsd.numa._sys import big_blocks_unmap_at_free, trim_heap
 
@@ -61,7 +63,7 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"w{index}".encode())
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.connect(P.workers_endpoint(sock_dir))
+        self.sock.connect(workers_endpoint(sock_dir))
         self.lock = threading.Lock()  # the socket is shared by the main thread until ready
         self.caches: dict = {}
         self.tokens = 0
@@ -70,9 +72,9 @@ class Worker:
         self.links = None               # sharded.PeerLinks (more than one worker)
 
     def send(self, type_: str, **fields) -> None:
-        msg = P.build(P.FROM_WORKER, type_, index=self.index, **fields)
+        msg = W.build(W.FROM_WORKER, type_, index=self.index, **fields)
         with self.lock:
-            self.sock.send(P.pack(msg))
+            self.sock.send(pack(msg))
 
     def recv(self, timeout_s: float) -> dict:
         """The coordinator's next valid message (a frame that is not one is logged and skipped)."""
@@ -85,8 +87,8 @@ class Worker:
                 raise TimeoutError("no assignment from the coordinator")
             data = self.sock.recv()
             try:
-                return P.decode(data, P.TO_WORKER)
-            except P.ProtocolError as e:
+                return W.decode(data, W.TO_WORKER)
+            except ProtocolError as e:
                 log(self.index, f"ignored a frame from the coordinator: {e}")
 
     # -- startup -------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class Worker:
 
         self.send("hello", pid=os.getpid())
         a = self.recv(60)
-        if a["type"] != "assign" or a.get("v") != P.VERSION:
+        if a["type"] != "assign" or a.get("v") != W.VERSION:
             raise RuntimeError(f"unexpected handshake reply {a['type']} v{a.get('v')}")
         self.assign = a
         from dsd.numa import pin_to_node
@@ -180,8 +182,8 @@ class Worker:
         while not self.stop:
             if self.sock.poll(200, zmq.POLLIN):
                 try:
-                    msg = P.decode(self.sock.recv(), P.TO_WORKER)
-                except P.ProtocolError as e:
+                    msg = W.decode(self.sock.recv(), W.TO_WORKER)
+                except ProtocolError as e:
                     log(self.index, f"ignored a frame from the coordinator: {e}")
                     continue
                 if msg["type"] == "stop":
@@ -213,7 +215,7 @@ class Worker:
         if self.links is not None:
             if "pids" in hdr:
                 self.links.watch({int(j): int(pid) for j, pid in hdr["pids"]})
-            if hdr.get("resync"):
+            if hdr["type"] == "resync":
                 self.links.resync()
         tokens = arr.get("tokens")
         if tokens is None or not len(tokens):
@@ -262,19 +264,25 @@ class Worker:
                 break
             t0 = time.perf_counter()
             try:
+                W.COMMANDS.check(hdr)
+            except ProtocolError as e:   # a bug in a sender, never a reason to stop
+                log(self.index, f"refused a command: {e}")
+                self.ch.reply({"type": "reply", "ok": False, "error": f"worker {self.index}: {e}"}, {})
+                continue
+            try:
                 out = self.execute(hdr, arr)
-                self.ch.reply({"ok": True}, out)
+                self.ch.reply({"type": "reply", "ok": True}, out)
                 if _TRACE:
                     log(self.index, f"T={len(arr.get('tokens', ()))} {(time.perf_counter() - t0) * 1e3:.2f} ms")
             except PeerWorkerDied as exc:  # the coordinator fails the requests, restarts it
-                self.ch.reply({"ok": False, "error": str(exc), "dead_peer": exc.index}, {})
+                self.ch.reply({"type": "reply", "ok": False, "error": str(exc), "dead_peer": exc.index}, {})
             except StepAborted:   # another worker failed this step; the coordinator knows why
-                self.ch.reply({"ok": False, "error": "step aborted", "aborted": True}, {})
+                self.ch.reply({"type": "reply", "ok": False, "error": "step aborted", "aborted": True}, {})
             except Exception as exc:  # report, keep serving: one bad batch must not kill us
                 import traceback
 
                 traceback.print_exc()
-                self.ch.reply({"ok": False, "error": f"worker {self.index}: {type(exc).__name__}: {exc}"}, {})
+                self.ch.reply({"type": "reply", "ok": False, "error": f"worker {self.index}: {type(exc).__name__}: {exc}"}, {})
             self.busy += time.perf_counter() - t0
 
 

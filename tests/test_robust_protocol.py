@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from dsd.daemon import protocol as P
+from dsd.daemon import worker_protocol as W
 from tests.test_daemon_util import running_daemon
 
 POOL = [None, True, False, 0, -1, 1, 2**63 - 1, -2**63, 2**64 - 1, 1.5, float("nan"), float("inf"),
@@ -77,10 +78,15 @@ def mutate(rng: random.Random, seed: dict, keep=("params",)) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("registry,seeds", [(P.TO_DAEMON, SEEDS_TO_DAEMON), (P.FROM_WORKER, SEEDS_FROM_WORKER),
+@pytest.mark.parametrize("registry,seeds", [(P.TO_DAEMON, SEEDS_TO_DAEMON), (W.FROM_WORKER, SEEDS_FROM_WORKER),
                                             (P.TO_CLIENT, [{"type": "chunk", "id": "a", "text": "b",
                                                             "finish_reason": None}]),
-                                            (P.TO_WORKER, [{"type": "stop"}, {"type": "stats"}])])
+                                            (W.TO_WORKER, [{"type": "stop"}, {"type": "stats"}]),
+                                            (W.COMMANDS, [{"type": "step", "seqs": [3], "n": [2], "pos0": [0],
+                                                           "logit_rows": [1], "abort": 0, "greedy": [0]},
+                                                          {"type": "resync", "abort": 1}, {"type": "free"}]),
+                                            (W.REPLY, [{"type": "reply", "ok": True},
+                                                       {"type": "reply", "ok": False, "error": "x", "dead_peer": 1}])])
 def test_decode_raises_only_protocol_errors(registry, seeds):
     rng = random.Random(17)
     ok = bad = 0
@@ -97,11 +103,24 @@ def test_decode_raises_only_protocol_errors(registry, seeds):
     assert bad > 1000 and ok > 50, (ok, bad)
 
 
+def test_step_command_schema_names_the_bad_field():
+    good = {"type": "step", "seqs": [3], "n": [2], "pos0": [0], "logit_rows": [1], "abort": 0}
+    assert W.COMMANDS.check(dict(good))["seqs"] == [3]
+    for field, value, why in [("n", [0], r"integers in \[1,"), ("pos0", "0", "list"), ("abort", -1, "integer"),
+                              ("greedy", [1.5], "integers")]:
+        with pytest.raises(P.ProtocolError, match=f"'step' field '{field}'.*{why}"):
+            W.COMMANDS.check(dict(good, **{field: value}))
+    with pytest.raises(P.ProtocolError, match="lacks field 'logit_rows'"):
+        W.COMMANDS.check({k: v for k, v in good.items() if k != "logit_rows"})
+    with pytest.raises(P.ProtocolError, match="unknown message type"):
+        W.COMMANDS.check({"type": "layers", "ops": [["embed"]]})   # the old op program is gone
+
+
 def test_issue_reproductions_are_refused_with_a_reason():
     with pytest.raises(P.ProtocolError, match="'hops' field 'n' must be an integer"):
         P.decode(msgpack.packb({"v": 1, "type": "hops", "n": "x"}), P.TO_DAEMON)
     with pytest.raises(P.ProtocolError, match="undecodable frame"):
-        P.decode(b"\xc1garbage", P.FROM_WORKER)
+        W.decode(b"\xc1garbage", W.FROM_WORKER)
     with pytest.raises(P.ProtocolError, match="undecodable"):
         P.decode(b"\x91" * 100000 + b"\xc0", P.TO_DAEMON)     # 100000-deep list
     with pytest.raises(P.ProtocolError, match="nests deeper"):
@@ -115,7 +134,7 @@ def test_issue_reproductions_are_refused_with_a_reason():
         P.decode(P.pack({"v": 1, "type": "rm -rf"}), P.TO_DAEMON)
     # senders build through the same schemas
     with pytest.raises(P.ProtocolError, match="'progress' field 'done'"):
-        P.build(P.FROM_WORKER, "progress", index=0, done="1", total=2)
+        W.build(W.FROM_WORKER, "progress", index=0, done="1", total=2)
     assert P.build(P.TO_DAEMON, "ping") == {"type": "ping", "v": P.VERSION}
 
 
@@ -129,7 +148,7 @@ def test_worker_skips_bad_frames_from_the_coordinator(tmp_path):
     try:
         w.send("hello", pid=1234)
         ident, data = srv.recv_multipart()
-        assert ident == b"w0" and P.decode(data, P.FROM_WORKER)["pid"] == 1234
+        assert ident == b"w0" and W.decode(data, W.FROM_WORKER)["pid"] == 1234
         for junk in (b"\xc1garbage", P.pack({"type": "assign"}), P.pack([1, 2]), P.pack({"type": 5})):
             srv.send_multipart([ident, junk])
         srv.send_multipart([ident, P.pack({"type": "stop"})])
