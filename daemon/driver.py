@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from dsd.daemon.schema import ProtocolError
-from dsd.daemon.shm_channel import PeerDied
+from dsd.daemon.shm_channel import BadMessage, PeerDied
 from dsd.daemon.worker_protocol import REPLY
 
 
@@ -105,6 +105,8 @@ class Driver:
             spin = 2 * self.nap_margin
         try:
             rh, arr = h.channel.reply_wait(nap=nap, spin=spin)
+        except BadMessage as e:
+            raise WorkerError(f"worker {w}: {e}") from None
         except PeerDied:
             self._pids_sent[w] = None
             raise WorkerDied(w, self._pids[w]) from None

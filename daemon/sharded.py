@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from dsd.daemon.shm_channel import PeerDied, StepAborted
+from dsd.daemon.shm_channel import BadMessage, PeerDied
 
 
 class PeerWorkerDied(Exception):
@@ -106,6 +106,8 @@ class PeerLinks:
             return fn()
         except PeerDied:
             raise PeerWorkerDied(j) from None
+        except BadMessage as e:   # fails this step (the worker answers it), never the loop
+            raise RuntimeError(f"from worker {j}: {e}") from None
 
     def send(self, j: int, what: str, arrays: dict) -> None:
         ch = self.out[j]

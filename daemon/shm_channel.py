@@ -58,6 +58,10 @@ class PeerDied(Exception):
     """The process on the other side of a channel exited."""
 
 
+class BadMessage(ValueError):
+    """A channel message that cannot be read (a bug or corruption on the sending side)."""
+
+
 class StepAborted(Exception):
     """The coordinator aborted the step this wait belonged to (another worker failed)."""
 
@@ -246,12 +250,32 @@ class Channel:
         self.ctl[_HLEN] = len(data)
 
     def _read(self, copy: bool) -> tuple[dict, dict]:
-        header = unpack(self.hbuf[:int(self.ctl[_HLEN])])
+        try:
+            return self._parse(copy)
+        except BadMessage:
+            raise
+        except Exception as e:   # whatever bytes are there: a clear error, never a crash
+            raise BadMessage(f"channel {self.name}: unreadable message ({type(e).__name__}: {str(e)[:80]})") from None
+
+    def _parse(self, copy: bool) -> tuple[dict, dict]:
+        n = int(self.ctl[_HLEN])
+        if not 0 < n <= HDR:
+            raise BadMessage(f"channel {self.name}: header length {n} is outside (0, {HDR}]")
+        header = unpack(self.hbuf[:n])
+        desc = header.pop("_arrays", None) if isinstance(header, dict) else None
+        if not isinstance(header, dict) or not isinstance(desc, dict):
+            raise BadMessage(f"channel {self.name}: the header is not a map with an array table")
         arrays = {}
         buf = self.buf
-        for k, (dt, shape, off) in header.pop("_arrays").items():
+        for k, (dt, shape, off) in desc.items():
             dt = _DTYPES.get(dt) or _DTYPES.setdefault(dt, np.dtype(dt))
-            a = buf[DATA + off: DATA + off + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
+            if dt.hasobject or not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(off, int):
+                raise BadMessage(f"channel {self.name}: array {k!r} has a bad dtype, shape or offset")
+            end = off + math.prod(shape) * dt.itemsize
+            if off < 0 or end > self.capacity:
+                raise BadMessage(f"channel {self.name}: array {k!r} [{off}, {end}) lies outside the "
+                                 f"{self.capacity}-byte data region")
+            a = buf[DATA + off: DATA + end].view(dt).reshape(shape)
             arrays[k] = a.copy() if copy else a
         return header, arrays
 

@@ -253,7 +253,7 @@ class Worker:
 
     def serve(self) -> None:
         from dsd.daemon.sharded import PeerWorkerDied
-        from dsd.daemon.shm_channel import StepAborted
+        from dsd.daemon.shm_channel import BadMessage, StepAborted
 
         io = threading.Thread(target=self.io_loop, name="dsd-worker-io", daemon=True)
         io.start()
@@ -262,6 +262,10 @@ class Worker:
                 hdr, arr = self.ch.wait_command(0.0, self.command_spin)
             except PeerDied:
                 break
+            except BadMessage as e:   # answered, logged; the loop goes on
+                log(self.index, f"refused a command: {e}")
+                self.ch.reply({"type": "reply", "ok": False, "error": f"worker {self.index}: {e}"}, {})
+                continue
             t0 = time.perf_counter()
             try:
                 W.COMMANDS.check(hdr)
