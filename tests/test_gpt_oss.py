@@ -169,13 +169,14 @@ def test_gpt_oss_matches_transformers(tmp_path, kw):
     assert rel_err(got, hf_gpt_oss_logits(path, TOKENS)) <= 1e-3
 
 
-def test_gpt_oss_llama_cpp_converter(tmp_path):
-    """A transformers checkpoint through llama.cpp's own convert_hf_to_gguf.py (f32: the converter
-    splits the interleaved gate_up_proj into ffn_gate_exps / ffn_up_exps and their biases)."""
+def _hf_tiny_gpt_oss():
+    """A random transformers GptOssForCausalLM (SmolLM2 vocabulary, for hf_convert.make_gguf):
+    4 layers alternating sliding (window 4) / full, YaRN x4 over 64 positions, sinks ~ N(0, 1.5),
+    gate / up scaled so that some values pass the +-7 clamps."""
     import torch
     import transformers as tf
 
-    from tests.reference.hf_convert import VOCAB_SIZE, hf_logits_f64, make_gguf, randomize_, sample_tokens
+    from tests.reference.hf_convert import VOCAB_SIZE, randomize_
 
     rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
                 beta_fast=32.0, beta_slow=1.0, truncate=True)
@@ -191,13 +192,71 @@ def test_gpt_oss_llama_cpp_converter(tmp_path):
     with torch.no_grad():
         for layer in m.model.layers:
             layer.self_attn.sinks.normal_(0, 1.5)
-            layer.mlp.experts.gate_up_proj.mul_(6)  # some gate / up values beyond the +-7 clamps
+            layer.mlp.experts.gate_up_proj.mul_(6)
+            layer.mlp.router.weight.mul_(0.3)  # router margins well above float rounding
+    return m
+
+
+def test_gpt_oss_llama_cpp_converter(tmp_path):
+    """A transformers checkpoint through llama.cpp's own convert_hf_to_gguf.py (f32: the converter
+    splits the interleaved gate_up_proj into ffn_gate_exps / ffn_up_exps and their biases)."""
+    from tests.reference.hf_convert import hf_logits_f64, make_gguf, sample_tokens
+
+    m = _hf_tiny_gpt_oss()
     path = make_gguf(m, tmp_path, "f32")
     toks = sample_tokens(16)
     with exact_activations():
         model = build_model(open_gguf(path))
         got = model.forward(Batch.single(model.new_cache(64), toks, all_logits=True))
     assert rel_err(got, hf_logits_f64(m, toks)) <= 1e-3
+
+
+def _llama_imatrix():
+    import os
+
+    from dsd.shard.yardstick import yardsticks_dir
+
+    path = os.path.join(yardsticks_dir(), "llama.cpp", "llama-imatrix")
+    return path if os.access(path, os.X_OK) else None
+
+
+@pytest.mark.skipif(_llama_imatrix() is None, reason="llama.cpp's llama-imatrix is not built "
+                    "(bench/build_yardsticks.sh); CI does not compile llama.cpp")
+def test_gpt_oss_perplexity_matches_llama_cpp(tmp_path):
+    """llama.cpp's own gpt-oss graph (llama-imatrix's perplexity: per chunk of N tokens, the
+    second half's next-token NLL) on the converted file against dsd's logits for the same tokens
+    (measured 3.5e-5 relative; llama.cpp keeps K/V in f16)."""
+    import re
+    import subprocess
+
+    from dsd.shard.tokenizer import Tokenizer
+    from tests.reference.hf_convert import make_gguf
+
+    path = make_gguf(_hf_tiny_gpt_oss(), tmp_path, "f32")
+    text = ("The quick brown fox jumps over the lazy dog. " * 3 + "Numbers 12345 and words, punctuation; "
+            "more text here! ") * 8
+    (tmp_path / "t.txt").write_text(text)
+    N = 64
+    r = subprocess.run([_llama_imatrix(), "-m", path, "-f", str(tmp_path / "t.txt"), "-c", str(N), "--chunks", "2",
+                        "-t", "2", "-o", str(tmp_path / "im.gguf"),
+                        "--override-kv", "tokenizer.ggml.add_bos_token=bool:false"],
+                       capture_output=True, text=True, timeout=600)
+    theirs = [float(x) for x in re.findall(r"\[\d+\]([0-9.]+),", r.stdout + r.stderr)]
+    assert len(theirs) == 2, (r.stdout + r.stderr)[-2000:]
+    g = open_gguf(path)
+    ids = Tokenizer.from_metadata(g.metadata).encode(text, add_bos=False)
+    model = build_model(g)
+    nll, cnt, ours = 0.0, 0, []
+    for c in range(2):
+        chunk = ids[c * N:(c + 1) * N]
+        with exact_activations():
+            lg = model.forward(Batch.single(model.new_cache(N), chunk, all_logits=True)).astype(np.float64)
+        for i in range(N // 2, N - 1):
+            row = lg[i] - lg[i].max()
+            nll -= row[chunk[i + 1]] - np.log(np.exp(row).sum())
+            cnt += 1
+        ours.append(np.exp(nll / cnt))  # cumulative, as llama.cpp prints it
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3)
 
 
 def test_gpt_oss_window_and_sinks_matter(tiny):
