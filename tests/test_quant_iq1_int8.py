@@ -250,12 +250,14 @@ def test_exact_activations_keeps_float_x(gt):
 
 
 def test_gguf_grid_is_the_one_folded_into_the_kernels():
-    """rows_iq1's int8 table is 8 * gguf-py's IQ1_S grid (shared by IQ1_M), row for row."""
+    """rows_iq1's int8 table [4096, 8] is 8 * gguf-py's IQ1_S grid (shared by IQ1_M) plus the
+    delta times 8: +1 for indices < 2048 (sign bit clear), -1 for the upper half."""
     from dsd.shard.kernels import rows_iq1
     gq.IQ1_S.init_grid()
     grid = np.asarray(gq.IQ1_S.grid, np.float64).reshape(2048, 8)
-    tab = rows_iq1._GRID1.astype("<u8").view(np.int8).reshape(2048, 8).astype(np.int64)
-    np.testing.assert_array_equal(tab, 8 * grid)
+    tab = rows_iq1._GRID1D.astype("<u8").view(np.int8).reshape(4096, 8).astype(np.float64)
+    np.testing.assert_array_equal(tab[:2048], 8 * (grid + gq.IQ1_S.delta))
+    np.testing.assert_array_equal(tab[2048:], 8 * (grid - gq.IQ1_S.delta))
 
 
 def test_warm_up_loads_the_int8_kernels():

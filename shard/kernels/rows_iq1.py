@@ -45,23 +45,19 @@ from .rows_i8 import STRICT
 
 K_IQ1_S, K_IQ1_M, K_TQ1_0 = int(G.IQ1_S), int(G.IQ1_M), int(G.TQ1_0)
 
-# GRID_IQ1S [2048, 8] int8 (-1 / 0 / 1) times 8, as little-endian words (byte j = element j)
-_GRID1 = (np.ascontiguousarray(GRID_IQ1S).astype(np.int8) * np.int8(8)).view("<u8").ravel().astype(np.uint64)
-_PLUS1 = 0x0101010101010101   # 8 bytes of +1: delta +1/8, times 8
-_MINUS1 = 0xFFFFFFFFFFFFFFFF  # 8 bytes of -1: delta -1/8, times 8
+# The IQ1 grid with the delta folded in, as little-endian words (byte j = element j): entry
+# gi | neg << 11 (gi the 11-bit grid index, neg the delta sign bit) = 8 GRID_IQ1S[gi] + (1 or -1
+# if neg) = 8 (g + delta) exactly; 4096 x 8 B = 32 KiB (L1 / L2).  One load per 8 elements: a
+# grid load plus a select and a byte add per group measured 2x slower for IQ1_M (a sign per 8).
+_G8 = np.ascontiguousarray(GRID_IQ1S).astype(np.int16) * 8
+_GRID1D = np.concatenate([_G8 + 1, _G8 - 1]).astype(np.int8).view("<u8").ravel().astype(np.uint64)
 _I64 = ir.IntType(64)
 
 
-def _grid_delta(e, b, grid, idxs, negs):
-    """<32 x i8>: for the 4 groups of 8 elements k the words 8 GRID_IQ1S[idxs[k]] (i32 indices)
-    plus, bytewise, +1 (negs[k] == 0) or -1 (negs[k] == 1, an i1) -- 8 (g + delta) exactly."""
-    from .rows_iq8 import _words  # lazily: rows_iq8 imports this module
-    gv = _words(b, grid, idxs, _I64, 4)
-    dv = ir.Constant(V(_I64, 4), None)
-    for k, neg in enumerate(negs):
-        w = b.select(neg, ir.Constant(_I64, _MINUS1), ir.Constant(_I64, _PLUS1))
-        dv = b.insert_element(dv, w, ir.Constant(I32, k))
-    return b.add(gv, b.bitcast(dv, V(I8, 32)))
+def _grid_delta(e, b, idxs):
+    """<32 x i8>: the 4 words _GRID1D[idxs[k]] (i32 indices) side by side."""
+    from .rows_iq8 import _table, _words  # lazily: rows_iq8 imports this module
+    return _words(b, _table(b, "dsd.grid_iq1_delta", _GRID1D, _I64), idxs, _I64, 4)
 
 
 def _u16(e, b, off):
@@ -75,15 +71,13 @@ def _c(v):
 def _dec_iq1_s(e, b, ops, ob):
     # 50 B: d | qs[32] | qh u16[8]; sub-block ib (elements 32 ib ..): 4 grid words + its delta
     # sign (one per 32 elements), its scale 2 ls + 1 for all 32 (an <16 x i16> splat)
-    from .rows_iq8 import _table
-    grid = _table(b, "dsd.grid_iq1s_x8", _GRID1, _I64)
     vs, scs = [], []
     for ib in range(8):
         h = _u16(e, b, e.at(ob, 34 + 2 * ib))
-        gi = [b.or_(b.zext(e.ld(e.at(ob, 2 + 4 * ib + l), 1), I32),
-                    b.shl(b.and_(b.lshr(h, _c(3 * l)), _c(7)), _c(8))) for l in range(4)]
-        neg = b.icmp_unsigned("!=", b.and_(h, _c(0x8000)), _c(0))
-        vs.append(_grid_delta(e, b, grid, gi, [neg] * 4))
+        neg = b.shl(b.lshr(h, _c(15)), _c(11))
+        gi = [b.or_(b.or_(b.zext(e.ld(e.at(ob, 2 + 4 * ib + l), 1), I32),
+                          b.shl(b.and_(b.lshr(h, _c(3 * l)), _c(7)), _c(8))), neg) for l in range(4)]
+        vs.append(_grid_delta(e, b, gi))
         sc = b.add(b.shl(b.and_(b.lshr(h, _c(12)), _c(7)), _c(1)), _c(1))
         scs.append(e.splat(b.trunc(sc, I16), 16))
     return vs, scs, b.fmul(e.f16(ob), ir.Constant(F32, 0.125), flags=STRICT)
@@ -94,8 +88,6 @@ def _dec_iq1_m(e, b, ops, ob):
     # group 2 i's 3 high index bits + delta sign (bit 3), its high nibble group 2 i + 1's; scale
     # word w = i // 4, bits 3 (i % 4) .. +2; d = the top nibbles of the 4 words (word k: bits
     # 4 k .. 4 k + 3 of the fp16 pattern)
-    from .rows_iq8 import _table
-    grid = _table(b, "dsd.grid_iq1s_x8", _GRID1, _I64)
     e.prefetch(e.at(ob, PREFETCH_BYTES + 64))
     sw = [_u16(e, b, e.at(ob, 48 + 2 * k)) for k in range(4)]
     dbits = b.or_(b.or_(b.lshr(sw[0], _c(12)), b.and_(b.lshr(sw[1], _c(8)), _c(0xF0))),
@@ -103,16 +95,16 @@ def _dec_iq1_m(e, b, ops, ob):
     d = b.load(b.gep(e.td, [b.zext(dbits, I64)]))  # the fp16 table (exact)
     vs, scs = [], []
     for ib in range(8):
-        gi, negs, hs = [], [], []
+        gi, hs = [], []
         for i in (2 * ib, 2 * ib + 1):
+            # a qh nibble is (3 high index bits | delta sign << 3): shifted to bit 8 it is
+            # exactly the _GRID1D index bits 8-11
             qh = b.zext(e.ld(e.at(ob, 32 + i), 1), I32)
-            gi.append(b.or_(b.zext(e.ld(e.at(ob, 2 * i), 1), I32), b.shl(b.and_(qh, _c(7)), _c(8))))
-            gi.append(b.or_(b.zext(e.ld(e.at(ob, 2 * i + 1), 1), I32), b.shl(b.and_(qh, _c(0x70)), _c(4))))
-            negs += [b.icmp_unsigned("!=", b.and_(qh, _c(0x08)), _c(0)),
-                     b.icmp_unsigned("!=", b.and_(qh, _c(0x80)), _c(0))]
+            gi.append(b.or_(b.zext(e.ld(e.at(ob, 2 * i), 1), I32), b.shl(b.and_(qh, _c(0x0F)), _c(8))))
+            gi.append(b.or_(b.zext(e.ld(e.at(ob, 2 * i + 1), 1), I32), b.shl(b.and_(qh, _c(0xF0)), _c(4))))
             s3 = b.and_(b.lshr(sw[i // 4], _c(3 * (i % 4))), _c(7))
             hs.append(e.splat(b.trunc(b.add(b.shl(s3, _c(1)), _c(1)), I16), 8))
-        vs.append(_grid_delta(e, b, grid, gi, negs))
+        vs.append(_grid_delta(e, b, gi))
         scs.append(e.cat(hs[0], hs[1]))  # int16 lanes 0-7 = elements 0-15 of the sub-block
     return vs, scs, b.fmul(d, ir.Constant(F32, 0.125), flags=STRICT)
 
