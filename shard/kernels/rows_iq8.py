@@ -25,7 +25,8 @@ are batch-invariant.
 AVX2 instructions (llvm.x86.avx2.*): used only where registry.INT8_ACTIVATIONS holds (AVX2 or
 AVX-512 VNNI).  IQ1_S, IQ1_M and TQ1_0: their decoders in rows_iq1.py (IQ1_SPECS), merged
 into _SPECS here, so they share these row kernels and drivers.
-Cache note: after editing this file delete __pycache__/rows_iq8.*.nbi / *.nbc.
+Cache note: numba keys the on-disk cache of these drivers on this file's text only (a hash:
+touching it does not help); after editing rows_iq1.py delete __pycache__/rows_iq8.*.nbi / *.nbc.
 """
 import numpy as np
 from gguf import GGMLQuantizationType as G
