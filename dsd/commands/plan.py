@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--machine-nodes", type=int, default=0, help="NUMA nodes (default: this machine's)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="GB/s per node (default: measured now)")
     p.add_argument("--cores", type=int, default=0, help="cores per node (default: this machine's)")
-    p.add_argument("--cross-bandwidth", type=float, default=0.0, help="GB/s between nodes")
+    p.add_argument("--cross-bandwidth", type=float, default=0.0, help="GB/s between nodes (default: the node's "
+                   "bandwidth on a one-node machine, a quarter of it otherwise)")
     p.add_argument("--hop-us", type=float, default=None, help="one message between two processes, us (10)")
     p.add_argument("--layer-us", type=float, default=None, help="Python/launch overhead per layer, us "
                    "(570 for an MoE model, 150 for a dense one)")
