@@ -30,11 +30,14 @@ class ChatTemplateError(DsdError):
     """The chat template failed to compile or render (message names the model's template)."""
 
 
-def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    from markupsafe import Markup
-
-    return Markup(json.dumps(value, ensure_ascii=False, indent=indent, separators=separators,
-                             sort_keys=sort_keys))
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    # a plain str, as transformers' filter returns: a markupsafe.Markup would HTML-escape every
+    # str concatenated to it (gpt-oss's harmony template renders a tool result as
+    # "...<|channel|>commentary<|message|>" + content|tojson + "<|end|>", which came out as
+    # "&lt;|channel|&gt;...")
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def _raise_exception(message: str):

@@ -502,3 +502,22 @@ def test_synth_gpt_oss(tmp_path):
         full = m.forward(Batch.single(cache, TOKENS[:8], all_logits=True))
         step = m.forward(Batch.single(cache, TOKENS[8:9]))
     assert full.shape == (8, 49152) and np.isfinite(full).all() and np.isfinite(step).all()
+
+
+def test_chat_template_tojson_concatenation():
+    """Harmony renders a tool result as "<|start|>functions.X to=assistant<|channel|>commentary
+    <|message|>" + content|tojson + "<|end|>": tojson must give a plain str (as transformers'),
+    not markupsafe.Markup, which HTML-escaped the strings added to it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from dsd.shard.chat_template import ChatTemplate
+
+    src = ("{%- for m in messages %}{{- '<|start|>' + m.role + '<|channel|>commentary<|message|>' + "
+           "m.content|tojson + '<|end|>' }}{%- endfor %}{{- (tools|tojson(indent=1)) if tools }}"
+           "{%- if add_generation_prompt %}<|start|>assistant{%- endif %}")
+    msgs = [{"role": "user", "content": "x < y & \"é\""}, {"role": "tool", "content": "<b>sunny</b>"}]
+    tools = [{"name": "f", "description": "ü"}]
+    ours = str(ChatTemplate(src).render(msgs, True, tools=tools))
+    theirs = render_jinja_template(conversations=[msgs], chat_template=src, add_generation_prompt=True,
+                                   tools=tools)[0][0]
+    assert ours == theirs and "&lt;" not in ours and "<|end|>" in ours
