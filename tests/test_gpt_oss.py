@@ -281,6 +281,21 @@ def test_gpt_oss_incremental_decode(tiny):
     assert rel_err(np.concatenate(rows), full) <= 1e-5
 
 
+def test_gpt_oss_batch_invariant(tmp_path):
+    """Deterministic mode (batch_invariant): a prompt's rows are bit-identical to the same tokens
+    decoded one at a time (sinks / window attention and the biased experts included)."""
+    from dsd.shard.kernels import batch_invariant
+
+    path = write_tiny_gpt_oss(tmp_path / "g.gguf", exp_qtype=Q.MXFP4)
+    with batch_invariant():
+        model = build_model(open_gguf(path))
+        full = model.forward(Batch.single(model.new_cache(64), TOKENS, all_logits=True))
+        cache = model.new_cache(64)
+        rows = [model.forward(Batch.single(cache, TOKENS[:5], all_logits=True))]
+        rows += [model.forward(Batch.single(cache, [t])) for t in TOKENS[5:]]
+    assert np.array_equal(np.concatenate(rows), full)
+
+
 def test_gpt_oss_default_activations(tiny):
     """The default (possibly 8-bit activation) kernels stay close to the float path."""
     model = build_model(open_gguf(tiny))
