@@ -197,16 +197,30 @@ def _hf_tiny_gpt_oss():
     return m
 
 
-def test_gpt_oss_llama_cpp_converter(tmp_path):
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_gpt_oss_llama_cpp_converter(tmp_path, monkeypatch, fuse_qkv):
     """A transformers checkpoint through llama.cpp's own convert_hf_to_gguf.py (f32: the converter
-    splits the interleaved gate_up_proj into ffn_gate_exps / ffn_up_exps and their biases)."""
+    splits the interleaved gate_up_proj into ffn_gate_exps / ffn_up_exps and their biases;
+    --fuse-qkv writes one attn_qkv weight and bias instead of attn_q / attn_k / attn_v)."""
+    import subprocess
+
     from tests.reference.hf_convert import hf_logits_f64, make_gguf, sample_tokens
 
+    if fuse_qkv:  # make_gguf has no argument for converter flags: add it to the converter's argv
+        run = subprocess.run
+
+        def with_flag(argv, *a, **kw):
+            if any(str(x).endswith("convert_hf_to_gguf.py") for x in argv):
+                argv = [*argv, "--fuse-qkv"]
+            return run(argv, *a, **kw)
+        monkeypatch.setattr(subprocess, "run", with_flag)
     m = _hf_tiny_gpt_oss()
     path = make_gguf(m, tmp_path, "f32")
     toks = sample_tokens(16)
     with exact_activations():
-        model = build_model(open_gguf(path))
+        g = open_gguf(path)
+        assert ("blk.0.attn_qkv.bias" in g.tensors) == fuse_qkv and ("blk.0.attn_q.weight" in g.tensors) != fuse_qkv
+        model = build_model(g)
         got = model.forward(Batch.single(model.new_cache(64), toks, all_logits=True))
     assert rel_err(got, hf_logits_f64(m, toks)) <= 1e-3
 

@@ -117,17 +117,41 @@ def yarn_rope(a: ModelArgs) -> tuple[np.ndarray | None, float]:
     return inv / f * (1.0 - keep) + inv * keep, 1.0 + 0.1 * math.log(f)
 
 
+class _SplitRows:
+    """One fused matrix [q; k; v] (blk.N.attn_qkv, convert_hf_to_gguf.py --fuse-qkv) called like a
+    FusedLinear: x -> [x W_q^T, x W_k^T, x W_v^T] (column views of one product)."""
+
+    def __init__(self, lin, sizes: list[int]):
+        self.lin, self.bounds = lin, np.cumsum([0] + sizes).tolist()
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        y = self.lin(x)
+        return [y[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+
+
 class SinkAttention(Attention):
-    """llama's GQA plus q/k/v/o biases, per-head sinks and (on sliding layers) a window."""
+    """llama's GQA plus q/k/v/o biases, per-head sinks and (on sliding layers) a window.
+    q / k / v come from attn_q / attn_k / attn_v or from one fused attn_qkv (+ its bias)."""
 
     def __init__(self, args: ModelArgs, w, i: int, rope: ops.RopeTable):
-        super().__init__(args, w, i, rope)
         p = f"blk.{i}."
 
         def bias(name):
             return w.vector(p + name) if w.has(p + name) else None
 
-        self.bq, self.bk, self.bv = bias("attn_q.bias"), bias("attn_k.bias"), bias("attn_v.bias")
+        if w.has(p + "attn_qkv.weight"):
+            self.layer, self.args, self.rope = i, args, rope
+            self.scale = ops.default_attn_scale(args.head_dim)
+            self.wq = self.wk = self.wv = None
+            self.wo = w.linear(p + "attn_output.weight")
+            sizes = [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2
+            self.w_qkv = _SplitRows(w.linear(p + "attn_qkv.weight"), sizes)
+            b = bias("attn_qkv.bias")
+            self.bq, self.bk, self.bv = (None, None, None) if b is None else \
+                (b[a:c] for a, c in zip(self.w_qkv.bounds, self.w_qkv.bounds[1:]))
+        else:
+            super().__init__(args, w, i, rope)
+            self.bq, self.bk, self.bv = bias("attn_q.bias"), bias("attn_k.bias"), bias("attn_v.bias")
         self.bo = bias("attn_output.bias")
         self.sinks = w.vector(p + "attn_sinks.weight").astype(np.float32).reshape(-1)  # [H]
         self.window = args.sliding_window if args.sliding(i) else 0
@@ -215,9 +239,13 @@ def gguf_spec(g, m, s) -> None:
         p = f"blk.{i}."
         s.need(p + "attn_norm.weight", D)
         s.need(p + "post_attention_norm.weight", D)
-        for n, rows in (("attn_q", H * hd), ("attn_k", Hkv * hd), ("attn_v", Hkv * hd)):
-            s.need(p + n + ".weight", rows, D)
-            s.need(p + n + ".bias", rows, optional=True)
+        if s.has(p + "attn_qkv.weight"):  # convert_hf_to_gguf.py --fuse-qkv
+            s.need(p + "attn_qkv.weight", (H + 2 * Hkv) * hd, D)
+            s.need(p + "attn_qkv.bias", (H + 2 * Hkv) * hd, optional=True)
+        else:
+            for n, rows in (("attn_q", H * hd), ("attn_k", Hkv * hd), ("attn_v", Hkv * hd)):
+                s.need(p + n + ".weight", rows, D)
+                s.need(p + n + ".bias", rows, optional=True)
         s.need(p + "attn_output.weight", D, H * hd)
         s.need(p + "attn_output.bias", D, optional=True)
         s.need(p + "attn_sinks.weight", H)
