@@ -147,7 +147,8 @@ _ARCH_KEYS = """block_count context_length embedding_length feed_forward_length 
  rope.scaling.factor rope.scaling.original_context_length rope.scaling.yarn_log_multiplier
  rope.scaling.yarn_beta_fast rope.scaling.yarn_beta_slow expert_count expert_used_count
  expert_shared_count expert_feed_forward_length leading_dense_block_count expert_gating_func
- expert_weights_norm expert_weights_scale expert_group_count expert_group_used_count""".split()
+ expert_weights_norm expert_weights_scale expert_group_count expert_group_used_count
+ nextn_predict_layers""".split()
 _OTHER_KEYS = """general.architecture general.alignment general.name split.count split.no
  split.tensors.count tokenizer.chat_template tokenizer.ggml.model tokenizer.ggml.pre
  tokenizer.ggml.tokens tokenizer.ggml.token_type tokenizer.ggml.merges tokenizer.ggml.scores
@@ -252,7 +253,7 @@ def _tokenizer(g, V: int) -> None:
             raise _fail(g.path, f"metadata {full!r} is {v!r}, expected a token id in 0..{V - 1}", _REFIX)
 
 
-def _heads(g, m: _Meta, D: int, key_default: bool) -> tuple[int, int, int]:
+def _heads(g, m: _Meta, D: int, key_default: bool, partial_rope: bool = False) -> tuple[int, int, int]:
     H = m.int("attention.head_count", lo=1, hi=MAX_HEADS)
     Hkv = m.int("attention.head_count_kv", H, lo=1, hi=H)
     if H % Hkv:
@@ -266,7 +267,9 @@ def _heads(g, m: _Meta, D: int, key_default: bool) -> tuple[int, int, int]:
         raise _fail(g.path, f"attention.value_length {hv} differs from key_length {hd}; dsd's "
                     f"{g.architecture} attention needs them equal", _REFIX)
     rope = m.int("rope.dimension_count", hd, lo=1)
-    if rope != hd:  # llama.cpp refuses the same ("invalid n_rot") for these architectures
+    if partial_rope and (rope > hd or rope % 2):   # glm4moe: RoPE over the first dims of a head
+        raise _fail(g.path, f"rope.dimension_count {rope} is odd or exceeds the head size {hd}", _REFIX)
+    if rope != hd and not partial_rope:  # llama.cpp refuses the same ("invalid n_rot") for these architectures
         raise _fail(g.path, f"rope.dimension_count {rope} differs from the head size {hd}", _REFIX)
     return H, Hkv, hd
 
@@ -359,6 +362,41 @@ def _spec_qwen_dense(g, m: _Meta, s: _Spec) -> None:
         _dense(s, p, D, F)
 
 
+def _spec_glm4moe(g, m: _Meta, s: _Spec) -> None:
+    """GLM-4.5: qwen-style attention (biases, optional QK norms, partial RoPE), the pre-FFN norm
+    named post_attention_norm, leading dense layers then sigmoid-routed experts + shared experts;
+    the nextn_predict_layers MTP blocks after the trunk are not read (any tensors accepted)."""
+    c = _common(g, m, s)
+    D = c["D"]
+    H, Hkv, hd = _heads(g, m, D, key_default=True, partial_rope=True)
+    nextn = m.int("nextn_predict_layers", 0, lo=0, hi=c["L"] - 1)
+    E, _ = _expert_counts(g, m)
+    F = m.int("feed_forward_length", lo=1)
+    Fe = m.int("expert_feed_forward_length", F, lo=1)
+    lead = m.int("leading_dense_block_count", 0, lo=0)
+    n_shared = m.int("expert_shared_count", 0, lo=0)
+    L = c["L"] - nextn
+    for i in range(L):
+        p = f"blk.{i}."
+        s.need(p + "attn_norm.weight", D)
+        s.need(p + "post_attention_norm.weight", D)
+        for n, rows in (("q", H * hd), ("k", Hkv * hd), ("v", Hkv * hd)):
+            s.need(p + f"attn_{n}.weight", rows, D)
+            s.need(p + f"attn_{n}.bias", rows, optional=True)
+        s.need(p + "attn_q_norm.weight", hd, optional=True)
+        s.need(p + "attn_k_norm.weight", hd, optional=True)
+        s.need(p + "attn_output.weight", D, H * hd)
+        if i < lead:
+            _dense(s, p, D, F)
+        else:
+            if not E:
+                raise _fail(g.path, f"layer {i} has experts but expert_count is missing or 0", _REFIX)
+            _experts(g, m, s, p, D, Fe, E, n_shared)
+    for name, t in g.tensors.items():   # MTP blocks: whatever the converter wrote, never used
+        if name.startswith("blk.") and int(name.split(".")[1]) >= L:
+            s.need(name, *t.shape, optional=True)
+
+
 def _spec_deepseek2(g, m: _Meta, s: _Spec) -> None:
     from dsd.shard.moe import GATING_SIGMOID, GATING_SOFTMAX
 
@@ -422,7 +460,7 @@ def _spec_deepseek2(g, m: _Meta, s: _Spec) -> None:
 
 
 _SPECS = {"llama": _spec_llama, "qwen3moe": _spec_qwen3moe, "deepseek2": _spec_deepseek2,
-          "qwen2": _spec_qwen_dense, "qwen3": _spec_qwen_dense}
+          "qwen2": _spec_qwen_dense, "qwen3": _spec_qwen_dense, "glm4moe": _spec_glm4moe}
 
 
 def check_model(g) -> None:

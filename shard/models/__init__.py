@@ -12,6 +12,7 @@ ARCHITECTURES = {
     "qwen3moe": "qwen3_moe",
     "qwen2": "qwen",
     "qwen3": "qwen",
+    "glm4moe": "glm4_moe",
     "gpt-oss": "gpt_oss",
 }
 

@@ -218,6 +218,8 @@ def _logits(model, tokens, dtype):
 
     m = model if dtype == torch.float32 and next(model.parameters()).dtype == dtype else \
         copy.deepcopy(model).to(dtype)
+    if dtype == torch.float64 and getattr(m.config, "_experts_implementation", None) not in (None, "eager"):
+        m.set_experts_implementation("eager")   # torch's grouped_mm has no float64
     m.eval()
     with torch.no_grad():
         out = m(torch.tensor([list(tokens)], dtype=torch.long), use_cache=False).logits[0]
