@@ -23,8 +23,12 @@ to 16 tokens and run the one-token kernel's arithmetic per token (_block_token),
 are batch-invariant.
 
 AVX2 instructions (llvm.x86.avx2.*): used only where registry.INT8_ACTIVATIONS holds (AVX2 or
-AVX-512 VNNI).  IQ1_S, IQ1_M and TQ1_0: their decoders in rows_iq1.py (IQ1_SPECS), merged
-into _SPECS here, so they share these row kernels and drivers.
+AVX-512 VNNI).  With AVX-512 VNNI the unscaled 32-element sums (IQ4_NL, MXFP4, TQ1_0,
+TQ2_0) are one 256-bit vpdpbusd each (_Ops.dot32; the same integers, so AVX2 and VNNI machines
+give bit-identical products): IQ4_NL / TQ2_0 matvec 6% / 12% faster on the Zen 4 machine
+(2048 rows x 4096 columns, one thread), TQ1_0 unchanged (its digit decode dominates).
+IQ1_S, IQ1_M and TQ1_0: their decoders in rows_iq1.py (IQ1_SPECS), merged into _SPECS here,
+so they share these row kernels and drivers.
 Cache note: numba keys the on-disk cache of these drivers on this file's text only (a hash:
 touching it does not help); after editing rows_iq1.py delete __pycache__/rows_iq8.*.nbi / *.nbc.
 """
@@ -39,6 +43,7 @@ from .dequant_iq import GRID_IQ2S, GRID_IQ2XS, GRID_IQ2XXS, GRID_IQ3S, GRID_IQ3X
 from .drivers_i8 import quant_x_q8_32, quant_x_q8k
 from .rows_iq1 import IQ1_KINDS, IQ1_SPECS
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
+from .x86_int8 import _features, has_vnni
 from .rows_i8 import STRICT, _fma, _hsum_strict, _rows_2d, _store_token_sums, _token_accs
 
 K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
@@ -57,6 +62,7 @@ _BMASK = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0xFF, 0).astype
 _SMASK = _BMASK.reshape(256)[KSIGNS].astype(np.uint64)  # by 7-bit sign index
 _BMASK = _BMASK.astype(np.uint64)  # by sign byte (IQ2_S)
 ROWS_PER_ITEM = 16  # rows per parallel work item (as products_iq)
+_VNNI256 = has_vnni() and "+avx512vl" in _features()  # the 256-bit vpdpbusd needs VNNI + VL
 
 
 def _avx2(builder, name, ret, args):
@@ -83,17 +89,28 @@ class _Ops:
         codes = e.cat(e.lo4(q), e.hi4(q))
         return b.call(self.pshufb, [self.tab, codes])
 
-    def pairs(self, v, xv):
-        """<16 x i16>: v[2k] xv[2k] + v[2k+1] xv[2k+1] exactly (|v|, |xv| <= 127)."""
+    def signed(self, v, xv):
+        """llama.cpp's sign trick: (|v| as unsigned, x * sign(v)), so that u8 x s8 products work."""
         b = self.b
         neg = b.icmp_signed("<", v, self.zero)
-        av = b.select(neg, b.sub(self.zero, v), v)
-        sx = b.select(neg, b.sub(self.zero, xv), xv)
-        return b.call(self.maddubs, [av, sx])
+        return b.select(neg, b.sub(self.zero, v), v), b.select(neg, b.sub(self.zero, xv), xv)
+
+    def pairs(self, v, xv):
+        """<16 x i16>: v[2k] xv[2k] + v[2k+1] xv[2k+1] exactly (|v|, |xv| <= 127)."""
+        return self.b.call(self.maddubs, list(self.signed(v, xv)))
 
     def dot32(self, v, xv, scale16=None):
-        """<8 x i32> lanes of sum v xq over 32 elements (times an int16 scale)."""
-        return self.b.call(self.maddwd, [self.pairs(v, xv), self.ones if scale16 is None else scale16])
+        """<8 x i32> lanes of sum v xq over 32 elements (times an int16 scale).  With AVX-512
+        VNNI (256-bit forms) the unscaled sum is one vpdpbusd on |v| and sign(v) x (4 products
+        per int32 lane, no int16 step: the same exact integers, since the pair sums never
+        saturate here); the scaled one stays vpmaddubsw + vpmaddwd (LLVM fuses the add into
+        vpdpwssd itself)."""
+        b = self.b
+        if scale16 is None and _VNNI256:
+            av, sx = self.signed(v, xv)
+            fn = _avx2(b, "llvm.x86.avx512.vpdpbusd.256", V(I32, 8), [V(I32, 8)] * 3)
+            return b.call(fn, [ir.Constant(V(I32, 8), [0] * 8), b.bitcast(av, V(I32, 8)), b.bitcast(sx, V(I32, 8))])
+        return b.call(self.maddwd, [self.pairs(v, xv), self.ones if scale16 is None else scale16])
 
 
 def _xload(builder, context, ty, arr, off, vt):
