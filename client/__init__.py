@@ -64,6 +64,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] | None = None    # the generated token ids
+    cached_tokens: int = 0                # prompt tokens the daemon's prefix cache supplied
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Chunk:
     prompt_tokens: int | None = None      # set on the last chunk
     completion_tokens: int | None = None  # set on the last chunk
     token_ids: list[int] | None = None     # token ids this chunk's text came from
+    cached_tokens: int | None = None       # set on the last chunk: prompt tokens from the prefix cache
 
 
 _POLL_MS = 500
@@ -170,7 +172,8 @@ class _Base:
         last = m.get("finish_reason") is not None
         return Chunk(m.get("text", ""), m.get("finish_reason"),
                      m.get("prompt_tokens") if last else None,
-                     m.get("completion_tokens") if last else None, m.get("token_ids"))
+                     m.get("completion_tokens") if last else None, m.get("token_ids"),
+                     m.get("cached_tokens", 0) if last else None)
 
 
 class Client(_Base):
@@ -240,7 +243,7 @@ class Client(_Base):
         for m in self._stream(msg):
             pass
         return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"],
-                      m.get("token_ids"))
+                      m.get("token_ids"), m.get("cached_tokens", 0))
 
     def generate(self, prompt, stream: bool = False, **sampling):
         """Raw text (or token ids) continuation: Result, or an iterator of Chunk if stream."""
@@ -339,7 +342,7 @@ class AsyncClient(_Base):
         async for m in self._stream(msg):
             pass
         return Result(m["text"], m["finish_reason"], m["prompt_tokens"], m["completion_tokens"],
-                      m.get("token_ids"))
+                      m.get("token_ids"), m.get("cached_tokens", 0))
 
     def _run(self, msg: dict, stream: bool):
         # stream=True returns the async iterator directly (no await), like `async for c in

@@ -61,7 +61,7 @@ def check(c: dict) -> None:
     for k in ("max_batch", "prefill_chunk", "context"):
         if int(c[k]) < 1:
             raise DsdError(f"{k} must be >= 1, got {c[k]}")
-    for k in ("max_queue", "restart_max", "spin_us"):
+    for k in ("max_queue", "restart_max", "spin_us", "prefix_cache_tokens"):
         if int(c.get(k, 0)) < 0:
             raise DsdError(f"{k} must be >= 0, got {c[k]}")
     for k in ("restart_window_s", "restart_healthy_s", "stall_timeout_s", "stall_kill_s", "request_timeout"):

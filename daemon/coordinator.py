@@ -423,7 +423,8 @@ class Daemon(ClientSide):
             self.driver.block_on = {self._with_driver()}
         self.scheduler = Scheduler(self.tokenizer, self.driver, self.context,
                                    int(self.cfg["max_batch"]), int(self.cfg["prefill_chunk"]),
-                                   self.engine_send, self.ready, self.log)
+                                   self.engine_send, self.ready, self.log,
+                                   prefix_cache_tokens=int(self.cfg["prefix_cache_tokens"]))
         engine = threading.Thread(target=self._engine_main, name="dsd-engine", daemon=True)
         engine.start()
         for h in self.handles:

@@ -190,11 +190,13 @@ class Driver:
             self.pending_free.append(WARM_SEQ)
         self._prepared = pids
 
-    def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=()) -> dict:
+    def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=()) -> dict:
         T = len(tokens)
         hdr = {"type": "step", "seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
         if greedy:
             hdr["greedy"] = list(greedy)
+        if forks:   # [cached seq, new seq, positions]: copied before the batch runs (prefix cache)
+            hdr["fork"] = [list(f) for f in forks]
         t0 = time.perf_counter()
         self._send_all(hdr, {"tokens": np.asarray(tokens, dtype=np.int64)})
         exp = self._expect.get(T, 0.0)
@@ -206,12 +208,13 @@ class Driver:
         return out
 
     def forward(self, tokens: np.ndarray, seqs: list[int], ns: list[int], pos0: list[int],
-                logit_rows: list[int], greedy: list[int] = ()) -> StepResult:
-        """One step; greedy: indices into logit_rows whose token is the argmax of its logits."""
+                logit_rows: list[int], greedy: list[int] = (), forks=()) -> StepResult:
+        """One step; greedy: indices into logit_rows whose token is the argmax of its logits;
+        forks: [cached sequence, new sequence, positions] to copy first (daemon/prefix_cache.py)."""
         with self.lock:
             self._prepare()
             t = time.perf_counter()
-            out = self._step(tokens, seqs, ns, pos0, logit_rows, greedy)
+            out = self._step(tokens, seqs, ns, pos0, logit_rows, greedy, forks)
             self.steps += 1
             if _TRACE:
                 print(f"[dsd driver] T={len(tokens)} step {(time.perf_counter() - t) * 1e3:.2f} ms",
@@ -272,12 +275,14 @@ class LocalDriver:
         self.handles: list = []
         self.steps = 0
 
-    def forward(self, tokens, seqs, ns, pos0, logit_rows, greedy=()) -> StepResult:
+    def forward(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=()) -> StepResult:
         from dsd.shard.batch import Batch
 
         for sid in self.pending_free:
             self.caches.pop(sid, None)
         self.pending_free = []
+        for src, dst, n in forks:
+            self.caches[dst] = self.caches[src].fork(n)
         batch = Batch.of_sequences(self.caches, lambda: self.model.new_cache(self.context),
                                    tokens, seqs, ns, pos0, logit_rows)
         self.steps += 1

@@ -126,6 +126,7 @@ class _Run:
         self.t_first = self.t_last = None
         self.chunks = 0
         self.prompt_tokens = None
+        self.cached_tokens = None
         self.completion_tokens = None
         self.finish = None
         self.done = False
@@ -146,6 +147,7 @@ class _Run:
         self.t_last = now
         self.chunks += 1
         self.prompt_tokens = _field(c, "prompt_tokens", default=self.prompt_tokens)
+        self.cached_tokens = _field(c, "cached_tokens", default=self.cached_tokens)
         self.completion_tokens = _field(c, "completion_tokens", default=self.completion_tokens)
         fr = _field(c, "finish_reason")
         if fr is not None:
@@ -155,7 +157,7 @@ class _Run:
 
     def usage(self) -> dict:
         ct = self.completion_tokens if self.completion_tokens is not None else self.chunks
-        return usage(int(self.prompt_tokens or 0), int(ct))
+        return usage(int(self.prompt_tokens or 0), int(ct), int(self.cached_tokens or 0))
 
     async def close(self, cancelled: bool = False) -> None:
         """Close the backend iterator (a cancel for the daemon when it was not finished) and book

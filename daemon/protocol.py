@@ -61,7 +61,7 @@ TO_CLIENT = Registry(
     "daemon reply",
     Schema("chunk", {"id": _ID, "text": Str(), "finish_reason": OneOf("stop", "length").or_none(),
                      "token_ids": IntList().optional(), "prompt_tokens": Int(0).optional(),
-                     "completion_tokens": Int(0).optional()}),
+                     "completion_tokens": Int(0).optional(), "cached_tokens": Int(0).optional()}),
     Schema("error", {"id": Str(MAX_ID).optional().or_none(), "kind": Str(64), "message": Str(),
                      "retry_after": Num().optional()}),
     Schema("status", {"state": Str(64)}), Schema("model_info", {}), Schema("pong", {}),

@@ -45,11 +45,16 @@ class Request:
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     t_admit: float = 0.0         # monotonic time the scheduler took it (worker deaths fail older ones)
+    cached: int = 0              # prompt tokens taken from the prefix cache
+    fork: tuple | None = None    # (cached sequence, positions) the workers copy before its prefill
 
 
 class Scheduler:
     def __init__(self, tokenizer, driver, context: int, max_batch: int, prefill_chunk: int,
-                 send, ready_event, log):
+                 send, ready_event, log, prefix_cache_tokens: int = 0):
+        from dsd.daemon.prefix_cache import PrefixCache
+
+        self.prefix = PrefixCache(prefix_cache_tokens)   # daemon/prefix_cache.py
         self.tok = tokenizer
         self.driver = driver
         self.context = context
@@ -96,6 +101,9 @@ class Scheduler:
         req.history = list(req.prompt_ids)
         req.max_new = min(req.params.max_tokens, self.context - n)
         req.t_admit = time.monotonic()
+        src, m = self.prefix.match(req.prompt_ids)
+        if src is not None:   # start from a copy of the cached prefix: prefill only the rest
+            req.fork, req.pos, req.cached = (src, m), m, m
         self.active.append(req)
 
     def _drain_inbox(self, block: bool) -> None:
@@ -114,6 +122,7 @@ class Scheduler:
                         self._finish(r, None)
             elif kind == "worker_died":
                 t_death, message = val
+                self._forget_cache()
                 doomed = [r for r in self.active if r.t_admit <= t_death]
                 self.log(f"a worker died: failing {len(doomed)} in-flight request(s)")
                 for r in doomed:
@@ -136,8 +145,14 @@ class Scheduler:
     def _finish(self, req: Request, msg: dict | None) -> None:
         if req in self.active:
             self.active.remove(req)
+        if req.fork is not None:   # admitted, never ran: it has no KV (the fork did not happen)
+            self.prefix.unpin(req.fork[0])
+            req.fork, req.pos = None, 0
         if req.pos:
-            self.driver.free([req.seq])
+            if msg is not None and msg.get("type") == "error":
+                self.driver.free([req.seq])
+            else:   # its KV holds the tokens fed so far: keep it for a prompt that starts so
+                self.driver.free(self.prefix.insert(req.seq, req.history[:req.pos]))
         if msg is not None:
             self.send(req.client, msg)
 
@@ -175,7 +190,7 @@ class Scheduler:
         ids, req.unsent = req.unsent, []
         return {"type": "chunk", "id": req.rid, "text": text, "finish_reason": finish,
                 "token_ids": ids, "prompt_tokens": len(req.prompt_ids),
-                "completion_tokens": req.generated}
+                "completion_tokens": req.generated, "cached_tokens": req.cached}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> bool:
@@ -222,7 +237,12 @@ class Scheduler:
         self.steps += 1
         # plain greedy rows come back as token ids (argmax on the head's worker), the others as logits
         greedy = [k for k, r in enumerate(owners) if r.sampler.plain_greedy]
-        out = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows, greedy)
+        forks = [[r.fork[0], r.seq, r.fork[1]] for r in prefills if r.fork is not None]
+        out = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows, greedy, forks)
+        for r in prefills:
+            if r.fork is not None:
+                self.prefix.unpin(r.fork[0])
+                r.fork = None
         if decode:
             self.decode_window.append((time.perf_counter(), len(decode), time.perf_counter() - t0))
         for r in decode:
@@ -246,6 +266,10 @@ class Scheduler:
         for w in range(len(self.driver.handles)):
             out.append([self.driver.ping(w) for _ in range(int(n))])
         return out
+
+    def _forget_cache(self) -> None:
+        """A restarted worker has no caches: no prefix may be reused (the others free theirs)."""
+        self.driver.free(self.prefix.clear())
 
     def fail_all(self, message: str) -> None:
         for r in list(self.active):
@@ -280,6 +304,7 @@ class Scheduler:
             except WorkerDied as e:
                 self.log(f"{e}; failing {len(self.active)} in-flight request(s)")
                 self.driver.drain()
+                self._forget_cache()
                 self.ready.clear()
                 self.fail_all(f"{e} while serving this request; the daemon is restarting it, "
                               f"retry the request")
@@ -298,7 +323,7 @@ class Scheduler:
         return {"active": len(self.active), "queued": self.inbox.qsize(),
                 "completed": self.completed, "failed": self.failed, "decode_tok_s": tps,
                 "max_decode_batch": self.max_decode_batch, "steps": self.steps,
-                "step_gap_us": _percentiles(self.step_gaps)}
+                "step_gap_us": _percentiles(self.step_gaps), "prefix_cache": self.prefix.stats()}
 
 
 def _percentiles(xs) -> dict | None:

@@ -217,6 +217,9 @@ class Worker:
                 self.links.watch({int(j): int(pid) for j, pid in hdr["pids"]})
             if hdr["type"] == "resync":
                 self.links.resync()
+        for src, dst, n in hdr.get("fork", ()):   # prefix cache: start dst from src's first n
+            if src in self.caches:
+                self.caches[dst] = self.caches[src].fork(n)
         tokens = arr.get("tokens")
         if tokens is None or not len(tokens):
             return {}

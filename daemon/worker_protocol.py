@@ -10,7 +10,8 @@ A worker that dies is noticed through its pidfd (the "dead sentinel"), not throu
 
 Shared-memory commands (the header of a coordinator channel message, COMMANDS; arrays beside):
   step    seqs, n, pos0 (the batch's segments), logit_rows, greedy (rows answered with their
-          argmax), abort (the channel's abort counter when sent), free, pids   [tokens int64 [T]]
+          argmax), fork ([cached seq, new seq, positions] copied first: the prefix cache),
+          abort (the channel's abort counter when sent), free, pids   [tokens int64 [T]]
   resync  free, pids: reset the worker<->worker links after a failed step
   free    free, pids: drop these sequences' KV caches (also the empty command of a ping)
 Reply header (REPLY): ok, and on failure error[, dead_peer: a worker that died][, aborted];
@@ -51,7 +52,7 @@ _SEQS = IntList(-1)
 COMMANDS = Registry(
     "step command",
     Schema("step", {"seqs": _SEQS, "n": IntList(1), "pos0": IntList(0), "logit_rows": IntList(0),
-                    "greedy": IntList(0).optional(), "abort": Int(0), "free": _SEQS.optional(),
+                    "greedy": IntList(0).optional(), "fork": Any_().optional(), "abort": Int(0), "free": _SEQS.optional(),
                     "pids": Any_().optional()}),
     Schema("resync", {"abort": Int(0), "free": _SEQS.optional(), "pids": Any_().optional()}),
     Schema("free", {"abort": Int(0).optional(), "free": _SEQS.optional(), "pids": Any_().optional()}),

@@ -25,6 +25,7 @@ class SequenceCache:
         self.initial = initial
         self.layers: list[dict[str, np.ndarray]] = [dict() for _ in range(n_layers)]
         self.length = 0  # positions filled in every layer after a full forward
+        self.heads_first: set[str] = set()   # names of the [H, cap, D] buffers
 
     def append(self, layer: int, pos0: int, heads_first: bool = False,
                **rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -32,6 +33,8 @@ class SequenceCache:
         ([L, ...], or [H, L, D] when heads_first)."""
         store = self.layers[layer]
         ax = 1 if heads_first else 0
+        if heads_first:
+            self.heads_first.update(rows)
         out = {}
         for name, r in rows.items():
             end = pos0 + r.shape[0]
@@ -54,6 +57,25 @@ class SequenceCache:
             else:
                 buf[pos0:end] = r
                 out[name] = buf[:end]
+        return out
+
+    def fork(self, n: int) -> "SequenceCache":
+        """A new cache holding a copy of this one's first n positions (a prefix another
+        sequence starts from: prefix caching)."""
+        n = min(n, self.length)
+        out = SequenceCache(len(self.layers), self.max_len, self.initial, self.kv_dtype)
+        out.heads_first = set(self.heads_first)
+        cap = min(max(self.initial, n), self.max_len)
+        for src, dst in zip(self.layers, out.layers):
+            for name, buf in src.items():
+                if name in self.heads_first:
+                    new = np.empty((buf.shape[0], cap) + buf.shape[2:], dtype=buf.dtype)
+                    new[:, :n] = buf[:, :n]
+                else:
+                    new = np.empty((cap,) + buf.shape[1:], dtype=buf.dtype)
+                    new[:n] = buf[:n]
+                dst[name] = new
+        out.length = n
         return out
 
     def truncate(self, n: int) -> None:

@@ -76,17 +76,19 @@ def test_moe_two_nodes_equals_one_process(tmp_path, model, placement):
                 assert w["node_cpus"] is None and w["stage_threads"] == w["threads"] == len(w["cpus"])
                 assert os.sched_getaffinity(w["pid"]) == set(w["cpus"])
         check_same(run, path)
-        # every worker drops the KV rows of finished requests (in rows mode also the latent
-        # rows of the heads it holds, though it drives no layer)
+        # every worker keeps the KV of finished requests only while the prefix cache lists them
+        # (in rows mode also the latent rows of the heads it holds, though it drives no layer)
         import time
 
         deadline = time.monotonic() + 10
         while True:
-            ws = run.client().status()["workers"]
-            if all(w["sequences"] == 0 for w in ws) or time.monotonic() > deadline:
+            st = run.client().status()
+            kept = st["scheduler"]["prefix_cache"]["entries"]
+            ws = st["workers"]
+            if all(w["sequences"] == kept for w in ws) or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
-        assert [w["sequences"] for w in ws] == [0, 0], ws
+        assert 0 < kept and [w["sequences"] for w in ws] == [kept, kept], (kept, ws)
         inst = run.instance
     assert shm_segments(inst) == []
 

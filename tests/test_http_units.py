@@ -146,7 +146,8 @@ def test_stub_chat_both_call_shapes(mode):
             j = r.json()
             assert j["model"] == "Tiny-Model.Q8_0"
             assert j["choices"][0]["message"]["content"] == "Hello!"
-            assert j["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+            assert j["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
             s = await c.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "stream": True,
                 "stream_options": {"include_usage": True}})
