@@ -24,7 +24,11 @@ the split modules into collectives over the workers' links.  Modes:
 Ownership rules (no weight is held twice): token_embd / output / output_norm belong to the
 worker of the last layer (token_embd to the first layer's worker if output.weight exists, i.e.
 embeddings are not tied); blk.N.* to layer N's owner except blk.N.ffn_{gate,up,down}_exps and
-(split modes) blk.N.ffn_{gate,up,down}_shexp, which are split.  Tensors outside blk.* that are neither (rope_freqs: a constant frequency table of a
+(split modes) blk.N.ffn_{gate,up,down}_shexp, which are split.  The routed experts' biases
+(blk.N.ffn_{gate,up,down}_exps.bias, gpt-oss) travel with the experts: in experts mode the same
+expert ranges; in rows mode the gate / up bias columns of each worker's rows [r0, r1) ("cols"
+pieces of [E, F]) and the down bias [E, D] whole to the worker holding rows from 0 (worker 0),
+which alone adds it.  Tensors outside blk.* that are neither (rope_freqs: a constant frequency table of a
 few hundred bytes) are given to every worker.
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 from dsd.errors import DsdError
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_EXPS_B = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.bias$")  # gpt-oss: [E, F] / [E, D]
 _SHEXP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
 _MLA = re.compile(r"^blk\.(\d+)\.(attn_q|attn_q_b|attn_k_b|attn_v_b|attn_kv_b|attn_output)\.weight$")
 _DENSE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
@@ -287,7 +292,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     per_layer = [0.0] * L
     for name, t in tensors.items():
         m = _BLK.match(name)
-        if m and not _EXPS.match(name):
+        if m and not _EXPS.match(name) and not _EXPS_B.match(name):
             per_layer[int(m.group(1))] += t.nbytes
     emb = tensors["token_embd.weight"].nbytes
     head = sum(tensors[n].nbytes for n in HEAD if n in tensors) + (emb if tied else 0)
@@ -371,6 +376,29 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
                 for w, (a, b) in enumerate(_split_even(F // bs, n_workers, 0)):
                     frac = (b - a) * bs / F
                     pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * frac)))
+            continue
+        mb_ = _EXPS_B.match(name)
+        if mb_ and mode in ("experts", "rows") and len(t.shape) == 2:
+            i = int(mb_.group(1))
+            if mode == "experts":  # the same expert ranges as the layer's expert weights
+                per = t.nbytes // t.shape[0]
+                for w, (a, b) in enumerate(_split_even(t.shape[0], n_workers, i)):
+                    if b > a:
+                        pieces[w].append(Piece(name, "experts", a, b, per * (b - a)))
+            elif mb_.group(2) == "down":
+                # [E, D]: added once per (token, expert) pair, by the worker whose rows start
+                # at 0 (worker 0: the rows split below does not rotate), so the sum has it once
+                pieces[0].append(Piece(name, "whole", 0, 0, t.nbytes))
+            else:
+                # gate / up [E, F]: the columns of the rows each worker holds of the weights
+                F = t.shape[1]
+                bs = quant_type(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type).block_size
+                if bs % quant_type(t.ggml_type).block_size:
+                    raise DsdError(f"--placement rows: {name} ({quant_type(t.ggml_type).name}) cannot be "
+                                   f"cut at the {bs}-element blocks of the expert weights; use "
+                                   f"--placement experts")
+                for w, (a, b) in enumerate(_split_even(F // bs, n_workers, 0)):
+                    pieces[w].append(Piece(name, "cols", a * bs, b * bs, int(t.nbytes * (b - a) * bs / F)))
             continue
         ms = _SHEXP.match(name)
         if ms and mode in ("experts", "rows") and int(ms.group(1)) in moe:

@@ -10,8 +10,8 @@ NVMe drives need several reads in flight to reach their bandwidth, and the copy 
 cache runs on more than one core), from the file (numa.load_file_range into a buffer
 from numa.allocate on the worker's node).  One exception: column slices (a row share of
 ffn_down_exps [E, D, F], of a 2-D down projection [D, F], the columns of a worker's heads in
-attn_output) are strided in the file; each matrix is read into a scratch buffer and the worker's
-columns copied out (the page cache sees every byte of it anyway, since a share of one row is
+attn_output, the gate / up expert bias columns [E, F] of a worker's rows) are strided in the
+file; each matrix is read into a scratch buffer and the worker's columns copied out (the page cache sees every byte of it anyway, since a share of one row is
 smaller than a page).
 """
 from __future__ import annotations
@@ -123,6 +123,11 @@ class SliceWeights:
         if p.mode == "whole":
             load_file_range(t.file, t.offset, nbytes, self.buffer, off)
             return
+        E = t.shape[0]
+        per = t.nbytes // E
+        if p.mode == "experts":  # experts a:b of [E, ...] (an expert bias [E, F]: its rows a:b)
+            load_file_range(t.file, t.offset + p.a * per, nbytes, self.buffer, off)
+            return
         if len(t.shape) == 2:  # a row or column share of a 2-D matrix
             rb = t.row_bytes
             if p.mode != "cols" and "down" not in t.name:
@@ -133,11 +138,6 @@ class SliceWeights:
             scratch = np.empty(t.nbytes, dtype=np.uint8)
             load_file_range(t.file, t.offset, t.nbytes, scratch)
             self.buffer.array("uint8", (t.shape[0], b1 - b0), off)[:] = scratch.reshape(t.shape[0], rb)[:, b0:b1]
-            return
-        E = t.shape[0]
-        per = t.nbytes // E
-        if p.mode == "experts":
-            load_file_range(t.file, t.offset + p.a * per, nbytes, self.buffer, off)
             return
         rb = t.row_bytes
         if "down_exps" not in t.name:
@@ -170,11 +170,18 @@ class SliceWeights:
         return name in self.arrays
 
     def vector(self, name: str) -> np.ndarray:
+        """The tensor as float32; for a piece that is a share (an expert bias [E, F] split by
+        experts or columns: gpt-oss) the share only, [b - a, F] or [E, b - a]; zeros of the full
+        shape for a tensor another worker holds (`holds` tells them apart)."""
         t = self._info(name)
         if name not in self.arrays:
             return np.zeros(t.shape, dtype=np.float32)
-        raw, _ = self.arrays[name]
-        return kernels.dequantize(raw.reshape(1, -1), t.ggml_type, t.n_elements).reshape(t.shape)
+        raw, cols = self.arrays[name]
+        p = self.pieces[name]
+        if p.mode == "whole":
+            return kernels.dequantize(raw.reshape(1, -1), t.ggml_type, t.n_elements).reshape(t.shape)
+        rows = raw.reshape(-1, raw.shape[-1])
+        return kernels.dequantize(rows, t.ggml_type, cols).reshape(tuple(raw.shape[:-1]) + (cols,))
 
     def linear(self, name: str) -> Linear:
         t = self._info(name)

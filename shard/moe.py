@@ -162,10 +162,14 @@ class RoutedExperts:
     (expert, row-slice) pairs this object owns.  Tokens routed to the same expert are computed
     as one matrix product.  bytes_read accumulates the weight bytes touched (each chosen expert
     once per call); reset_stats() zeroes it.
-    act: ACT_SILU (default) or ACT_SWIGLU_OAI (alpha, limit); biases: (gate [E, F], up [E, F],
-    down [E, D]), each optional, indexed by global expert id (module docstring).  With a row
-    slice, gate/up biases are sliced likewise and the down bias is added by the slice holding
-    row 0 only, so the slices' partial sums still add up to the full output.
+    act: ACT_SILU (default) or ACT_SWIGLU_OAI (alpha, limit); biases: (gate [E', F'], up [E', F'],
+    down [E', D]), each optional (module docstring), given for exactly what the matching stack
+    holds: row j is the bias of the stack's j-th expert (expert_ids[j]), F' is the stack's rows
+    (a daemon worker's row-share stack comes with the same columns of the gate / up biases).
+    With a row slice rows=(r0, r1) of the stacks, gate/up biases are sliced likewise and the
+    down bias is added by the slice holding row 0 only, so the slices' partial sums still add up
+    to the full output; a daemon worker whose stacks are a row share not starting at F's row 0
+    is given no down bias (placement gives it to one worker).
     """
 
     def __init__(self, gate_exps: ExpertStack, up_exps: ExpertStack, down_exps: ExpertStack,
@@ -193,12 +197,18 @@ class RoutedExperts:
         self.rows = (r0, r1)
         self.full_rows = (r0, r1) == (0, F)
         gb, ub, db = (None if b is None else np.asarray(b, dtype=np.float32) for b in biases)
+        self._bias_row = {}  # "gate"/"up"/"down" -> global expert id -> its row in that bias
         for b, st, what in ((gb, gate_exps, "gate"), (ub, up_exps, "up"), (db, down_exps, "down")):
-            # a stack that is itself a row share (a daemon worker's) would need the bias's
-            # matching slice and row offset, which it does not know: refuse instead of guessing
-            if b is not None and (b.ndim != 2 or b.shape[1] != st.rows):
+            # one bias row per expert the stack holds, one column per row of the stack: a share's
+            # bias must come as the same share (SliceWeights serves it so), never guessed
+            if b is not None and (b.ndim != 2 or b.shape != (st.raw.shape[0], st.rows)):
                 raise ValueError(f"{what} expert bias of shape {b.shape} does not match the stack's "
-                                 f"{st.rows} rows")
+                                 f"{st.raw.shape[0]} experts x {st.rows} rows")
+            if b is not None:
+                ids = st.expert_ids
+                lut = np.full(max(ids) + 1, -1, dtype=np.int64)
+                lut[ids] = np.arange(len(ids))
+                self._bias_row[what] = lut
         self.gate_b = None if gb is None else gb[:, r0:r1]
         self.up_b = None if ub is None else ub[:, r0:r1]
         self.down_b = db if r0 == 0 else None
@@ -279,16 +289,16 @@ class RoutedExperts:
         """The intermediate activation of pairs [P, F'] whose experts are pe [P]: biases, then
         silu(g) * u or the clamped gpt-oss SwiGLU."""
         if self.gate_b is not None:
-            g = g + self.gate_b[pe]
+            g = g + self.gate_b[self._bias_row["gate"][pe]]
         if self.up_b is not None:
-            u = u + self.up_b[pe]
+            u = u + self.up_b[self._bias_row["up"][pe]]
         if self.act == ACT_SWIGLU_OAI:
             return swiglu_oai(g, u, self.alpha, self.limit)
         return ops.silu_mul(g, u)
 
     def _down_bias(self, y: np.ndarray, pe) -> np.ndarray:
         if self.down_b is not None:
-            y = y + self.down_b[pe]
+            y = y + self.down_b[self._bias_row["down"][pe]]
         return y
 
     def _gathered(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -378,13 +388,21 @@ def moe_ffn_from_weights(w, layer: int, n_used: int, *, gating: int = GATING_SOF
     """Build a layer's MoEFFN from the standard GGUF tensor names blk.N.ffn_{gate_inp,*_exps,*_shexp}
     (with the router's and the experts' .bias tensors where the file has them, gpt-oss)."""
     p = f"blk.{layer}."
+    holds = getattr(w, "holds", None)  # a daemon worker's SliceWeights
 
     def opt(name):
         return w.vector(p + name) if w.has(p + name) else None
 
+    def opt_share(name):
+        # an expert bias: the worker's share of it (or None where it holds none, e.g. the
+        # down bias on every worker but one in rows placement)
+        if holds is not None and w.has(p + name) and not holds(p + name):
+            return None
+        return opt(name)
+
     router = Router(w.linear(p + "ffn_gate_inp.weight"), n_used, gating, norm, scale, opt("exp_probs_b.bias"),
                     n_groups, n_groups_used, logit_bias=opt("ffn_gate_inp.bias"))
-    biases = tuple(opt(f"ffn_{n}_exps.bias") for n in ("gate", "up", "down"))
+    biases = tuple(opt_share(f"ffn_{n}_exps.bias") for n in ("gate", "up", "down"))
     experts = RoutedExperts(w.experts(p + "ffn_gate_exps.weight"), w.experts(p + "ffn_up_exps.weight"),
                             w.experts(p + "ffn_down_exps.weight"), act=act, alpha=alpha, limit=limit,
                             biases=biases)

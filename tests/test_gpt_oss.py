@@ -487,11 +487,11 @@ def test_swiglu_oai_clamps():
 
 def test_split_placements(tiny):
     """Daemon placements: one worker holding everything builds and runs as the single process;
-    two workers (MoE models always get experts / rows splits, whose workers would lack the
-    expert biases or their row offset) are refused, not silently wrong."""
+    with two workers (experts and rows) each worker's expert biases are the share matching its
+    expert weights, and the workers' partial expert outputs add up to the single process's
+    (prompt-sized and decode-sized batches); the down bias is held by one worker only."""
     from dsd.daemon.placement import make_plan
     from dsd.daemon.slice_weights import SliceWeights
-    from dsd.errors import UnsupportedModelError
 
     with open_gguf(tiny) as g:
         sw = SliceWeights(g, make_plan(g, 1, "auto").pieces[0], node=0, pages="4k")
@@ -504,14 +504,31 @@ def test_split_placements(tiny):
             assert np.array_equal(got, want)
         finally:
             sw.free()
+        one = build_model(g)
+        rng = np.random.default_rng(3)
         for mode in ("experts", "rows"):
             plan = make_plan(g, 2, mode)
-            for w in range(2):
-                sw = SliceWeights(g, plan.pieces[w], node=0, pages="4k")
-                try:
-                    with pytest.raises((UnsupportedModelError, ValueError)):
-                        build_model(g, sw)
-                finally:
+            assert plan.mode == mode
+            sws = [SliceWeights(g, plan.pieces[w], node=0, pages="4k") for w in range(2)]
+            try:
+                held = [{p.name for p in plan.pieces[w]} for w in range(2)]
+                for i in range(4):
+                    name = f"blk.{i}.ffn_down_exps.bias"
+                    n_hold = sum(name in h for h in held)
+                    assert n_hold == (2 if mode == "experts" else 1)
+                models = [build_model(g, sw) for sw in sws]
+                for T in (1, 3, 40):  # decode, gathered small batch, per-expert prompt path
+                    x = rng.standard_normal((T, 64)).astype(np.float32)
+                    for i in range(4):
+                        ids, w = one.ffn[i].router(x)
+                        with exact_activations():
+                            want = one.ffn[i].experts(x, ids, w)
+                            parts = [mm.ffn[i].experts(x, ids, w) for mm in models]
+                        np.testing.assert_allclose(parts[0] + parts[1], want, rtol=1e-5, atol=1e-5)
+                        if T == 40:  # (one token's 2 experts may both be one worker's)
+                            assert np.abs(parts[0]).max() > 0 and np.abs(parts[1]).max() > 0
+            finally:
+                for sw in sws:
                     sw.free()
 
 

@@ -13,7 +13,9 @@ Per layer (the llama block shape, h + attn(norm(h)); h + ffn(norm(h))):
              min(g, 7) * sigmoid(1.702 min(g, 7)) * (clamp(u, -7, 7) + 1)
 Expert weights are MXFP4 in the released files (any dsd type works).  The routed experts run
 through moe.RoutedExperts with its bias / activation options, i.e. the gathered products with
-biases and activation in numpy: the fused decode kernels know neither.
+biases and activation in numpy: the fused decode kernels know neither.  In the daemon's split
+placements the expert biases go with the experts (experts: the worker's expert range; rows: the
+gate / up bias columns of its rows, the down bias to the one worker whose rows start at 0).
 
 Metadata read: gpt-oss.{block_count, embedding_length, attention.head_count(_kv),
 attention.key_length, attention.layer_norm_rms_epsilon, attention.sliding_window,
@@ -205,19 +207,8 @@ class GptOssModel(Model):
 
 
 def build(gguf_model, weights) -> GptOssModel:
-    holds = getattr(weights, "holds", None)  # a daemon worker's SliceWeights
-    if holds is not None:
-        for i in range(int(gguf_model.metadata.get(f"{ARCH}.block_count", 0))):
-            p = f"blk.{i}."
-            if holds(p + "ffn_gate_exps.weight") and gguf_model.tensors.get(p + "ffn_gate_exps.bias") is not None \
-                    and not holds(p + "ffn_gate_exps.bias"):
-                # experts / rows placements ship the expert biases to the layer's owner only:
-                # the other workers' expert shares would silently run without them
-                from dsd.errors import UnsupportedModelError
-                raise UnsupportedModelError(
-                    f"{gguf_model.path}: gpt-oss with its routed experts split between workers "
-                    "(placement experts/rows) is not supported yet (the expert biases are not "
-                    "distributed); use --placement layers or one node")
+    # daemon placements (experts / rows) give each worker the expert biases' share that matches
+    # its expert weights (daemon/placement.py); moe.RoutedExperts checks the shapes agree
     emb = gguf_model.tensors["token_embd.weight"]
     return GptOssModel(ModelArgs.from_dict(gguf_model.metadata, vocab_size=emb.shape[0]), weights)
 
