@@ -40,6 +40,17 @@ _LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# gpt-4o / o200k (gpt-oss's o200k_harmony, llama4): llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O regex.
+# tokenizer.json's original uses [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]* [\p{Ll}\p{Lm}\p{Lo}\p{M}]+ for a
+# word's capitalised head and lower tail; llama.cpp rewrites them as letters other than a-z /
+# letters other than A-Z (its regex engine sees every non-ASCII letter as one class), so a
+# non-ASCII letter counts as both cases and a combining mark (\p{M}) is no letter: identical for
+# ASCII text and for CJK (Lo), different from transformers for mixed-case non-ASCII words
+# ("abcДef" stays one piece) and for marks.  We follow llama.cpp (Oniguruma class intersection).
+_UPPERISH, _LOWERISH = r"[\p{L}&&[^a-z]]", r"[\p{L}&&[^A-Z]]"
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + "+" + _CONTRACTIONS + "?"
+          r"|[^\r\n\p{L}\p{N}]?" + _UPPERISH + "+" + _LOWERISH + "*" + _CONTRACTIONS + "?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DEEPSEEK3 = [
     r"\p{N}{1,3}",
     r"[一-龥぀-ゟ゠-ヿ]+",
@@ -72,6 +83,7 @@ for _names, _spec in [
      ([r"\p{N}", _GPT2], False, False)),
     (("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), ([_LLAMA3], True, True)),
     (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), ([_QWEN2], False, False)),
+    (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), ([_GPT4O], False, False)),
     (("deepseek-v3",), (_DEEPSEEK3, False, False)),
     (("deepseek-llm",), (_DEEPSEEK_LLM, False, False)),
     (("deepseek-coder",), (_DEEPSEEK_CODER, False, False)),
@@ -201,6 +213,12 @@ class Tokenizer:
             if v is not None and 0 <= v < n:
                 stop.add(v)
         stop |= {ids[k] for k in ("eos", "eot", "eom") if ids[k] is not None}
+        # llama.cpp (llama_vocab::load, the o200k_harmony workaround): when "<|return|>" and
+        # "<|call|>" end generation too, "<|end|>" does not: in gpt-oss's harmony format it
+        # closes a message (an analysis channel, a tool result) and the assistant goes on
+        stop_texts = {tokens[i]: i for i in stop}
+        if {"<|return|>", "<|call|>", "<|end|>"} <= stop_texts.keys():
+            stop = {i for i in stop if tokens[i] != "<|end|>"}
         return cls(kind=kind, pre=pre, tokens=tokens, token_types=types, backend=backend,
                    token_bytes=token_bytes, bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"],
                    eot_id=ids["eot"], eom_id=ids["eom"],
