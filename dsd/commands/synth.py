@@ -1,7 +1,9 @@
-"""dsd synth: write a synthetic DeepSeek-shaped GGUF (random quantized weights) for benchmarks."""
+"""dsd synth: write a synthetic DeepSeek-shaped (or, --arch gpt-oss, gpt-oss-shaped) GGUF (random
+quantized weights) for benchmarks."""
 from __future__ import annotations
 
-HELP = "write a synthetic DeepSeek-V2-Lite-shaped GGUF with random quantized weights (for benchmarks)"
+HELP = ("write a synthetic DeepSeek-V2-Lite- or gpt-oss-20b-shaped GGUF with random quantized weights "
+        "(for benchmarks)")
 
 # flag -> SynthSpec field (all integers unless listed in _FLOATS / _STRS)
 _FLAGS = {
@@ -11,7 +13,12 @@ _FLAGS = {
     "v_head": "per-head value dims", "experts": "routed experts per layer", "experts_used": "experts per token",
     "shared": "shared experts", "expert_ffn": "expert intermediate size", "dense_ffn": "dense FFN size",
     "dense_lead": "leading dense layers", "seed": "random seed",
+    "kv_heads": "key/value heads (gpt-oss)", "head_dim": "per-head q/k/v dims (gpt-oss)",
+    "sliding_window": "sliding-window length of the even layers (gpt-oss)",
 }
+# flags of one architecture only: given with the other, they are an error (not silently unused)
+_DEEPSEEK_ONLY = ("q_lora", "kv_lora", "qk_nope", "qk_rope", "v_head", "shared", "dense_ffn", "dense_lead")
+_GPT_OSS_ONLY = ("kv_heads", "head_dim", "sliding_window")
 # flag -> SynthSpec field: a type per tensor role (unsloth's dynamic quants keep attention,
 # shared experts, embeddings and head above the routed experts' type); default: --type
 _ROLE_TYPES = {
@@ -25,24 +32,81 @@ _ROLE_TYPES = {
 }
 
 
-def add_arguments(p) -> None:
-    from dsd.shard.synth import SynthSpec  # numpy + gguf only; cheap
+def _defaults(arch: str):
+    from dsd.shard.synth import SynthSpec, gpt_oss_spec
 
-    d = SynthSpec()
+    return gpt_oss_spec() if arch == "gpt-oss" else SynthSpec()
+
+
+def add_arguments(p) -> None:
+    # numpy + gguf only; cheap.  Defaults are filled in by run() from the --arch's spec (argparse
+    # keeps None), so an explicit flag can be told from a default
+    d, g = _defaults("deepseek2"), _defaults("gpt-oss")
+
+    def dflt(name):
+        a, b = getattr(d, name), getattr(g, name)
+        if name in _GPT_OSS_ONLY:
+            return f"default {b}"
+        if name in _DEEPSEEK_ONLY:
+            return f"default {a}; deepseek2 only"
+        return f"default {a}" + (f"; gpt-oss {b}" if a != b else "")
+
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--arch", default="deepseek2", choices=["deepseek2"], help="architecture (deepseek2)")
-    p.add_argument("--type", dest="qtype", default=d.qtype,
-                   help="quant type of the weight matrices (default Q4_K; e.g. Q8_0, Q6_K, IQ4_XS, IQ2_XXS, TQ1_0)")
-    p.add_argument("--fallback-type", dest="fallback_qtype", default=d.fallback_qtype,
-                   help="type for rows not a multiple of --type's block, e.g. 1408-wide (default Q8_0)")
+    p.add_argument("--arch", default="deepseek2", choices=["deepseek2", "gpt-oss"],
+                   help="architecture: deepseek2 (DeepSeek-V2-Lite's shapes) or gpt-oss (gpt-oss-20b's "
+                        "widths, 4 layers, MXFP4 experts, Q8_0 elsewhere); default deepseek2")
+    p.add_argument("--type", dest="qtype", default=None,
+                   help="quant type of the weight matrices (default Q4_K, gpt-oss Q8_0; e.g. Q8_0, Q6_K, "
+                        "IQ4_XS, IQ2_XXS, TQ1_0)")
+    p.add_argument("--fallback-type", dest="fallback_qtype", default=None,
+                   help=f"type for rows not a multiple of --type's block, e.g. 1408-wide (default {d.fallback_qtype})")
     for name, help_ in _FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(d, name),
-                       help=f"{help_} (default {getattr(d, name)})")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
+                       help=f"{help_} ({dflt(name)})")
     for name, help_ in _ROLE_TYPES.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default="", metavar="TYPE",
-                       help=f"type of the {help_}")
-    p.add_argument("--no-yarn", action="store_true", help="plain RoPE instead of V2-Lite's YaRN scaling")
+        extra = f" (gpt-oss: {getattr(g, name)})" if getattr(g, name) else ""
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="TYPE",
+                       help=f"type of the {help_}{extra}")
+    p.add_argument("--no-yarn", action="store_true", help="plain RoPE instead of the YaRN scaling "
+                   "(V2-Lite's x40, gpt-oss's x32)")
     p.add_argument("--force", "-f", action="store_true", help="overwrite OUT if it exists")
+
+
+def spec_from_args(args):
+    """The SynthSpec `args` ask for: the --arch's defaults (SynthSpec() or gpt_oss_spec()) with
+    every flag given on the command line applied; types checked and upper-cased."""
+    from dsd.errors import DsdError
+    from dsd.shard.synth import supported_types
+
+    arch = getattr(args, "arch", "deepseek2") or "deepseek2"
+    spec = _defaults(arch)
+    wrong = _GPT_OSS_ONLY if arch != "gpt-oss" else _DEEPSEEK_ONLY
+    for name in wrong:
+        if getattr(args, name, None) is not None:
+            raise DsdError(f"--{name.replace('_', '-')} does not apply to --arch {arch}")
+    for name in _FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            setattr(spec, name, int(v))
+    for flag in ("qtype", "fallback_qtype", *_ROLE_TYPES):
+        val = getattr(args, flag, None)
+        if val is None:
+            continue  # the arch's default (a role's "" takes --type)
+        val = val.upper()
+        if flag in _ROLE_TYPES and not val:
+            setattr(spec, flag, "")
+            continue
+        if val not in supported_types():
+            raise DsdError(f"--{flag.replace('qtype', 'type').replace('_', '-')} {val} is not supported; "
+                           f"choose one of {', '.join(supported_types())}")
+        setattr(spec, flag, val)
+    if getattr(args, "no_yarn", False):
+        spec.yarn_factor, spec.context = 1.0, 4096
+    if spec.layers < 1 or spec.dense_lead > spec.layers or spec.experts_used > spec.experts:
+        raise DsdError("need --layers >= 1, --dense-lead <= --layers and --experts-used <= --experts")
+    if arch == "gpt-oss" and (spec.heads % max(spec.kv_heads, 1) or spec.kv_heads < 1 or spec.head_dim % 2):
+        raise DsdError("gpt-oss needs --kv-heads >= 1 dividing --heads and an even --head-dim")
+    return spec
 
 
 def run(args) -> int:
@@ -50,25 +114,11 @@ def run(args) -> int:
     import sys
 
     from dsd.errors import DsdError
-    from dsd.shard.synth import SynthSpec, supported_types, write_synthetic
+    from dsd.shard.synth import write_synthetic
 
     if os.path.exists(args.out) and not args.force:
         raise DsdError(f"{args.out} exists; pass --force to overwrite it")
-    for flag in ("qtype", "fallback_qtype", *_ROLE_TYPES):
-        val = getattr(args, flag).upper()
-        if flag in _ROLE_TYPES and not val:
-            continue  # the role takes --type
-        if val not in supported_types():
-            raise DsdError(f"--{flag.replace('qtype', 'type').replace('_', '-')} {val} is not supported; "
-                           f"choose one of {', '.join(supported_types())}")
-        setattr(args, flag, val)
-    kw = {k: getattr(args, k) for k in _FLAGS}
-    kw.update({k: getattr(args, k) for k in _ROLE_TYPES})
-    spec = SynthSpec(qtype=args.qtype, fallback_qtype=args.fallback_qtype, **kw)
-    if args.no_yarn:
-        spec.yarn_factor, spec.context = 1.0, 4096
-    if spec.layers < 1 or spec.dense_lead > spec.layers or spec.experts_used > spec.experts:
-        raise DsdError("need --layers >= 1, --dense-lead <= --layers and --experts-used <= --experts")
+    spec = spec_from_args(args)
 
     def progress(done, total):
         if sys.stderr.isatty():
@@ -81,5 +131,6 @@ def run(args) -> int:
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(f"wrote {args.out}: {res['bytes'] / 2**30:.2f} GiB, {res['tensors']} tensors, "
-          f"{spec.layers} layers, {spec.qtype} in {res['seconds']:.1f} s")
+          f"{spec.arch}, {spec.layers} layers, {spec.qtype}"
+          + (f" (experts {spec.expert_type})" if spec.expert_type else "") + f" in {res['seconds']:.1f} s")
     return 0
