@@ -56,12 +56,14 @@ def check(c: dict) -> None:
         raise DsdError(f"placement {c['placement']!r} is unknown; use experts, rows or auto")
     if c["pages"] not in ("auto", "1g", "2m", "thp", "4k"):
         raise DsdError(f"pages {c['pages']!r} is unknown; use auto, 1g, 2m, thp or 4k")
+    if c.get("kv_type", "f32") not in ("f32", "f16", "bf16", "q8_0"):
+        raise DsdError(f"kv_type {c['kv_type']!r} is unknown; use f32, f16, bf16 or q8_0")
     if int(c["nodes"]) < 0:
         raise DsdError(f"nodes must be >= 1 (or 0 = one worker per NUMA node with CPUs), got {c['nodes']}")
-    for k in ("max_batch", "prefill_chunk", "context"):
+    for k in ("max_batch", "prefill_chunk"):
         if int(c[k]) < 1:
             raise DsdError(f"{k} must be >= 1, got {c[k]}")
-    for k in ("max_queue", "restart_max", "spin_us", "prefix_cache_tokens"):
+    for k in ("max_queue", "restart_max", "spin_us", "prefix_cache_tokens", "context"):
         if int(c.get(k, 0)) < 0:
             raise DsdError(f"{k} must be >= 0, got {c[k]}")
     for k in ("restart_window_s", "restart_healthy_s", "stall_timeout_s", "stall_kill_s", "request_timeout"):

@@ -135,7 +135,20 @@ class Daemon(ClientSide):
         g = self.gguf
         self.d_model = int(g.arch_get("embedding_length"))
         self.vocab = int(g.tensors["token_embd.weight"].shape[0])
-        self.context = min(int(g.arch_get("context_length", 4096) or 4096), int(self.cfg["context"]))
+        from dsd.daemon.kv_budget import make_budget, parse_size
+
+        self.kv_budget = make_budget(g, self.plan, parse_size(self.cfg.get("kv_memory", "auto")))
+        for line in self.kv_budget.describe():
+            self.log(line)
+        trained = int(g.arch_get("context_length", 4096) or 4096)
+        asked = int(self.cfg["context"])
+        self.context = min(trained, asked) if asked > 0 else trained
+        if self.kv_budget.tokens < self.context:
+            if self.kv_budget.tokens < 256:
+                raise DsdError(f"the KV budget holds only {self.kv_budget.tokens} tokens of context "
+                               f"({self.kv_budget.describe()[0]}); free memory or raise --kv-memory")
+            self.log(f"context {self.context} -> {self.kv_budget.tokens}: what the KV budget holds")
+            self.context = self.kv_budget.tokens
         k = int(g.arch_get("expert_used_count", 0) or 0)
         T = int(self.cfg["prefill_chunk"]) + int(self.cfg["max_batch"])
         rows = int(self.cfg["max_batch"]) + 1
@@ -300,6 +313,7 @@ class Daemon(ClientSide):
                            self.links[j, h.index].name, self.links[j, h.index].path]
                           for j in range(len(self.handles)) if j != h.index],
                 "spin_us": self.transport["spin_us"], "context": self.context,
+                "kv_type": self.cfg.get("kv_type", "f32"),
                 "coordinator_pid": os.getpid()})
 
     def _worker_of(self, ident: bytes, msg: dict) -> WorkerHandle | None:
@@ -424,7 +438,8 @@ class Daemon(ClientSide):
         self.scheduler = Scheduler(self.tokenizer, self.driver, self.context,
                                    int(self.cfg["max_batch"]), int(self.cfg["prefill_chunk"]),
                                    self.engine_send, self.ready, self.log,
-                                   prefix_cache_tokens=int(self.cfg["prefix_cache_tokens"]))
+                                   prefix_cache_tokens=int(self.cfg["prefix_cache_tokens"]),
+                                   kv_tokens=self.kv_budget.tokens)
         engine = threading.Thread(target=self._engine_main, name="dsd-engine", daemon=True)
         engine.start()
         for h in self.handles:

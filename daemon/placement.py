@@ -284,7 +284,10 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
 
     tensors = gguf_model.tensors
     arch = gguf_model.architecture
-    L = int(gguf_model.arch_get("block_count"))
+    # MTP ("nextn") blocks after the trunk (GLM-4.5, DeepSeek V3 files) are never run: nobody
+    # holds them, so they cost no memory
+    L = int(gguf_model.arch_get("block_count")) - int(gguf_model.arch_get("nextn_predict_layers", 0) or 0)
+    tensors = {n: t for n, t in tensors.items() if not ((m := _BLK.match(n)) and int(m.group(1)) >= L)}
     n_exp = int(gguf_model.arch_get("expert_count", 0) or 0)
     n_used = int(gguf_model.arch_get("expert_used_count", 0) or 0)
     moe_layers = sorted({int(m.group(1)) for t in tensors if (m := _EXPS.match(t))})

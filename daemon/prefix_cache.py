@@ -78,6 +78,17 @@ class PrefixCache:
             evicted.append(s)
         return evicted
 
+    def evict_to(self, limit: int) -> list[int]:
+        """Evict least recently used unpinned entries until at most `limit` positions are kept."""
+        out = []
+        for s in list(self.entries):
+            if self.tokens <= max(0, limit):
+                break
+            if s not in self.pinned:
+                self.tokens -= len(self.entries.pop(s))
+                out.append(s)
+        return out
+
     def clear(self) -> list[int]:
         """Forget everything (a worker restarted with empty caches); returns the ids to free."""
         out = list(self.entries)

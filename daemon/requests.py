@@ -20,7 +20,13 @@ def build_request(d, ident: bytes, msg: dict):
         params = SamplingParams.from_dict(msg.get("params") or {})
         if "messages" in msg and msg["messages"] is not None:
             # only the template's markers are special: "hi<|im_end|>" from a user stays text
-            ids = d.template.encode(d.tokenizer, msg["messages"], add_generation_prompt=True)
+            # tools: the OpenAI tool list, rendered by the template (daemon/reasoning.py parses
+            # the calls the model writes back)
+            tools = msg.get("tools")
+            if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+                return None, "tools must be a list of tool objects"
+            ids = d.template.encode(d.tokenizer, msg["messages"], add_generation_prompt=True,
+                                    **({"tools": tools} if tools else {}))
         elif msg.get("prompt_ids") is not None:
             ids = [int(t) for t in msg["prompt_ids"]]
             if any(not 0 <= t < d.vocab for t in ids):
@@ -38,7 +44,9 @@ def build_request(d, ident: bytes, msg: dict):
     if len(ids) >= d.context:
         return None, (f"prompt has {len(ids)} tokens but the context holds {d.context}; "
                       f"shorten it (or start the daemon with a larger `context`)")
-    return Request(rid, ident, ids, params, bool(msg.get("stream"))), None
+    # keep_special: the detokenizer keeps special tokens' text (reasoning/tool-call markers)
+    return Request(rid, ident, ids, params, bool(msg.get("stream")),
+                   keep_special=bool(msg.get("keep_special"))), None
 
 
 def _rate(s: dict) -> float | None:
@@ -78,6 +86,8 @@ def status(d) -> dict:
             "placement": d.plan.mode if hasattr(d, "plan") else None,
             "plan": d.plan.describe() if hasattr(d, "plan") else [],
             "numa_note": getattr(d, "numa_note", ""), "context": getattr(d, "context", None),
+            "kv_budget": ({"tokens": d.kv_budget.tokens, "per_worker_bytes": d.kv_budget.per_worker,
+                           "bytes_per_token": d.kv_budget.bytes_per_token} if hasattr(d, "kv_budget") else None),
             "workers": workers, "scheduler": sched, "queue": queue,
             "watchdog": d.watch.report() if hasattr(d, "watch") else {},
             "embed_hop_us_median": hops[len(hops) // 2] / 1000 if hops else None,
@@ -91,4 +101,12 @@ def model_info(d) -> dict:
             "n_layers": d.plan.n_layers, "d_model": d.d_model, "vocab_size": d.vocab,
             "context": d.context, "n_experts": int(g.arch_get("expert_count", 0) or 0),
             "n_experts_used": int(g.arch_get("expert_used_count", 0) or 0),
-            "placement": d.plan.mode, "nodes": d.plan.n_workers}
+            "placement": d.plan.mode, "nodes": d.plan.n_workers, "chat_format": chat_format(d)}
+
+
+def chat_format(d) -> dict:
+    """How the model writes reasoning and tool calls (daemon/reasoning.py), found once."""
+    if getattr(d, "_chat_format", None) is None:
+        from dsd.daemon.reasoning import describe_template
+        d._chat_format = describe_template(d.template, d.gguf.architecture)
+    return d._chat_format

@@ -47,14 +47,19 @@ class Request:
     t_admit: float = 0.0         # monotonic time the scheduler took it (worker deaths fail older ones)
     cached: int = 0              # prompt tokens taken from the prefix cache
     fork: tuple | None = None    # (cached sequence, positions) the workers copy before its prefill
+    keep_special: bool = False   # detokenize special tokens as their text (daemon/reasoning.py)
 
 
 class Scheduler:
     def __init__(self, tokenizer, driver, context: int, max_batch: int, prefill_chunk: int,
-                 send, ready_event, log, prefix_cache_tokens: int = 0):
+                 send, ready_event, log, prefix_cache_tokens: int = 0, kv_tokens: int = 0):
         from dsd.daemon.prefix_cache import PrefixCache
 
         self.prefix = PrefixCache(prefix_cache_tokens)   # daemon/prefix_cache.py
+        # KV positions every admitted request may grow to, plus the prefix cache's, must fit in
+        # kv_tokens (daemon/kv_budget.py; 0 = no limit); requests beyond it wait in self.waiting
+        self.kv_tokens = int(kv_tokens)
+        self.waiting: deque = deque()
         self.tok = tokenizer
         self.driver = driver
         self.context = context
@@ -97,9 +102,35 @@ class Scheduler:
             return
         req.sampler = Sampler(req.params)
         req.stops = StopStrings(req.params.stop)
-        req.decoder = self.tok.decoder()
+        req.decoder = self.tok.decoder(skip_special=not req.keep_special)
         req.history = list(req.prompt_ids)
         req.max_new = min(req.params.max_tokens, self.context - n)
+        if self.kv_tokens:
+            need = n + req.max_new
+            if need > self.kv_tokens:
+                self._error(req, P.INVALID, f"the prompt ({n} tokens) and max_tokens ({req.max_new}) need "
+                                            f"{need} tokens of KV cache but the daemon's KV budget holds "
+                                            f"{self.kv_tokens}; lower max_tokens, shorten the prompt or "
+                                            f"raise --kv-memory")
+                return
+            if not self._fits(need):
+                self.waiting.append(req)   # admitted when running requests finish
+                return
+        self._activate(req)
+
+    def _fits(self, need: int) -> bool:
+        """Can a request that may grow to `need` positions start now? Evicts cached prefixes
+        (least recently used first) to make room."""
+        active = sum(len(r.prompt_ids) + r.max_new for r in self.active)
+        if active + self.prefix.tokens + need > self.kv_tokens:
+            self.driver.free(self.prefix.evict_to(self.kv_tokens - active - need))
+        return active + self.prefix.tokens + need <= self.kv_tokens
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and self._fits(len(self.waiting[0].prompt_ids) + self.waiting[0].max_new):
+            self._activate(self.waiting.popleft())
+
+    def _activate(self, req: Request) -> None:
         req.t_admit = time.monotonic()
         src, m = self.prefix.match(req.prompt_ids)
         if src is not None:   # start from a copy of the cached prefix: prefill only the rest
@@ -120,6 +151,9 @@ class Scheduler:
                 for r in list(self.active):
                     if r.rid == rid and r.client == client:
                         self._finish(r, None)
+                for r in list(self.waiting):
+                    if r.rid == rid and r.client == client:
+                        self.waiting.remove(r)
             elif kind == "worker_died":
                 t_death, message = val
                 self._forget_cache()
@@ -271,7 +305,12 @@ class Scheduler:
         """A restarted worker has no caches: no prefix may be reused (the others free theirs)."""
         self.driver.free(self.prefix.clear())
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, waiting: bool = False) -> None:
+        """Fail the running requests (and, with waiting, those not admitted yet: at shutdown)."""
+        while waiting and self.waiting:
+            r = self.waiting.popleft()
+            self.failed += 1
+            self.send(r.client, {"type": "error", "id": r.rid, "kind": P.FAILED, "message": message})
         for r in list(self.active):
             self.failed += 1
             self._finish(r, {"type": "error", "id": r.rid, "kind": P.FAILED, "message": message})
@@ -293,6 +332,7 @@ class Scheduler:
             self._drain_inbox(block=not self.active)
             if self.stopping:
                 break
+            self._admit_waiting()
             if not self.active:
                 continue
             if not self.ready.is_set():
@@ -312,7 +352,7 @@ class Scheduler:
                 self.log(str(e))
                 self.driver.drain()
                 self.fail_all(f"the daemon failed this request: {e}")
-        self.fail_all("the daemon is shutting down")
+        self.fail_all("the daemon is shutting down", waiting=True)
 
     def stats(self) -> dict:
         w = list(self.decode_window)
@@ -320,7 +360,9 @@ class Scheduler:
         if len(w) >= 2:
             span = w[-1][0] - w[0][0] + w[0][2]
             tps = sum(n for _, n, _ in w) / span if span > 0 else None
-        return {"active": len(self.active), "queued": self.inbox.qsize(),
+        return {"active": len(self.active), "queued": self.inbox.qsize() + len(self.waiting),
+                "kv_tokens_reserved": sum(len(r.prompt_ids) + r.max_new for r in self.active) + self.prefix.tokens,
+                "kv_tokens_budget": self.kv_tokens or None,
                 "completed": self.completed, "failed": self.failed, "decode_tok_s": tps,
                 "max_decode_batch": self.max_decode_batch, "steps": self.steps,
                 "step_gap_us": _percentiles(self.step_gaps), "prefix_cache": self.prefix.stats()}

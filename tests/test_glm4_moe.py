@@ -131,6 +131,11 @@ def test_converted_file_has_the_mtp_block_and_dsd_does_not_load_it(case):
     m = build_model(g, w)
     assert type(m).__name__ == "Glm4MoeModel" and m.n_layers == L and len(m.ffn) == L
     assert w.asked and not [n for n in w.asked if n.startswith(f"blk.{L}.")]
+    from dsd.daemon.placement import make_plan
+
+    for plan in (make_plan(g, 2, "experts"), make_plan(g, 1)):   # nor does any daemon worker hold it
+        assert plan.n_layers == L and len(plan.layer_owner) == L
+        assert not [p.name for ps in plan.pieces for p in ps if p.name.startswith(f"blk.{L}.")]
 
 
 def test_f32_logits_match_transformers(case):
@@ -199,9 +204,9 @@ def test_q8_0_error_is_the_weights_error(case):
 
 @pytest.mark.parametrize("placement", ["experts", "rows"])
 def test_daemon_two_workers_equals_one_process(tmp_path_factory, placement):
-    """Greedy ids through `dsd start --nodes 2` equal the one-process engine.  On a file without
-    the MTP block: the daemon's plan counts block_count layers (daemon/placement.py), which for a
-    file with nextn_predict_layers includes the MTP block dsd does not run."""
+    """Greedy ids through `dsd start --nodes 2` equal the one-process engine (on a file without
+    the MTP block, whose experts are wide enough for `rows`; the plan of a file with one is
+    checked above)."""
     import torch
     import transformers as tf
 

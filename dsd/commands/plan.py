@@ -41,6 +41,10 @@ def run(args) -> int:
     with open_gguf(path) as g:
         # the file against its metadata and the plan against free memory, as `dsd start` does
         plan, mem_warnings = preflight(g, worker_count(cfg), cfg["placement"], cfg.get("pages"))
+        from dsd.daemon.kv_budget import make_budget, parse_size
+
+        kv = make_budget(g, plan, parse_size(cfg.get("kv_memory", "auto")))
+        trained = int(g.arch_get("context_length", 4096) or 4096)
     wb = plan.worker_bytes()
     needs, note = hugepage_plan(wb, read_topology())
     if args.json:
@@ -52,6 +56,8 @@ def run(args) -> int:
                        "pages_2m": n.pages_2m, "commands": n.commands()} for n in needs]
         d["numa_note"] = note
         d["memory_warnings"] = mem_warnings
+        d["kv"] = {"bytes_per_token": kv.bytes_per_token, "budget_bytes": kv.per_worker, "tokens": kv.tokens,
+                   "trained_context": trained}
         print(json.dumps(d, indent=2))
         return 0
     print(f"model: {path}")
@@ -64,6 +70,12 @@ def run(args) -> int:
               f"pages (free now: {n.have_1g_free} x 1G, {n.have_2m_free} x 2M)")
         for c in n.commands():
             print(f"    to reserve: {c}")
+    for line in kv.describe():
+        print(line)
+    print(f"  context: {min(trained, kv.tokens)} of the model's {trained} (one sequence); "
+          f"{kv.tokens // max(1, trained)} sequence(s) of the full context at once"
+          + (" -- in rows placement every worker keeps the whole latent cache, so the budget is per worker"
+             if plan.mode == "rows" and any(plan.split_attn(i) for i in range(plan.n_layers)) else ""))
     if note:
         print(f"note: {note}")
     for w in mem_warnings:

@@ -21,7 +21,12 @@ def add_arguments(p) -> None:
     p.add_argument("--instance", default=None, help="daemon name (several can run side by side)")
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--prefill-chunk", type=int, default=None)
-    p.add_argument("--context", type=int, default=None, help="cap on the context length")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length (default: the model's trained context, bounded by the KV budget)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="KV cache bytes per worker, e.g. 8G (default auto: available memory after the weights)")
+    p.add_argument("--kv-type", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                   help="KV cache element type (default f32; q8_0 = llama.cpp's --cache-type-k/v q8_0)")
     p.add_argument("--http", default=None, metavar="[HOST:]PORT",
                    help="also serve the OpenAI-compatible HTTP API")
     p.add_argument("--api-key", default=None,
@@ -40,8 +45,8 @@ def config_from_args(args) -> dict:
     over = {"model": args.model, "nodes": args.nodes, "placement": args.placement,
             "pages": args.pages, "threads_per_node": args.threads_per_node,
             "instance": args.instance, "max_batch": args.max_batch,
-            "prefill_chunk": args.prefill_chunk, "context": args.context,
-            "ready_timeout": args.timeout}
+            "prefill_chunk": args.prefill_chunk, "context": args.context, "kv_memory": args.kv_memory,
+            "kv_type": getattr(args, "kv_type", None), "ready_timeout": args.timeout}
     cfg = load_config(over)
     cfg["http"] = args.http
     cfg["api_key"] = args.api_key or _key_from_file(getattr(args, "api_key_file", None)) or \
@@ -152,8 +157,8 @@ def run(args) -> int:
                       ("--placement", args.placement), ("--pages", args.pages),
                       ("--threads-per-node", args.threads_per_node), ("--instance", args.instance),
                       ("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk),
-                      ("--context", args.context), ("--http", args.http),
-                      ("--timeout", args.timeout)):
+                      ("--context", args.context), ("--kv-memory", args.kv_memory), ("--http", args.http),
+                      ("--kv-type", getattr(args, "kv_type", None)), ("--timeout", args.timeout)):
         if val is not None:
             argv += [flag, str(val)]
     env = dict(os.environ)
