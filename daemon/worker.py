@@ -201,7 +201,7 @@ class Worker:
         from dsd.shard.batch import Batch
         from dsd.shard.kv_cache import SequenceCache
 
-        return Batch.of_sequences(self.caches, lambda: SequenceCache(self.plan.n_layers, self.context),
+        return Batch.of_sequences(self.caches, lambda: SequenceCache(self.plan.n_layers, self.context, kv_type=self.assign.get("kv_type")),
                                   tokens, hdr["seqs"], hdr["n"], hdr["pos0"], hdr.get("logit_rows"))
 
     def execute(self, hdr: dict, arr: dict) -> dict:

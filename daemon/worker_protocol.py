@@ -43,7 +43,8 @@ TO_WORKER = Registry(
                       "channel_path": Str(4096).or_none(), "context": Int(1),
                       "coordinator_pid": Int(1), "spin_us": Num(),
                       "node_cpus": IntList(0).or_none(), "links": Any_().optional(),
-                      "spin_between": Bool().optional(), "block_between": Bool().optional()}, True),
+                      "spin_between": Bool().optional(), "block_between": Bool().optional(),
+                      "kv_type": OneOf("f32", "f16", "bf16", "q8_0").optional()}, True),
     Schema("stats", {}), Schema("stop", {}),
 )
 

@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", "-t", type=int, default=None)
     p.add_argument("--mmap", action="store_true",
                    help="compute from the file's mapping (zero copy) instead of a huge-page copy of the weights")
+    p.add_argument("--kv-type", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                   help="KV cache element type (q8_0 = llama.cpp's --cache-type-k/v q8_0; shard/kv_cache.py)")
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
     add_deterministic_argument(p)
     add_sampling_arguments(p)
@@ -32,6 +34,7 @@ def run(args) -> int:
 
     apply_deterministic(args)
     engine = Engine(args.model, threads=args.threads, weights="mmap" if args.mmap else "auto")
+    engine.model.kv_type = getattr(args, "kv_type", None) or "f32"   # the caches new_cache makes
     params = SamplingParams(**sampling_kwargs(args))
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

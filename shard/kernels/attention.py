@@ -51,14 +51,43 @@ def _ld16(builder, p, i):
 def _ld16k(context, builder, aty, p):
     """16 K/V elements at p -> <16 x float>: float32 arrays load directly, uint16 arrays hold
     fp16 bit patterns (a float16 cache viewed as uint16; numba has no float16) and convert
-    exactly (fpext half with F16C, else rows.Emit's integer bit trick)."""
+    exactly (fpext half with F16C, else rows.Emit's integer bit trick), int16 arrays hold bf16
+    bit patterns (a bf16 cache's uint16 storage viewed as int16, so the type tells the two
+    apart): the bits shifted into a float32's high half."""
     if aty.dtype == types.float32:
         return _ld16(builder, p, 0)
     ld = builder.load(builder.bitcast(p, ir.PointerType(ir.VectorType(ir.IntType(16), 16))))
     ld.align = 2
+    if aty.dtype == types.int16:
+        w = builder.zext(ld, ir.VectorType(I32, 16))
+        return builder.bitcast(builder.shl(w, ir.Constant(ir.VectorType(I32, 16), [16] * 16)), V16)
     e = object.__new__(Emit)
     e.b, e.f16c = builder, "+f16c" in context.codegen()._tm_features
     return e.half_to_f32(ld)
+
+
+QK8_0, Q8_0_BYTES = 32, 34  # kv_cache.py's q8_0 blocks: fp16 scale d, then 32 int8 codes
+
+
+def _ldrow(context, builder, aty, row, c):
+    """Values c .. c+15 (c a multiple of 16) of the cached row starting at `row` -> <16 x float>.
+    int8 arrays hold q8_0 rows (kv_cache.py): block c // 32 at byte 34 * (c // 32), its scale
+    first, so a prefix of a row's blocks (MLA's V) is itself a row; the 16 codes times d."""
+    if aty.dtype != types.int8:
+        return _ld16k(context, builder, aty, builder.gep(row, [c]))
+    b = builder.lshr(c, ir.Constant(I64, 5))
+    base = builder.mul(b, ir.Constant(I64, Q8_0_BYTES))
+    qp = builder.gep(row, [builder.add(base, builder.add(ir.Constant(I64, 2),
+                                                             builder.and_(c, ir.Constant(I64, 31))))])
+    q = builder.load(builder.bitcast(qp, ir.PointerType(ir.VectorType(ir.IntType(8), 16))))
+    q.align = 1
+    dp = builder.load(builder.bitcast(builder.gep(row, [base]), ir.PointerType(ir.IntType(16))))
+    dp.align = 1
+    e = object.__new__(Emit)
+    e.b, e.f16c = builder, "+f16c" in context.codegen()._tm_features
+    vec = builder.insert_element(ir.Constant(ir.VectorType(ir.IntType(16), 16), None), dp, ir.Constant(I32, 0))
+    d = e.half_to_f32(builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(I32, 16), [0] * 16)))
+    return builder.fmul(builder.sitofp(q, V16), d, flags=FAST)
 
 
 def _hsum(builder, v):
@@ -163,8 +192,7 @@ def make_pv(G):
                     with cgutils.for_range(builder, nl) as ll:
                         l = builder.add(l0, ll.index)
                         _prefetch(builder, builder.gep(pv, [builder.add(builder.mul(builder.add(l, lb), vs1_), c)]))
-                        vv = _ld16k(context, builder, sig.args[2],
-                                    builder.gep(pv, [builder.add(builder.mul(l, vs1_), c)]))
+                        vv = _ldrow(context, builder, sig.args[2], builder.gep(pv, [builder.mul(l, vs1_)]), c)
                         for i in range(G):
                             p = builder.load(builder.gep(psrc, [builder.add(builder.mul(ir.Constant(I64, i), ss_), l)]))
                             builder.store(builder.fadd(builder.load(accs[i]), builder.fmul(_splat(builder, p), vv,
@@ -197,7 +225,7 @@ def make_qk(G):
                     builder.store(_c16(0.0), accs[i])
                 with cgutils.for_range(builder, builder.udiv(Dk_, ir.Constant(I64, 16))) as cl:
                     c = builder.mul(cl.index, ir.Constant(I64, 16))
-                    kv = _ld16k(context, builder, sig.args[0], builder.gep(krow, [c]))
+                    kv = _ldrow(context, builder, sig.args[0], krow, c)
                     for i in range(G):
                         qv = _ld16(builder, builder.gep(pq, [builder.add(builder.mul(ir.Constant(I64, i), Dk_), c)]), 0)
                         builder.store(builder.fadd(builder.load(accs[i]), builder.fmul(kv, qv, flags=FAST),
@@ -223,7 +251,7 @@ def _head(q, k, v, scale, out, j, g, s):
     mx = np.empty(g, np.float32)
     tot = np.empty(g, np.float32)
     _head_partial(q, k, v, scale, out, j, g, s, mx, tot)
-    Dv = v.shape[2]
+    Dv = out.shape[1]
     for i in range(g):  # normalise the g output rows (Dv values) instead of g*L weights
         inv = np.float32(1.0) / tot[i]
         for d in range(Dv):
@@ -236,7 +264,7 @@ def _head_partial(q, k, v, scale, out, j, g, s, mx, tot):
     head j and stores m (the max score) and sum_l exp(s_l - m) of each of its g query heads in
     mx[i] / tot[i] (the pieces a split over positions combines).  Query heads go in groups of
     up to 4 (the register-resident accumulators)."""
-    L, Dk, Dv = k.shape[1], k.shape[2], v.shape[2]
+    L, Dk, Dv = k.shape[1], q.shape[1], out.shape[1]  # logical dims (q8_0 rows are wider in bytes)
     ks0, ks1 = k.strides[0] // k.itemsize, k.strides[1] // k.itemsize
     vs0, vs1 = v.strides[0] // v.itemsize, v.strides[1] // v.itemsize
     for l0 in range(0, L, LBLOCK):  # position blocks outer: a block of K rows stays in L1/L2
@@ -300,7 +328,7 @@ def decode_split(q, k, v, scale, out, nsplit):
     (flash-decoding): each item's unnormalised partial sum, max and total are combined per query
     head with the log-sum-exp rule  out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) t_c."""
     Hkv, L = k.shape[0], k.shape[1]
-    H, Dv = q.shape[0], v.shape[2]
+    H, Dv = q.shape[0], out.shape[1]
     g = H // Hkv
     po = np.zeros((nsplit, H, Dv), np.float32)
     pm = np.full((nsplit, H), -np.inf, np.float32)
@@ -355,17 +383,40 @@ def n_splits(Hkv: int, L: int, threads: int) -> int:
     return max(1, min(want, L // SPLIT_MIN_POSITIONS))
 
 
-def supported(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> bool:
+def kernel_arrays(k, v):
+    """k, v as the numba kernels take them: float32 as is, float16 as uint16 bit patterns, a
+    bf16 cache (kv_cache.KVRows) as int16 bit patterns, a q8_0 one as its int8 blocks."""
+    t = getattr(k, "kv_type", None)
+    if t is not None:
+        if getattr(v, "kv_type", None) != t:
+            raise TypeError(f"k is a {t} cache view but v is not")
+        if t == "bf16":
+            return k.raw.view(np.int16), v.raw.view(np.int16)
+        return k.raw, v.raw
+    if k.dtype == np.float16 and v.dtype == np.float16:
+        return k.view(np.uint16), v.view(np.uint16)
+    return k, v
+
+
+def supported(q: np.ndarray, k, v) -> bool:
     """Shapes/layouts the kernels handle (else use the numpy path): q float32 [H, Dk]; k, v
-    both float32 or both float16, inner axis contiguous, head dims multiples of 16."""
-    if not (q.dtype == np.float32 and q.ndim == 2 and k.ndim == 3 and v.ndim == 3
-            and k.dtype == v.dtype and k.dtype in (np.float32, np.float16)):
+    both float32, both float16 or both one bf16 / q8_0 cache's KVRows, inner axis contiguous,
+    head dims multiples of 16 (q8_0: of its 32-value blocks)."""
+    t = getattr(k, "kv_type", None)
+    if t is not None:
+        if getattr(v, "kv_type", None) != t:
+            return False
+    elif not (k.dtype == v.dtype and k.dtype in (np.float32, np.float16)):
         return False
-    it = k.itemsize
-    return (k.shape[2] % 16 == 0 and v.shape[2] % 16 == 0 and q.shape[-1] == k.shape[2]
-            and k.strides[2] == it and v.strides[2] == it and k.shape[1] > 0
-            and k.strides[0] % it == 0 and k.strides[1] % it == 0
-            and v.strides[0] % it == 0 and v.strides[1] % it == 0
+    if not (q.dtype == np.float32 and q.ndim == 2 and k.ndim == 3 and v.ndim == 3):
+        return False
+    unit = 32 if t == "q8_0" else 16
+    ka, va = kernel_arrays(k, v)
+    it = ka.itemsize
+    return (k.shape[2] % unit == 0 and v.shape[2] % unit == 0 and q.shape[-1] == k.shape[2]
+            and ka.strides[2] == it and va.strides[2] == it and k.shape[1] > 0
+            and ka.strides[0] % it == 0 and ka.strides[1] % it == 0
+            and va.strides[0] % it == 0 and va.strides[1] % it == 0
             and v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1]
             and q.shape[0] % k.shape[0] == 0)
 
@@ -373,7 +424,8 @@ def supported(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> bool:
 def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
            sinks: np.ndarray | None = None, window: int = 0) -> np.ndarray:
     """One query token: q [H, Dk] -> [H, Dv] (softmax(q k^T * scale) v per head).
-    k, v float32 or float16 (read as uint16 bit patterns).  The query is at the last position:
+    k, v float32, float16 (read as uint16 bit patterns) or a bf16 / q8_0 cache's KVRows (read in
+    their stored form, kernel_arrays).  The query is at the last position:
     window > 0 keeps only the last `window` keys; sinks [H] (float) adds exp(sink_h) to head h's
     softmax denominator (see the module docstring).  Both default off: the plain kernels."""
     if window and window < k.shape[1]:
@@ -383,14 +435,13 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
         return _decode_sinks(q, k, v, scale, np.ascontiguousarray(sinks, dtype=np.float32).reshape(-1))
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
-    if k.dtype == np.float16:
-        k, v = k.view(np.uint16), v.view(np.uint16)
+    k, v = kernel_arrays(k, v)
     import numba
 
     from . import stats
 
     nsplit = n_splits(k.shape[0], k.shape[1], numba.get_num_threads())
-    nbytes = k.shape[0] * k.shape[1] * (k.shape[2] + v.shape[2]) * k.itemsize  # keys + values read
+    nbytes = k.shape[0] * k.shape[1] * (k.shape[2] + v.shape[2]) * k.itemsize  # keys + values read (stored bytes)
     if nbytes < SPLIT_MIN_BYTES:
         # a function of the shapes only (not of registry's timing back-off): the split sums in
         # another order, and a token's result must not depend on the machine's load
@@ -414,7 +465,7 @@ def decode_serial_sinks(q, k, v, scale, sinks, out):
     (the max includes the sink, so no exponent overflows whatever the sink's size)."""
     Hkv, L = k.shape[0], k.shape[1]
     g = q.shape[0] // Hkv
-    Dv = v.shape[2]
+    Dv = out.shape[1]
     s = np.empty((g, L), np.float32)
     mx = np.empty(g, np.float32)
     tot = np.empty(g, np.float32)
@@ -435,7 +486,7 @@ def decode_split_sinks(q, k, v, scale, sinks, out, nsplit):
     """decode_split with the sinks of decode_serial_sinks: the sink joins the log-sum-exp
     combine as one more term, e^(sink_h - M), of the denominator."""
     Hkv, L = k.shape[0], k.shape[1]
-    H, Dv = q.shape[0], v.shape[2]
+    H, Dv = q.shape[0], out.shape[1]
     g = H // Hkv
     po = np.zeros((nsplit, H, Dv), np.float32)
     pm = np.full((nsplit, H), -np.inf, np.float32)
@@ -475,8 +526,7 @@ def decode_split_sinks(q, k, v, scale, sinks, out, nsplit):
 def _decode_sinks(q, k, v, scale, sinks):
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
-    if k.dtype == np.float16:
-        k, v = k.view(np.uint16), v.view(np.uint16)
+    k, v = kernel_arrays(k, v)
     import numba
 
     from . import stats
@@ -550,14 +600,30 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, s
     return out.reshape(Hkv, g, n, -1).transpose(2, 0, 1, 3).reshape(n, H, -1)
 
 
-def warm_up() -> None:
-    """Load (or compile) both decode kernels for float32 and float16 caches, on views shaped like
-    the KV cache's (a position range of a [Hkv, capacity, D] buffer), so that the first long
+_KERNEL_DTYPE = {"f32": np.float32, "f16": np.uint16, "bf16": np.int16, "q8_0": np.int8}
+_warmed: set = set()
+
+
+def warm_up(kv_types=("f32", "f16")) -> None:
+    """Load (or compile) both decode kernels for these cache types (default float32 and float16;
+    kv_cache.SequenceCache warms bf16 / q8_0 when a cache of that type is made), on views shaped
+    like the KV cache's (a position range of a [Hkv, capacity, D] buffer), so that the first long
     context does not compile decode_split in the middle of a request (~3 s)."""
-    q = np.zeros((2, 16), np.float32)
-    out = np.empty((2, 16), np.float32)
-    for dt in (np.float32, np.uint16):
-        buf = np.zeros((1, 8, 16), dt)
+    for t in kv_types:
+        if t in _warmed:
+            continue
+        dt = _KERNEL_DTYPE[t]
+        D = 32 if t == "q8_0" else 16
+        q = np.zeros((2, D), np.float32)
+        out = np.empty((2, D), np.float32)
+        buf = np.zeros((1, 8, Q8_0_BYTES if t == "q8_0" else 16), dt)
         k = v = buf[:, :4]
         decode_serial(q, k, v, np.float32(1.0), out)
         decode_split(q, k, v, np.float32(1.0), out, 2)
+        _warmed.add(t)
+
+
+def warm_up_kv_type(kv_type: str) -> None:
+    """warm_up for one cache type, once per process (SequenceCache calls it for bf16 / q8_0)."""
+    if kv_type not in _warmed:
+        warm_up((kv_type,))

@@ -26,7 +26,7 @@ import numpy as np
 from dsd.errors import UnsupportedModelError
 from dsd.shard import ops
 from dsd.shard.batch import Batch
-from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
+from dsd.shard.models.llama import DenseFFN, Model, ModelArgs, attend
 from dsd.shard.moe import moe_ffn_from_weights
 from dsd.shard.weights import ExpertStack, FusedLinear
 
@@ -113,7 +113,8 @@ def yarn_rope(a: DeepSeek2Args) -> tuple[np.ndarray | None, float, float]:
 
 
 class MLAttention:
-    """MLA with a latent KV cache: per layer one array 'mla' [L, kv_lora + rope].
+    """MLA with a latent KV cache: per layer one array 'mla' [L, kv_lora + rope], stored in the
+    cache's kv_type (q8_0: blocks of 32 along the latent; needs kv_lora and rope % 32 == 0).
 
     Two parts, so heads can be split between processes: prelude(x) -> (q_in, latent row) needs
     the whole-layer weights (kv_a, its norm, q_a), heads(q_in, lat) the per-head ones (q / q_b
@@ -186,7 +187,8 @@ class MLAttention:
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
             kv = s.cache.append(self.layer, s.pos0, mla=lat[sl])["mla"]  # [L, kv_lora + rope]
-            o_lat[sl] = ops.attention(qf[sl], kv[None], kv[None, :, :kvl], s.pos0, self.scale)
+            # (an f32 / f16 array or, bf16 / q8_0, a KVRows view: V = the first kv_lora columns)
+            o_lat[sl] = attend(qf[sl], kv[None], kv[None, :, :kvl], s.pos0, self.scale)
         o = self.v_b.per_matrix(o_lat)                     # [T, H, v]
         return self.wo(o.reshape(T, H * a.v_head))
 

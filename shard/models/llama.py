@@ -70,6 +70,18 @@ class ModelArgs:
         )
 
 
+def attend(q: np.ndarray, k, v, q_pos0: int, scale: float) -> np.ndarray:
+    """Causal attention over a SequenceCache's views: float32 / float16 arrays (f32, f16 caches)
+    through ops.attention; a bf16 / q8_0 cache's KVRows through kernels/attention.py's
+    causal_attention, whose decode kernels read the stored rows directly (the prompt path
+    dequantizes the keys each query chunk sees)."""
+    if isinstance(k, np.ndarray):
+        return ops.attention(q, k, v, q_pos0, scale)
+    from dsd.shard.kernels import attention as attn_kernels
+
+    return attn_kernels.causal_attention(q, k, v, q_pos0, scale)
+
+
 class Attention:
     """Grouped-query attention with RoPE; K/V cached per sequence as [L, Hkv, Dh]."""
 
@@ -100,7 +112,7 @@ class Attention:
         for s in batch.segments:
             sl = slice(s.start, s.start + s.n)
             kv = s.cache.append(self.layer, s.pos0, heads_first=True, k=k[sl], v=v[sl])
-            out[sl] = ops.attention(q[sl], kv["k"], kv["v"], s.pos0, self.scale)
+            out[sl] = attend(q[sl], kv["k"], kv["v"], s.pos0, self.scale)
         return self.wo(out.reshape(T, a.n_heads * a.head_dim))
 
 
@@ -143,8 +155,13 @@ class Model:
     def n_layers(self) -> int:
         return self.args.n_layers
 
-    def new_cache(self, max_len: int | None = None) -> SequenceCache:
-        return SequenceCache(self.args.n_layers, max_len or self.args.context_length)
+    kv_type = "f32"   # the default cache type of new_cache (dsd generate --kv-type sets it)
+
+    def new_cache(self, max_len: int | None = None, kv_type: str | None = None) -> SequenceCache:
+        """A KV cache for one sequence: kv_type f32 | f16 | bf16 | q8_0 (shard/kv_cache.py;
+        default self.kv_type)."""
+        return SequenceCache(self.args.n_layers, max_len or self.args.context_length,
+                             kv_type=kv_type or self.kv_type)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return self.tok_embd(tokens)
