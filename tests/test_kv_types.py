@@ -300,3 +300,23 @@ def test_config_and_flags():
     assert "kv_type" not in W.build(W.TO_WORKER, "assign", **base)     # optional: older senders
     with pytest.raises(Exception, match="kv_type"):
         W.build(W.TO_WORKER, "assign", kv_type="q4", **base)
+
+
+def test_daemon_workers_store_the_configured_type(tmp_path):
+    """dsd start --kv-type q8_0 reaches the workers (assign message): in rows placement each of
+    the 2 workers keeps the whole latent of the 3 layers, 96 values = 3 q8_0 blocks = 102 bytes per
+    position (f32 would be 384), in caches of 256 positions."""
+    from tests.test_daemon_util import running_daemon, wait_for
+
+    path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), kv_lora=64, rope=32, seed=3)
+    with running_daemon(tmp_path, "--model", path, "--nodes", "2", "--placement", "rows",
+                        "--kv-type", "q8_0") as run:
+        c = run.client(timeout=300)
+        r = c.generate("hello there", max_tokens=4, temperature=0, ignore_eos=True)
+        assert len(r.token_ids) == 4
+        # workers report their stats about once a second
+        ws = wait_for(lambda: (lambda w: w if all(x.get("kv_bytes") for x in w) else None)(c.status()["workers"]),
+                      30, "the workers' KV bytes")
+        per_seq = 3 * 256 * 102
+        assert len(ws) == 2 and all(w["kv_bytes"] > 0 and w["kv_bytes"] % per_seq == 0 for w in ws), \
+            [w.get("kv_bytes") for w in ws]
