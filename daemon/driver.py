@@ -62,6 +62,7 @@ class Driver:
         self.nap_margin = nap_margin
         self.handles = handles            # list of WorkerHandle (channel, pid)
         self.pending_free: list[int] = []
+        self.pending_compact: list[list[int]] = []   # [seq, positions] kept by the prefix cache
         self.hop_ns: list[int] = []       # command -> reply latency of an empty command (pings)
         self.steps = 0
         # duration (s) of the last step of each batch size: a wait expected to outlast the
@@ -81,12 +82,17 @@ class Driver:
     def free(self, seq_ids) -> None:
         self.pending_free.extend(seq_ids)
 
+    def compact(self, seq: int, n: int) -> None:
+        self.pending_compact.append([seq, n])
+
     # -- one command to every worker -------------------------------------------------------------
     def _send_all(self, hdr: dict, arrays: dict) -> None:
         self._pids = [h.pid for h in self.handles]
         pids = [[i, p] for i, p in enumerate(self._pids) if p is not None]
         if self.pending_free:
             hdr["free"], self.pending_free = self.pending_free, []
+        if self.pending_compact and hdr.get("type") == "step":
+            hdr["compact"], self.pending_compact = self.pending_compact, []
         for w, h in enumerate(self.handles):
             # abort: the counter a waiting worker watches (see _collect)
             hw = dict(hdr, abort=h.channel.abort_count())
@@ -190,9 +196,11 @@ class Driver:
             self.pending_free.append(WARM_SEQ)
         self._prepared = pids
 
-    def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=()) -> dict:
+    def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=(), caps=None) -> dict:
         T = len(tokens)
         hdr = {"type": "step", "seqs": seqs, "n": ns, "pos0": pos0, "logit_rows": logit_rows}
+        if caps:
+            hdr["caps"] = list(caps)
         if greedy:
             hdr["greedy"] = list(greedy)
         if forks:   # [cached seq, new seq, positions]: copied before the batch runs (prefix cache)
@@ -208,13 +216,14 @@ class Driver:
         return out
 
     def forward(self, tokens: np.ndarray, seqs: list[int], ns: list[int], pos0: list[int],
-                logit_rows: list[int], greedy: list[int] = (), forks=()) -> StepResult:
+                logit_rows: list[int], greedy: list[int] = (), forks=(), caps=None) -> StepResult:
         """One step; greedy: indices into logit_rows whose token is the argmax of its logits;
-        forks: [cached sequence, new sequence, positions] to copy first (daemon/prefix_cache.py)."""
+        forks: [cached sequence, new sequence, positions, capacity] to copy first
+        (daemon/prefix_cache.py); caps: per segment, the positions a new sequence may grow to."""
         with self.lock:
             self._prepare()
             t = time.perf_counter()
-            out = self._step(tokens, seqs, ns, pos0, logit_rows, greedy, forks)
+            out = self._step(tokens, seqs, ns, pos0, logit_rows, greedy, forks, caps)
             self.steps += 1
             if _TRACE:
                 print(f"[dsd driver] T={len(tokens)} step {(time.perf_counter() - t) * 1e3:.2f} ms",
@@ -275,21 +284,24 @@ class LocalDriver:
         self.handles: list = []
         self.steps = 0
 
-    def forward(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=()) -> StepResult:
+    def forward(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=(), caps=None) -> StepResult:
         from dsd.shard.batch import Batch
 
         for sid in self.pending_free:
             self.caches.pop(sid, None)
         self.pending_free = []
-        for src, dst, n in forks:
-            self.caches[dst] = self.caches[src].fork(n)
-        batch = Batch.of_sequences(self.caches, lambda: self.model.new_cache(self.context),
+        for src, dst, n, cap in forks:
+            self.caches[dst] = self.caches[src].fork(n, cap=cap)
+        batch = Batch.of_sequences(self.caches, lambda cap: self.model.new_cache(self.context),
                                    tokens, seqs, ns, pos0, logit_rows)
         self.steps += 1
         return StepResult({"logits": self.model.forward(batch)}, [], len(logit_rows))
 
     def free(self, seq_ids) -> None:
         self.pending_free.extend(seq_ids)
+
+    def compact(self, seq: int, n: int) -> None:
+        pass   # (one process: the cache keeps its buffers)
 
     def flush_frees(self) -> None:
         for sid in self.pending_free:

@@ -186,7 +186,10 @@ class Scheduler:
             if msg is not None and msg.get("type") == "error":
                 self.driver.free([req.seq])
             else:   # its KV holds the tokens fed so far: keep it for a prompt that starts so
-                self.driver.free(self.prefix.insert(req.seq, req.history[:req.pos]))
+                evicted = self.prefix.insert(req.seq, req.history[:req.pos])
+                if req.seq not in evicted:   # kept: its buffers shrink to what is kept
+                    self.driver.compact(req.seq, req.pos)
+                self.driver.free(evicted)
         if msg is not None:
             self.send(req.client, msg)
 
@@ -271,8 +274,10 @@ class Scheduler:
         self.steps += 1
         # plain greedy rows come back as token ids (argmax on the head's worker), the others as logits
         greedy = [k for k, r in enumerate(owners) if r.sampler.plain_greedy]
-        forks = [[r.fork[0], r.seq, r.fork[1]] for r in prefills if r.fork is not None]
-        out = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows, greedy, forks)
+        forks = [[r.fork[0], r.seq, r.fork[1], len(r.prompt_ids) + r.max_new] for r in prefills if r.fork is not None]
+        # per segment the positions its sequence may grow to (a new cache is allocated once)
+        caps = [len(r.prompt_ids) + r.max_new for r in decode + prefills]
+        out = self.driver.forward(np.asarray(toks, dtype=np.int64), seqs, ns, pos0, rows, greedy, forks, caps)
         for r in prefills:
             if r.fork is not None:
                 self.prefix.unpin(r.fork[0])

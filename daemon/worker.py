@@ -201,8 +201,12 @@ class Worker:
         from dsd.shard.batch import Batch
         from dsd.shard.kv_cache import SequenceCache
 
-        return Batch.of_sequences(self.caches, lambda: SequenceCache(self.plan.n_layers, self.context, kv_type=self.assign.get("kv_type")),
-                                  tokens, hdr["seqs"], hdr["n"], hdr["pos0"], hdr.get("logit_rows"))
+        # a new sequence's cache is allocated once at the size it may grow to (the scheduler's
+        # prompt + max_tokens: what the KV budget charges it), not grown by doubling
+        return Batch.of_sequences(
+            self.caches, lambda cap: SequenceCache(self.plan.n_layers, self.context, initial=cap or 256,
+                                                   kv_type=self.assign.get("kv_type")),
+            tokens, hdr["seqs"], hdr["n"], hdr["pos0"], hdr.get("logit_rows"), hdr.get("caps"))
 
     def execute(self, hdr: dict, arr: dict) -> dict:
         """One command of the coordinator: a step descriptor (every worker gets the same one:
@@ -217,9 +221,12 @@ class Worker:
                 self.links.watch({int(j): int(pid) for j, pid in hdr["pids"]})
             if hdr["type"] == "resync":
                 self.links.resync()
-        for src, dst, n in hdr.get("fork", ()):   # prefix cache: start dst from src's first n
+        for seq, n in hdr.get("compact", ()):   # kept by the prefix cache: exactly n positions
+            if seq in self.caches:
+                self.caches[seq] = self.caches[seq].fork(n, cap=n)
+        for src, dst, n, cap in hdr.get("fork", ()):   # prefix cache: start dst from src's first n
             if src in self.caches:
-                self.caches[dst] = self.caches[src].fork(n)
+                self.caches[dst] = self.caches[src].fork(n, cap=cap)
         tokens = arr.get("tokens")
         if tokens is None or not len(tokens):
             return {}

@@ -10,7 +10,9 @@ A worker that dies is noticed through its pidfd (the "dead sentinel"), not throu
 
 Shared-memory commands (the header of a coordinator channel message, COMMANDS; arrays beside):
   step    seqs, n, pos0 (the batch's segments), logit_rows, greedy (rows answered with their
-          argmax), fork ([cached seq, new seq, positions] copied first: the prefix cache),
+          argmax), fork ([cached seq, new seq, positions, capacity] copied first: the prefix
+          cache), caps (per segment: positions a new sequence's cache is allocated for), compact
+          ([seq, positions]: shrink a cached sequence's buffers to what the prefix cache keeps),
           abort (the channel's abort counter when sent), free, pids   [tokens int64 [T]]
   resync  free, pids: reset the worker<->worker links after a failed step
   free    free, pids: drop these sequences' KV caches (also the empty command of a ping)
@@ -53,7 +55,7 @@ _SEQS = IntList(-1)
 COMMANDS = Registry(
     "step command",
     Schema("step", {"seqs": _SEQS, "n": IntList(1), "pos0": IntList(0), "logit_rows": IntList(0),
-                    "greedy": IntList(0).optional(), "fork": Any_().optional(), "abort": Int(0), "free": _SEQS.optional(),
+                    "greedy": IntList(0).optional(), "fork": Any_().optional(), "caps": IntList(1).optional(), "compact": Any_().optional(), "abort": Int(0), "free": _SEQS.optional(),
                     "pids": Any_().optional()}),
     Schema("resync", {"abort": Int(0), "free": _SEQS.optional(), "pids": Any_().optional()}),
     Schema("free", {"abort": Int(0).optional(), "free": _SEQS.optional(), "pids": Any_().optional()}),

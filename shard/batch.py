@@ -48,14 +48,16 @@ class Batch:
                    segments=segs, logit_rows=None)
 
     @classmethod
-    def of_sequences(cls, caches: dict, new_cache, tokens, seqs, ns, pos0, logit_rows=None) -> "Batch":
+    def of_sequences(cls, caches: dict, new_cache, tokens, seqs, ns, pos0, logit_rows=None,
+                     caps=None) -> "Batch":
         """The batch of a step descriptor: segment k is ns[k] new tokens of sequence seqs[k]
-        from position pos0[k], its cache caches[seqs[k]] (made with new_cache() the first time)."""
+        from position pos0[k], its cache caches[seqs[k]] (made with new_cache(caps[k]) the first
+        time: caps[k] = the positions it may grow to, or None)."""
         segs, pos, start = [], [], 0
-        for sid, n, p0 in zip(seqs, ns, pos0):
+        for k, (sid, n, p0) in enumerate(zip(seqs, ns, pos0)):
             c = caches.get(sid)
             if c is None:
-                c = caches[sid] = new_cache()
+                c = caches[sid] = new_cache(caps[k] if caps else None)
             segs.append(Segment(c, start, n, p0))
             pos.append(np.arange(p0, p0 + n, dtype=np.int64))
             start += n

@@ -215,16 +215,18 @@ class SequenceCache:
             out[name] = view if t in ("f32", "f16") else KVRows(view, t)
         return out
 
-    def fork(self, n: int) -> "SequenceCache":
+    def fork(self, n: int, cap: int | None = None) -> "SequenceCache":
         """A new cache holding a copy of this one's first n positions (a prefix another
-        sequence starts from: prefix caching); same kv_type, stored rows copied as they are."""
+        sequence starts from: prefix caching); same kv_type, stored rows copied as they are.
+        cap: positions to allocate (default as for a new cache; n makes an exact-size copy)."""
         n = min(n, self.length)
         out = SequenceCache.__new__(SequenceCache)
-        out.max_len, out.initial, out.kv_type, out._pos_type = self.max_len, self.initial, self.kv_type, self._pos_type
+        out.max_len, out.kv_type, out._pos_type = self.max_len, self.kv_type, self._pos_type
+        out.initial = self.initial if cap is None else int(cap)
         out.kv_dtype = self.kv_dtype
         out.layers = [dict() for _ in self.layers]
         out.heads_first = set(self.heads_first)
-        cap = min(max(self.initial, n), self.max_len)
+        cap = min(max(out.initial, n), self.max_len)
         for src, dst in zip(self.layers, out.layers):
             for name, buf in src.items():
                 if name in self.heads_first:
