@@ -305,18 +305,20 @@ def test_config_and_flags():
 def test_daemon_workers_store_the_configured_type(tmp_path):
     """dsd start --kv-type q8_0 reaches the workers (assign message): in rows placement each of
     the 2 workers keeps the whole latent of the 3 layers, 96 values = 3 q8_0 blocks = 102 bytes per
-    position (f32 would be 384), in caches of 256 positions."""
+    position and layer (f32: 384), for the one sequence the prefix cache keeps (prompt + the
+    generated tokens, at most prompt + max_tokens positions)."""
     from tests.test_daemon_util import running_daemon, wait_for
 
     path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), kv_lora=64, rope=32, seed=3)
     with running_daemon(tmp_path, "--model", path, "--nodes", "2", "--placement", "rows",
                         "--kv-type", "q8_0") as run:
         c = run.client(timeout=300)
-        r = c.generate("hello there", max_tokens=4, temperature=0, ignore_eos=True)
-        assert len(r.token_ids) == 4
+        r = c.generate("t5t17t42t3t9t60t33t8", max_tokens=4, temperature=0, ignore_eos=True)
+        assert len(r.token_ids) == 4 and r.prompt_tokens >= 2
         # workers report their stats about once a second
         ws = wait_for(lambda: (lambda w: w if all(x.get("kv_bytes") for x in w) else None)(c.status()["workers"]),
                       30, "the workers' KV bytes")
-        per_seq = 3 * 256 * 102
-        assert len(ws) == 2 and all(w["kv_bytes"] > 0 and w["kv_bytes"] % per_seq == 0 for w in ws), \
-            [w.get("kv_bytes") for w in ws]
+        per_pos = 3 * 102
+        kv = [w["kv_bytes"] for w in ws]
+        assert len(ws) == 2 and all(b % per_pos == 0 and r.prompt_tokens - 1 <= b // per_pos <= r.prompt_tokens + 4
+                                    for b in kv), (kv, r.prompt_tokens)
