@@ -65,6 +65,8 @@ class Result:
     completion_tokens: int
     token_ids: list[int] | None = None    # the generated token ids
     cached_tokens: int = 0                # prompt tokens the daemon's prefix cache supplied
+    reasoning: str = ""                   # chat: the model's thinking (text is the answer)
+    tool_calls: list[dict] | None = None  # chat with tools: [{"id", "name", "arguments": JSON}]
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Chunk:
     completion_tokens: int | None = None  # set on the last chunk
     token_ids: list[int] | None = None     # token ids this chunk's text came from
     cached_tokens: int | None = None       # set on the last chunk: prompt tokens from the prefix cache
+    reasoning: str = ""                    # chat: thinking text in this chunk
+    tool_calls: list[dict] | None = None   # chat with tools: calls completed in this chunk
 
 
 _POLL_MS = 500
@@ -110,6 +114,19 @@ def _raise(msg: dict):
     raise exc
 
 
+def _parsed(c, parser, state: dict, last: bool):
+    """Chunk or Result `c` with its raw text split by a daemon/reasoning.py parser into answer
+    text, reasoning and tool calls (finish_reason "tool_calls" once a call was made)."""
+    ev = parser.feed(c.text) + (parser.finish() if last else [])
+    c.text = "".join(v for k, v in ev if k == "content")
+    c.reasoning = "".join(v for k, v in ev if k == "reasoning")
+    c.tool_calls = [v for k, v in ev if k == "tool_call"] or None
+    state["calls"] = state.get("calls", 0) + len(c.tool_calls or ())
+    if last and state["calls"] and c.finish_reason == "stop":
+        c.finish_reason = "tool_calls"
+    return c
+
+
 class _Base:
     def __init__(self, socket_dir: str | None = None, instance: str | None = None,
                  timeout: float = 10.0):
@@ -141,9 +158,14 @@ class _Base:
             return True
 
     def _gen_msg(self, stream: bool, sampling: dict, **src) -> dict:
-        """timeout (seconds, in sampling): the daemon cancels the request when it passes."""
+        """timeout (seconds, in sampling): the daemon cancels the request when it passes;
+        tools (chat) and keep_special are request fields too, not sampling ones."""
         timeout = sampling.pop("timeout", None)
         extra = {"timeout": float(timeout)} if timeout is not None else {}
+        for k in ("tools", "keep_special"):
+            if sampling.get(k) is not None:
+                extra[k] = sampling.pop(k)
+            sampling.pop(k, None)
         return _request("generate", id=uuid.uuid4().hex, stream=bool(stream), params=sampling,
                         **extra, **src)
 
@@ -249,9 +271,31 @@ class Client(_Base):
         """Raw text (or token ids) continuation: Result, or an iterator of Chunk if stream."""
         return self._run(self._gen_msg(stream, sampling, **self._src_prompt(prompt)), stream)
 
-    def chat(self, messages: list[dict], stream: bool = False, **sampling):
-        """Chat with the model's template: Result, or an iterator of Chunk if stream."""
-        return self._run(self._gen_msg(stream, sampling, messages=list(messages)), stream)
+    def chat(self, messages: list[dict], stream: bool = False, tools: list | None = None,
+             raw: bool = False, **sampling):
+        """Chat with the model's template: Result, or an iterator of Chunk if stream.  The
+        model's reasoning and tool calls (given `tools`, OpenAI's list) come apart from the
+        answer in .reasoning / .tool_calls; raw=True gives the generated text unparsed."""
+        if raw:
+            return self._run(self._gen_msg(stream, dict(sampling, tools=tools),
+                                           messages=list(messages)), stream)
+        from dsd.daemon.reasoning import make_parser, needs_special
+
+        fmt = self._chat_format()
+        msg = self._gen_msg(stream, dict(sampling, tools=tools, keep_special=needs_special(fmt) or None),
+                            messages=list(messages))
+        parser, state = make_parser(fmt, tools), {}
+        if not stream:
+            return _parsed(self._run(msg, False), parser, state, True)
+        return (_parsed(c, parser, state, c.finish_reason is not None) for c in self._run(msg, True))
+
+    def _chat_format(self):
+        if getattr(self, "_fmt", None) is None:
+            try:
+                self._fmt = self.model_info().get("chat_format") or "plain"
+            except InvalidRequest:   # a daemon from before chat_format
+                self._fmt = "plain"
+        return self._fmt
 
     def status(self) -> dict:
         return self._call({"type": "status"})
@@ -352,8 +396,40 @@ class AsyncClient(_Base):
     def generate(self, prompt, stream: bool = False, **sampling):
         return self._run(self._gen_msg(stream, sampling, **self._src_prompt(prompt)), stream)
 
-    def chat(self, messages: list[dict], stream: bool = False, **sampling):
-        return self._run(self._gen_msg(stream, sampling, messages=list(messages)), stream)
+    def chat(self, messages: list[dict], stream: bool = False, tools: list | None = None,
+             raw: bool = False, **sampling):
+        """Client.chat: .reasoning / .tool_calls apart from the answer unless raw."""
+        if raw:
+            return self._run(self._gen_msg(stream, dict(sampling, tools=tools),
+                                           messages=list(messages)), stream)
+        msg = self._gen_msg(stream, dict(sampling, tools=tools), messages=list(messages))
+        return self._parsed_chunks(msg, tools) if stream else self._parsed_result(msg, tools)
+
+    async def _chat_format(self):
+        if getattr(self, "_fmt", None) is None:
+            try:
+                self._fmt = (await self.model_info()).get("chat_format") or "plain"
+            except InvalidRequest:
+                self._fmt = "plain"
+        return self._fmt
+
+    async def _parsed_setup(self, msg, tools):
+        from dsd.daemon.reasoning import make_parser, needs_special
+
+        fmt = await self._chat_format()
+        if needs_special(fmt):
+            msg["keep_special"] = True
+        return make_parser(fmt, tools), {}
+
+    async def _parsed_result(self, msg, tools) -> Result:
+        parser, state = await self._parsed_setup(msg, tools)
+        return _parsed(await self._result(msg), parser, state, True)
+
+    async def _parsed_chunks(self, msg, tools):
+        parser, state = await self._parsed_setup(msg, tools)
+        async with contextlib.aclosing(self._chunks(msg)) as chunks:
+            async for c in chunks:
+                yield _parsed(c, parser, state, c.finish_reason is not None)
 
     async def status(self) -> dict:
         return await self._call({"type": "status"})

@@ -8,10 +8,13 @@ The app talks to a *backend* with the dsd.client.AsyncClient API:
     await backend.generate(prompt, stream=True, **sampling) -> async iterator of chunks
     await backend.status(), await backend.model_info()
 where a chunk has .text, .finish_reason (None until the last) and, on the last, .prompt_tokens
-and .completion_tokens. Both streaming and non-streaming HTTP requests use the backend's stream
-form: one code path, per-token timing for the decode tok/s metric, and one way to cancel
-(closing the iterator, which the client turns into a cancel of the daemon request) when the HTTP
-client goes away.
+and .completion_tokens.  Chat text is split into content, reasoning_content and tool_calls by
+the parser daemon/reasoning.py picks for the model (model_info()["chat_format"]); for a model
+with such markup (and for requests with tools) the backend is asked for the raw text with its
+special tokens: chat(..., raw=True, keep_special=True, tools=[...]).  Both streaming and
+non-streaming HTTP requests use the backend's stream form: one code path, per-token timing for
+the decode tok/s metric, and one way to cancel (closing the iterator, which the client turns
+into a cancel of the daemon request) when the HTTP client goes away.
 
 `serve()` runs the server blocking (for a process of its own); `start_server()` runs it in a
 thread of the caller (for the coordinator) and returns a handle with .stop().
@@ -33,6 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dsd.daemon import reasoning
 from dsd.daemon.http_metrics import Metrics
 from dsd.daemon.http_schema import (ApiError, ParsedRequest, full_response, new_id, parse_chat,
                                     parse_completion, parse_json_body, stream_chunk, usage)
@@ -235,6 +239,7 @@ class _Api:
         self.api_key = api_key
         self.model_name = model_name
         self.model_extra: dict = {}
+        self.chat_format = None       # daemon/reasoning.py's chat_format() of the model
         self.info_done = False
         self.max_body = max_body_bytes
         self.body_timeout = BODY_TIMEOUT_S
@@ -303,6 +308,7 @@ class _Api:
                 raise
             return        # the name was given; the context length stays unknown for now
         self.info_done = True
+        self.chat_format = _field(info, "chat_format")
         ctx = _field(info, "context_length", "context", "n_ctx", "max_model_len")
         if isinstance(ctx, int) and not isinstance(ctx, bool):
             self.model_extra["context_length"] = ctx
@@ -379,7 +385,11 @@ class _Api:
 
     async def open_run(self, req: ParsedRequest) -> _Run:
         if req.kind == "chat":
-            it = await _maybe_await(self.backend.chat(req.messages, stream=True, **req.sampling))
+            extra = {}
+            if req.tools or reasoning.needs_special(self.chat_format):
+                extra = {"raw": True, **({"tools": req.tools} if req.tools else {}),
+                         **({"keep_special": True} if reasoning.needs_special(self.chat_format) else {})}
+            it = await _maybe_await(self.backend.chat(req.messages, stream=True, **extra, **req.sampling))
         else:
             it = await _maybe_await(self.backend.generate(req.prompt, stream=True, **req.sampling))
         if hasattr(it, "__aiter__") and not hasattr(it, "__anext__"):
@@ -419,8 +429,17 @@ class _Api:
             raise
         if not req.stream:
             await run.close()
-            return JSONResponse(full_response(req, rid, model, "".join(parts),
-                                              run.finish or "stop", run.usage()))
+            text, reasoning_text, calls = "".join(parts), "", None
+            if req.kind == "chat":
+                p = reasoning.make_parser(self.chat_format, req.tools)
+                ev = p.feed(text) + p.finish()
+                text = "".join(v for k, v in ev if k == "content")
+                reasoning_text = "".join(v for k, v in ev if k == "reasoning")
+                calls = [v for k, v in ev if k == "tool_call"] or None
+            finish = run.finish or "stop"
+            return JSONResponse(full_response(req, rid, model, text,
+                                              "tool_calls" if calls and finish == "stop" else finish,
+                                              run.usage(), reasoning_text, calls))
         return _SSEResponse(self.sse(req, rid, model, run, first, endpoint),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -428,6 +447,18 @@ class _Api:
     async def sse(self, req: ParsedRequest, rid: str, model: str, run: _Run, first, endpoint: str):
         created = int(time.time())
         finished = False
+        parser = reasoning.make_parser(self.chat_format, req.tools) if req.kind == "chat" else None
+        n_calls = 0
+
+        def deltas(events):
+            nonlocal n_calls
+            for kind, v in events:
+                if kind == "tool_call":
+                    n_calls += 1
+                    yield _sse(stream_chunk(req, rid, created, model, tool_call=v, tool_index=n_calls - 1))
+                else:
+                    yield _sse(stream_chunk(req, rid, created, model, **{
+                        "text" if kind == "content" else "reasoning": v}))
         try:
             if req.kind == "chat":
                 yield _sse(stream_chunk(req, rid, created, model, role=True))
@@ -437,9 +468,15 @@ class _Api:
             try:
                 while c is not None:
                     text = _field(c, "text", default="")
-                    if text:
+                    if parser is not None:
+                        for d in deltas(parser.feed(text) if text else []):
+                            yield d
+                    elif text:
                         yield _sse(stream_chunk(req, rid, created, model, text=text))
                     c = await run.next()
+                if parser is not None:
+                    for d in deltas(parser.finish()):
+                        yield d
             except (Exception, anyio.get_cancelled_exc_class()) as exc:
                 if isinstance(exc, anyio.get_cancelled_exc_class()):
                     raise
@@ -448,7 +485,9 @@ class _Api:
                 yield "data: [DONE]\n\n"
                 finished = True
                 return
-            yield _sse(stream_chunk(req, rid, created, model, finish=run.finish or "stop"))
+            finish = run.finish or "stop"
+            yield _sse(stream_chunk(req, rid, created, model,
+                                    finish="tool_calls" if n_calls and finish == "stop" else finish))
             await run.close()
             if req.include_usage:
                 yield _sse(stream_chunk(req, rid, created, model, u=run.usage(), usage_only=True))

@@ -6,9 +6,12 @@ field (`param`) in the error object, the way OpenAI's own API does, and so that 
 
 Policy for fields dsd cannot honour:
   * fields that only carry bookkeeping (user, metadata, store, service_tier, ...) are ignored;
-  * fields that would change the answer in a way dsd cannot reproduce (n > 1, logprobs, tools,
-    JSON response_format, non-zero presence/frequency penalty, logit_bias, suffix, best_of > 1)
-    get a 400 naming the field, so a client never silently gets something it did not ask for.
+  * fields that would change the answer in a way dsd cannot reproduce (n > 1, logprobs, a
+    forced tool_choice, legacy functions, JSON response_format, non-zero presence/frequency
+    penalty, logit_bias, suffix, best_of > 1) get a 400 naming the field, so a client never
+    silently gets something it did not ask for.
+Tools: `tools` goes to the chat template; the calls the model writes come back as `tool_calls`
+and its thinking as `reasoning_content` (daemon/reasoning.py parses them).
 Unknown fields are ignored (vLLM and llama-server do the same; OpenAI SDKs send extras).
 """
 from __future__ import annotations
@@ -141,6 +144,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    tools: list[dict] | None = None   # chat: OpenAI function tools, for the template
 
 
 def _parse_sampling(body: dict) -> dict:
@@ -215,10 +219,11 @@ def _check_unsupported(body: dict) -> None:
     tlp = body.get("top_logprobs")
     if tlp is not None and tlp != 0:
         raise unsupported("top_logprobs", "log-probabilities are not returned")
-    for name in ("tools", "functions"):
-        v = body.get(name)
-        if v:
-            raise unsupported(name, "tool and function calling are not implemented")
+    if body.get("functions"):
+        raise unsupported("functions", "send the tools as 'tools' (OpenAI's current form)")
+    tc = body.get("tool_choice")
+    if tc is not None and tc not in ("auto", "none"):
+        raise unsupported("tool_choice", "dsd cannot force a tool call; send 'auto' or 'none'")
     rf = body.get("response_format")
     if rf is not None:
         if not isinstance(rf, dict):
@@ -276,6 +281,47 @@ def _message_text(content, param: str) -> str:
     return "".join(out)
 
 
+def _tools(tools) -> list[dict] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise _type_error("tools", "an array", tools)
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict):
+            raise bad(f"tools[{i}]", f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": "
+                                     f"{{\"name\": ..., \"parameters\": ...}}}}.", "invalid_value")
+        if not isinstance(f.get("name"), str) or not f["name"]:
+            raise bad(f"tools[{i}].function.name", "a tool needs a non-empty string 'name'.",
+                      "invalid_value")
+        if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+            raise _type_error(f"tools[{i}].function.parameters", "an object", f["parameters"])
+    return tools or None
+
+
+def _tool_calls(calls, param: str) -> list[dict]:
+    """An assistant message's tool_calls, for the template: arguments as an object (templates
+    iterate over them or write them with tojson), as transformers' chat format has them."""
+    if not isinstance(calls, list):
+        raise _type_error(param, "an array", calls)
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad(f"{param}[{j}]", f"'{param}[{j}]' must be {{\"type\": \"function\", \"id\": ..., "
+                                       f"\"function\": {{\"name\": ..., \"arguments\": ...}}}}.",
+                      "invalid_value")
+        args = f.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass           # the template gets the text as it came
+        out.append({"id": str(c.get("id") or ""), "type": "function",
+                    "function": {"name": f["name"], "arguments": args}})
+    return out
+
+
 def parse_chat(body: dict) -> ParsedRequest:
     msgs = body.get("messages")
     if msgs is None:
@@ -293,13 +339,19 @@ def parse_chat(body: dict) -> ParsedRequest:
         if not isinstance(role, str) or role not in _ROLES:
             raise bad(f"{p}.role", f"Invalid value for '{p}.role': {role!r}; expected one of "
                                    f"{', '.join(sorted(_ROLES))}.", "invalid_value")
-        if m.get("tool_calls"):
-            raise unsupported(f"{p}.tool_calls", "tool and function calling are not implemented")
         # 'developer' is OpenAI's newer name for the system role; chat templates know 'system'
-        messages.append({"role": "system" if role == "developer" else role,
-                         "content": _message_text(m.get("content"), f"{p}.content")})
+        msg = {"role": "system" if role == "developer" else role,
+               "content": _message_text(m.get("content"), f"{p}.content")}
+        for k in ("tool_call_id", "name", "reasoning_content"):
+            if isinstance(m.get(k), str):
+                msg[k] = m[k]
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{p}.tool_calls")
+        messages.append(msg)
     _check_unsupported(body)
     req = ParsedRequest("chat", _model(body), messages=messages, sampling=_parse_sampling(body))
+    if body.get("tool_choice") != "none":
+        req.tools = _tools(body.get("tools"))
     _parse_stream(body, req)
     return req
 
@@ -346,12 +398,23 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def tool_call_obj(call: dict, index: int | None = None) -> dict:
+    """OpenAI's tool call from a daemon/reasoning.py one (with "index" in a stream delta)."""
+    return {**({"index": index} if index is not None else {}), "id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+
 def full_response(req: ParsedRequest, rid: str, model: str, text: str, finish: str,
-                  u: dict) -> dict:
+                  u: dict, reasoning: str = "", tool_calls: list | None = None) -> dict:
     created = int(time.time())
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": finish}
+        msg = {"role": "assistant", "content": text if text or not tool_calls else None,
+               "refusal": None}
+        if reasoning:
+            msg["reasoning_content"] = reasoning
+        if tool_calls:
+            msg["tool_calls"] = [tool_call_obj(c) for c in tool_calls]
+        choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": (req.prompt + text) if req.echo else text,
@@ -363,7 +426,8 @@ def full_response(req: ParsedRequest, rid: str, model: str, text: str, finish: s
 
 def stream_chunk(req: ParsedRequest, rid: str, created: int, model: str, *, text: str | None = None,
                  role: bool = False, finish: str | None = None, u: dict | None = None,
-                 usage_only: bool = False) -> dict:
+                 usage_only: bool = False, reasoning: str | None = None,
+                 tool_call: dict | None = None, tool_index: int = 0) -> dict:
     """One SSE chunk. Chat deltas carry the role once (first chunk), then content, then an
     empty delta with finish_reason; with include_usage every chunk has "usage": null and a
     last chunk with no choices carries the totals, as OpenAI sends them."""
@@ -378,6 +442,10 @@ def stream_chunk(req: ParsedRequest, rid: str, created: int, model: str, *, text
                 delta["content"] = ""
             if text is not None:
                 delta["content"] = text
+            if reasoning is not None:
+                delta["reasoning_content"] = reasoning
+            if tool_call is not None:
+                delta["tool_calls"] = [tool_call_obj(tool_call, tool_index)]
             choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         obj = "text_completion"

@@ -363,7 +363,7 @@ def chat_format(template_source: str | None, architecture: str | None = None,
     arch = (architecture or "").lower()
     if "<|channel|>" in src or arch == "gpt-oss":
         name = "harmony"
-    elif "<|tool_calls_section_begin|>" in src:
+    elif "<|tool_calls_section_begin|>" in src or "<|im_middle|>" in src:   # Kimi K2
         name = "kimi"
     elif "<arg_key>" in src or (not src and arch == "glm4moe"):
         name = "glm45"

@@ -75,12 +75,14 @@ def test_fake_daemon_round_trip(tmp_path):
     seen = []
 
     def serve():
-        for _ in range(4):
+        for _ in range(5):
             ident, data = srv.recv_multipart()
             m = P.unpack(data)
             seen.append(m)
             if m["type"] == "status":
                 srv.send_multipart([ident, P.pack({"type": "status", "state": "ready"})])
+            elif m["type"] == "model_info":   # chat() asks once how the model writes reasoning
+                srv.send_multipart([ident, P.pack({"type": "model_info", "chat_format": {"name": "plain"}})])
             elif m["params"].get("max_tokens") == 1:
                 srv.send_multipart([ident, P.pack({"type": "error", "id": m["id"], "kind": "invalid",
                                                    "message": "bad"})])
@@ -110,5 +112,5 @@ def test_fake_daemon_round_trip(tmp_path):
         th.join(10)
         srv.close(0)
     assert all(m["v"] == P.VERSION for m in seen)
-    assert seen[1]["messages"] == [{"role": "user", "content": "x"}] and seen[1]["stream"] is True
-    assert seen[3]["prompt_ids"] == [1, 2]
+    assert seen[2]["messages"] == [{"role": "user", "content": "x"}] and seen[2]["stream"] is True
+    assert seen[4]["prompt_ids"] == [1, 2]

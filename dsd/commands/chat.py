@@ -93,10 +93,22 @@ class ChatSession:
         t_first = None
         pieces = []
         last = None
+        thinking = False   # the model's reasoning is shown apart: dimmed, or after "thinking: "
+        tty = getattr(self.out, "isatty", lambda: False)()
         try:
             for ch in self.client.chat(self.messages(), stream=True, **self.params):
                 if t_first is None:
                     t_first = time.perf_counter()
+                if getattr(ch, "reasoning", "") and not thinking:
+                    self.out.write("\x1b[2m" if tty else "thinking: ")
+                    thinking = True
+                if getattr(ch, "reasoning", ""):
+                    self.out.write(ch.reasoning)
+                if thinking and (ch.text or ch.tool_calls or ch.finish_reason):
+                    self.out.write("\x1b[0m\n" if tty else "\n")
+                    thinking = False
+                for call in getattr(ch, "tool_calls", None) or ():
+                    self.out.write(f"[tool call {call['name']}({call['arguments']})]\n")
                 pieces.append(ch.text)
                 self.out.write(ch.text)
                 self.out.flush()
