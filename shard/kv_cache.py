@@ -57,6 +57,9 @@ def row_values(kv_type: str, units: int) -> int:
     return units // Q8_0_BYTES * QK8_0 if kv_type == "q8_0" else units
 
 
+_NUMBA_ROWS_MAX = 1 << 16   # values up to which encode() uses the compiled encoders (same bytes)
+
+
 def encode(kv_type: str, x: np.ndarray) -> np.ndarray:
     """float rows [..., d] -> their storage [..., row_units(d)] (a new array)."""
     x = np.asarray(x, dtype=np.float32)
@@ -65,21 +68,33 @@ def encode(kv_type: str, x: np.ndarray) -> np.ndarray:
     if kv_type == "f16":
         return x.astype(np.float16)
     if kv_type == "bf16":
+        if x.size <= _NUMBA_ROWS_MAX:   # a decode step's rows: one compiled call (kernels/attention.py)
+            from dsd.shard.kernels.attention import encode_bf16
+            x = np.ascontiguousarray(x)
+            out = np.empty(x.shape, np.uint16)
+            encode_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
+            return out
         u = x.view(np.uint32)
         return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
     d = x.shape[-1]
+    if x.size <= _NUMBA_ROWS_MAX:
+        from dsd.shard.kernels.attention import encode_q8_0
+        x2 = np.ascontiguousarray(x).reshape(-1, d)
+        out = np.empty((x2.shape[0], row_units("q8_0", d)), np.int8)
+        encode_q8_0(x2, out)
+        return out.reshape(x.shape[:-1] + (out.shape[1],))
     nb = row_units("q8_0", d) // Q8_0_BYTES
     blk = x.reshape(x.shape[:-1] + (nb, QK8_0))
     # ggml-quants.c quantize_row_q8_0_ref: d = amax / 127, codes roundf(x / d) (half away from
     # zero) with d in float32, then d stored as fp16 (bit for bit what llama.cpp's reference writes)
     d = np.abs(blk).max(axis=-1, keepdims=True) / np.float32(127.0)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):   # (subnormal d: as ggml)
         inv = np.where(d == 0, np.float32(0.0), np.float32(1.0) / d)
-    y = blk * inv
-    q = np.sign(y) * np.floor(np.abs(y) + np.float32(0.5))
-    out = np.empty(x.shape[:-1] + (nb, Q8_0_BYTES), np.int8)
-    out[..., :2] = d.astype(np.float16).view(np.int8)
-    out[..., 2:] = q.astype(np.int8)
+        y = blk * inv
+        q = np.sign(y) * np.floor(np.abs(y) + np.float32(0.5))
+        out = np.empty(x.shape[:-1] + (nb, Q8_0_BYTES), np.int8)
+        out[..., :2] = d.astype(np.float16).view(np.int8)
+        out[..., 2:] = q.astype(np.int8)
     return out.reshape(x.shape[:-1] + (nb * Q8_0_BYTES,))
 
 

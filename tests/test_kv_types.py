@@ -322,3 +322,17 @@ def test_daemon_workers_store_the_configured_type(tmp_path):
         kv = [w["kv_bytes"] for w in ws]
         assert len(ws) == 2 and all(b % per_pos == 0 and r.prompt_tokens - 1 <= b // per_pos <= r.prompt_tokens + 4
                                     for b in kv), (kv, r.prompt_tokens)
+
+
+def test_compiled_encoders_equal_numpy(monkeypatch):
+    """kv_cache.encode's compiled encoders (decode-step rows) write the numpy path's bytes,
+    whatever the magnitudes (zero, subnormal and huge blocks)."""
+    import dsd.shard.kv_cache as K
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((300, 64)) * np.exp(rng.uniform(-30, 12, (300, 1)))).astype(np.float32)
+    x[5, :32], x[6, :32] = 0.0, 1e-40
+    fast = {t: K.encode(t, x) for t in ("bf16", "q8_0")}
+    monkeypatch.setattr(K, "_NUMBA_ROWS_MAX", 0)
+    for t, got in fast.items():
+        assert np.array_equal(got, K.encode(t, x)), t
