@@ -28,8 +28,10 @@ import uuid
 
 
 def dsd(args, env, timeout=1800):
+    # cwd "/": `python -m` puts the working directory first on sys.path, and a source tree's
+    # dsd/ there would shadow PYTHONPATH (--tree)
     p = subprocess.run([sys.executable, "-m", "dsd.cli", *args], env=env, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, cwd="/")
     if p.returncode != 0:
         raise SystemExit(f"dsd {' '.join(args)} failed:\n{p.stderr}")
     return p

@@ -137,7 +137,8 @@ class Daemon(ClientSide):
         self.vocab = int(g.tensors["token_embd.weight"].shape[0])
         from dsd.daemon.kv_budget import make_budget, parse_size
 
-        self.kv_budget = make_budget(g, self.plan, parse_size(self.cfg.get("kv_memory", "auto")))
+        self.kv_budget = make_budget(g, self.plan, parse_size(self.cfg.get("kv_memory", "auto")),
+                                     kv_type=self.cfg.get("kv_type", "f32"))
         for line in self.kv_budget.describe():
             self.log(line)
         trained = int(g.arch_get("context_length", 4096) or 4096)

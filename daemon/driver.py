@@ -193,7 +193,9 @@ class Driver:
         if self._prepared != pids:
             for pos0, T in ((0, 5), (5, 1)):
                 self._step(np.zeros(T, np.int64), [WARM_SEQ], [T], [pos0], [T - 1])
-            self.pending_free.append(WARM_SEQ)
+            self.pending_free.append(WARM_SEQ)   # freed now: no worker keeps its cache
+            self._send_all({"type": "free"}, {})
+            self._collect(0)
         self._prepared = pids
 
     def _step(self, tokens, seqs, ns, pos0, logit_rows, greedy=(), forks=(), caps=None) -> dict:

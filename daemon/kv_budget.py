@@ -3,7 +3,7 @@
 Per token and layer a worker that computes the layer's attention keeps (shard/kv_cache.py):
   GQA (llama, qwen, glm, gpt-oss)  K and V: 2 x n_kv_heads x head_dim elements (heads-first)
   MLA (DeepSeek)                   the latent row: kv_lora_rank + rope dims elements
-at the cache's element size (float32 today: 4 bytes).  Which workers keep a layer: its owner, and
+at the cache's element size (`kv_type`: f32 4 bytes, f16 / bf16 2, q8_0 34/32).  Which workers keep a layer: its owner, and
 with its heads split (rows placement, MLA) every worker, since each holds the whole latent (it is
 not per head) -- so in rows placement the budget binds per worker, not per model.
 
@@ -96,10 +96,12 @@ def available_bytes(root: str = "/") -> int:
 
 
 def make_budget(gguf_model, plan, kv_memory: int = 0, available: int | None = None,
-                loaded: bool = False) -> KVBudget:
+                loaded: bool = False, kv_type: str = "f32") -> KVBudget:
     """kv_memory > 0: that many bytes per worker; else the automatic budget (module docstring).
     loaded: the weights are already in memory (do not subtract them again)."""
-    per_tok = bytes_per_token(gguf_model, plan)
+    from dsd.shard.kv_cache import ELEMENT_BYTES
+
+    per_tok = bytes_per_token(gguf_model, plan, ELEMENT_BYTES[kv_type])
     n = plan.n_workers
     if kv_memory > 0:
         per = [int(kv_memory)] * n

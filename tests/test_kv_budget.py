@@ -35,6 +35,8 @@ def test_smollm2_bytes_per_token_and_budget():
         assert per == [n * 2 * 3 * 64 * 4 for n in layers]
         b = make_budget(g, plan, kv_memory=10 << 20)
         assert b.per_worker == [10 << 20] * 2 and b.tokens == min((10 << 20) // p for p in per)
+        q8 = make_budget(g, plan, kv_memory=10 << 20, kv_type="q8_0")   # 34 bytes per 32 values
+        assert q8.bytes_per_token == [p * 34 / 32 / 4 for p in per]
         auto = make_budget(g, plan, available=8 << 30)
         left = (8 << 30) - sum(plan.worker_bytes())
         assert auto.per_worker[0] == (left - max(1 << 30, int(0.1 * left))) // 2

@@ -43,7 +43,7 @@ def run(args) -> int:
         plan, mem_warnings = preflight(g, worker_count(cfg), cfg["placement"], cfg.get("pages"))
         from dsd.daemon.kv_budget import make_budget, parse_size
 
-        kv = make_budget(g, plan, parse_size(cfg.get("kv_memory", "auto")))
+        kv = make_budget(g, plan, parse_size(cfg.get("kv_memory", "auto")), kv_type=cfg.get("kv_type", "f32"))
         trained = int(g.arch_get("context_length", 4096) or 4096)
     wb = plan.worker_bytes()
     needs, note = hugepage_plan(wb, read_topology())
