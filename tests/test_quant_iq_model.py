@@ -69,12 +69,13 @@ def test_logits_match_float64_reference(all_types_file):
 
 @pytest.mark.int8
 def test_logits_with_int8_activations_close_to_float64(all_types_file):
-    """The same with 8-bit activations for the types that have integer kernels (rows_iq8:
-    all IQ types but IQ1_S, IQ1_M and TQ1_0; x rounded to 1/254 of its block's max): within 1e-2
-    of the largest logit, the same greedy tokens where the reference's margin is wider."""
+    """The same with 8-bit activations for the types that have integer kernels (rows_iq8 and
+    rows_iq1: all twelve types; x rounded to 1/254 of its block's max): within 1.5e-2 of the
+    largest logit (measured 1.08e-2 once IQ1_S / IQ1_M / TQ1_0 got 8-bit kernels too), the same
+    greedy tokens where the reference's margin is wider."""
     if not registry.INT8_ACTIVATIONS:
         pytest.skip("no 8-bit activation kernels on this CPU (or DSD_EXACT_ACTIVATIONS=1)")
-    _check_logits(all_types_file, 1e-2)
+    _check_logits(all_types_file, 1.5e-2)
 
 
 def _check_logits(path, tol):
