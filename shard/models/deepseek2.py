@@ -193,6 +193,18 @@ class MLAttention:
         return self.wo(o.reshape(T, H * a.v_head))
 
 
+def deepseek_ffn(a, w, i: int):
+    """Layer i's FFN in the DeepSeekMoE layout (also GLM-4.5's): the first a.dense_lead layers
+    dense, the others routed experts (gating, renorm, scale, groups from a) plus shared experts."""
+    p = f"blk.{i}."
+    if i < a.dense_lead or not w.has(p + "ffn_gate_inp.weight"):
+        return DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
+                        w.linear(p + "ffn_down.weight"))
+    return moe_ffn_from_weights(w, i, a.n_experts_used, gating=a.gating, norm=a.weights_norm,
+                                scale=a.weights_scale, n_groups=a.n_groups,
+                                n_groups_used=a.n_groups_used, shared=True)
+
+
 class DeepSeek2Model(Model):
     """llama.Model's embed/block/head/forward over MLA attention and DeepSeekMoE FFNs."""
 
@@ -210,13 +222,7 @@ class DeepSeek2Model(Model):
             self.attn_norm.append(w.vector(p + "attn_norm.weight"))
             self.ffn_norm.append(w.vector(p + "ffn_norm.weight"))
             self.attn.append(MLAttention(a, w, i, self.rope, scale))
-            if i < a.dense_lead or not w.has(p + "ffn_gate_inp.weight"):
-                self.ffn.append(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
-                                        w.linear(p + "ffn_down.weight")))
-            else:
-                self.ffn.append(moe_ffn_from_weights(
-                    w, i, a.n_experts_used, gating=a.gating, norm=a.weights_norm, scale=a.weights_scale,
-                    n_groups=a.n_groups, n_groups_used=a.n_groups_used, shared=True))
+            self.ffn.append(deepseek_ffn(a, w, i))
 
 
 def build(gguf_model, weights) -> DeepSeek2Model:

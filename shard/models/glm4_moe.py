@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from dsd.errors import UnsupportedModelError
-from dsd.shard import ops
-from dsd.shard.models.llama import DenseFFN, Model, ModelArgs
-from dsd.shard.models.qwen import QwenAttention
-from dsd.shard.moe import GATING_SIGMOID, moe_ffn_from_weights
+from dsd.shard.models.deepseek2 import deepseek_ffn
+from dsd.shard.models.llama import Model, ModelArgs
+from dsd.shard.models.qwen import QwenAttention, neox_rope
+from dsd.shard.moe import GATING_SIGMOID
 
 
 @dataclass
@@ -66,24 +64,14 @@ class Glm4MoeModel(Model):
         self.args = a = args
         w = weights
         self.init_embeddings(w)
-        freqs = None
-        if a.rope_scale != 1.0:  # rope.scaling.type == "linear"
-            freqs = a.rope_scale / (a.rope_base ** (np.arange(0, a.rope_dim, 2) / a.rope_dim))
-        self.rope = ops.RopeTable(a.rope_dim, a.rope_base, "neox", max_pos=min(a.context_length, 4096),
-                                  freqs=freqs)
+        self.rope = neox_rope(a)
         self.attn_norm, self.ffn_norm, self.attn, self.ffn = [], [], [], []
         for i in range(a.n_layers):   # the trunk only: blk.{n_layers}.. are the MTP blocks
             p = f"blk.{i}."
             self.attn_norm.append(w.vector(p + "attn_norm.weight"))
             self.ffn_norm.append(w.vector(p + "post_attention_norm.weight"))
             self.attn.append(QwenAttention(a, w, i, self.rope))
-            if i < a.dense_lead or not w.has(p + "ffn_gate_inp.weight"):
-                self.ffn.append(DenseFFN(w.linear(p + "ffn_gate.weight"), w.linear(p + "ffn_up.weight"),
-                                         w.linear(p + "ffn_down.weight")))
-            else:
-                self.ffn.append(moe_ffn_from_weights(
-                    w, i, a.n_experts_used, gating=a.gating, norm=a.weights_norm, scale=a.weights_scale,
-                    n_groups=a.n_groups, n_groups_used=a.n_groups_used, shared=True))
+            self.ffn.append(deepseek_ffn(a, w, i))
 
 
 def build(gguf_model, weights) -> Glm4MoeModel:

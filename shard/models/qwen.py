@@ -45,16 +45,20 @@ class QwenAttention(Attention):
         return q, k, v
 
 
+def neox_rope(a) -> ops.RopeTable:
+    """NeoX-style RoPE over a.rope_dim dims, with linear scaling when a.rope_scale is set."""
+    freqs = None
+    if a.rope_scale != 1.0:  # rope.scaling.type == "linear"
+        freqs = a.rope_scale / (a.rope_base ** (np.arange(0, a.rope_dim, 2) / a.rope_dim))
+    return ops.RopeTable(a.rope_dim, a.rope_base, "neox", max_pos=min(a.context_length, 4096), freqs=freqs)
+
+
 class QwenModel(Model):
     def __init__(self, args: ModelArgs, weights):
         self.args = a = args
         w = weights
         self.init_embeddings(w)
-        freqs = None
-        if a.rope_scale != 1.0:  # rope.scaling.type == "linear"
-            freqs = a.rope_scale / (a.rope_base ** (np.arange(0, a.rope_dim, 2) / a.rope_dim))
-        self.rope = ops.RopeTable(a.rope_dim, a.rope_base, "neox", max_pos=min(a.context_length, 4096),
-                                  freqs=freqs)
+        self.rope = neox_rope(a)
         self.attn_norm, self.ffn_norm, self.attn, self.ffn = [], [], [], []
         for i in range(a.n_layers):
             p = f"blk.{i}."
