@@ -239,7 +239,7 @@ def _mla_heads(gguf_model, i: int, n: int, rotate: int) -> list[tuple[int, int]]
     or None when it stays whole with the layer's owner.  The owner keeps the latent (kv_a, its
     norm, q_a) and sends it; every worker holds the q / k_b / v_b rows of its heads and the
     matching columns of attn_output, whose split points must fall on block boundaries."""
-    from dsd.shard.kernels import quant_type
+    from dsd.shard.kernels import quant_type, split_unit
 
     t = gguf_model.tensors
     p = f"blk.{i}."
@@ -250,7 +250,7 @@ def _mla_heads(gguf_model, i: int, n: int, rotate: int) -> list[tuple[int, int]]
     if H <= 0 or wo.shape[1] % H:
         return None
     v = wo.shape[1] // H
-    bs = quant_type(wo.ggml_type).block_size
+    bs = split_unit(wo.ggml_type)
     unit = bs // math.gcd(bs, v)  # heads per split unit: unit * v is a whole number of blocks
     if H % unit or H // unit < n:
         return None
@@ -260,10 +260,10 @@ def _mla_heads(gguf_model, i: int, n: int, rotate: int) -> list[tuple[int, int]]
 def _dense_split_ok(tensors, i: int, n: int) -> bool:
     """Can layer i's dense FFN intermediate dim F be split into n shares of whole blocks (the
     down projection's blocks run along F)?"""
-    from dsd.shard.kernels import quant_type
+    from dsd.shard.kernels import quant_type, split_unit
 
     down = tensors[f"blk.{i}.ffn_down.weight"]
-    F, bs = down.shape[1], quant_type(down.ggml_type).block_size
+    F, bs = down.shape[1], split_unit(down.ggml_type)
     return F % bs == 0 and F // bs >= n
 
 
@@ -280,7 +280,7 @@ def _mla_pieces(t, kind: str, spans: list[tuple[int, int]]) -> list[Piece]:
 
 
 def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
-    from dsd.shard.kernels import quant_type
+    from dsd.shard.kernels import quant_type, split_unit
 
     tensors = gguf_model.tensors
     arch = gguf_model.architecture
@@ -302,7 +302,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
     mode, cost, reason = "layers", {}, "dense model: layer ranges (pipeline)"
     if moe_layers and n_workers > 1:
         F = tensors[f"blk.{moe_layers[0]}.ffn_gate_exps.weight"].shape[1]
-        bs = max(quant_type(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type).block_size
+        bs = max(split_unit(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type)
                  for i in moe_layers)
         rows_ok = F % bs == 0 and F // bs >= n_workers
         if placement == "auto":
@@ -375,7 +375,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
                         pieces[w].append(Piece(name, "experts", a, b, per * (b - a)))
             else:
                 F = t.shape[1] if m.group(2) != "down" else t.shape[2]
-                bs = quant_type(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type).block_size
+                bs = split_unit(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type)
                 for w, (a, b) in enumerate(_split_even(F // bs, n_workers, 0)):
                     frac = (b - a) * bs / F
                     pieces[w].append(Piece(name, "rows", a * bs, b * bs, int(t.nbytes * frac)))
@@ -395,7 +395,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
             else:
                 # gate / up [E, F]: the columns of the rows each worker holds of the weights
                 F = t.shape[1]
-                bs = quant_type(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type).block_size
+                bs = split_unit(tensors[f"blk.{i}.ffn_down_exps.weight"].ggml_type)
                 if bs % quant_type(t.ggml_type).block_size:
                     raise DsdError(f"--placement rows: {name} ({quant_type(t.ggml_type).name}) cannot be "
                                    f"cut at the {bs}-element blocks of the expert weights; use "
@@ -407,7 +407,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
         if ms and mode in ("experts", "rows") and int(ms.group(1)) in moe:
             i = int(ms.group(1))
             F = t.shape[0] if ms.group(2) != "down" else t.shape[1]
-            bs = quant_type(tensors[f"blk.{i}.ffn_down_shexp.weight"].ggml_type).block_size
+            bs = split_unit(tensors[f"blk.{i}.ffn_down_shexp.weight"].ggml_type)
             # an uneven split leaves the smaller share with the layer's owner, which also sends
             # the routed tokens to the others and adds up their shares
             spans = _split_even(F // bs, n_workers, owner[i] + 1) if F % bs == 0 else [(0, F // bs)]
@@ -421,7 +421,7 @@ def make_plan(gguf_model, n_workers: int, placement: str = "auto") -> Plan:
             i = int(md.group(1)) if md else L - 1
             if md:
                 F = t.shape[0] if md.group(2) != "down" else t.shape[1]
-                bs = quant_type(tensors[f"blk.{i}.ffn_down.weight"].ggml_type).block_size
+                bs = split_unit(tensors[f"blk.{i}.ffn_down.weight"].ggml_type)
             else:
                 F, bs = t.shape[0], 1
             if (_dense_split_ok(tensors, i, n_workers) if md else F >= n_workers):

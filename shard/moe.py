@@ -190,9 +190,9 @@ class RoutedExperts:
         if not 0 <= r0 < r1 <= F:
             raise ValueError(f"row range {r0}:{r1} is outside the intermediate dim {F}")
         if (r0, r1) != (0, F):
-            blk = _block_size(down_exps.ggml_type)
+            blk = down_exps.split_unit
             if r0 % blk or r1 % blk:
-                raise ValueError(f"row range {r0}:{r1} must lie on multiples of {blk} (the block size of "
+                raise ValueError(f"row range {r0}:{r1} must lie on multiples of {blk} (the split unit of "
                                  f"{down_exps.name or 'ffn_down_exps'}); use aligned_row_ranges()")
         self.rows = (r0, r1)
         self.full_rows = (r0, r1) == (0, F)
@@ -350,17 +350,12 @@ class RoutedExperts:
         return out
 
 
-def _block_size(ggml_type: int) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    return GGML_QUANT_SIZES[GGMLQuantizationType(int(ggml_type))][0]
-
-
 def aligned_row_ranges(down_exps: ExpertStack, n_parts: int) -> list[tuple[int, int]]:
-    """Split the intermediate dim F into n_parts near-equal (r0, r1) ranges on down_exps' block
-    boundaries (the column slices of down must be whole blocks). Fewer ranges if F is too small."""
+    """Split the intermediate dim F into n_parts near-equal (r0, r1) ranges on down_exps' split
+    units (kernels.split_unit: the column slices of down must be whole blocks, Q8_0's whole block
+    pairs). Fewer ranges if F is too small."""
     F = down_exps.cols
-    blk = _block_size(down_exps.ggml_type)
+    blk = down_exps.split_unit
     nblk = F // blk
     n = max(1, min(n_parts, nblk))
     cuts = [round(i * nblk / n) * blk for i in range(n + 1)]

@@ -224,6 +224,11 @@ class ExpertStack:
         self._view = None  # kernels.stack_view(raw), made on the first gather
 
     @property
+    def split_unit(self) -> int:
+        """Columns come in shares of whole units of this many elements (kernels.split_unit)."""
+        return kernels.split_unit(self.ggml_type)
+
+    @property
     def expert_ids(self) -> list[int]:
         return list(self._local)
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as G
 from gguf import quants as gq
 
 from dsd.errors import DsdError
-from dsd.shard.kernels import QUANT_TYPES, dequantize, matmul, matvec, quant_type, row_bytes
+from dsd.shard.kernels import QUANT_TYPES, dequantize, matmul, matvec, matvec_gather, quant_type, row_bytes
 from dsd.shard.kernels import exact_activations, registry
 
 
@@ -547,27 +547,34 @@ def test_matmul_dispatch_fused_chunks(gt, T, calls, monkeypatch):
 @pytest.mark.int8
 @pytest.mark.parametrize("n", [1024, 1408])  # 1408: the 1408-wide expert downs
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-def test_q8_0_multi_token_int8_within_rounding_bound(n, parallel, monkeypatch):
-    """Q8_0 prompt products (more than 16 vectors) with x quantized per 64 elements (xq + 128 as
-    the unsigned operand, the weights' 128 * sum q subtracted): within the analytic bound of the
-    activation rounding, 16-vector chunks and their tails; on a column share (row stride larger
-    than the row), equal to the same columns of the whole row; an odd number of blocks, and a
-    decode batch, stay on the float kernels."""
-    if not registry.INT8_ACTIVATIONS:
+def test_q8_0_int8_within_rounding_bound_and_batch_invariant(n, parallel, monkeypatch):
+    """Q8_0 products with x quantized per 64 elements (xq + 128 as the unsigned operand, the
+    weights' 128 * sum q subtracted), VNNI only: matvec, matvec_gather, decode batches and
+    prompts (16-vector chunks and their tails) within the analytic bound of the activation
+    rounding; a token's row is bit-identical whether it runs alone (matvec) or beside others
+    (matmul, any T); on a column share (row stride larger than the row), equal to the same
+    columns of the whole row; an odd number of blocks stays on the float kernels."""
+    if not registry.INT8_ACTIVATIONS or int(G.Q8_0) not in registry._I8_KINDS:
         pytest.skip("this CPU has no AVX-512 VNNI: Q8_0 runs the float kernels (tested above)")
     monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
     rng = np.random.default_rng(n)
     raw = random_raw(G.Q8_0, 40, n, rng, realistic=True)
     W = reference(raw, G.Q8_0, n).astype(np.float64)
-    for T in (17, 40):  # prompts; decode batches (T <= 16) keep the float kernels
-        X = rng.standard_normal((T, n)).astype(np.float32)
-        X[-1, 256:512] *= 50  # one group of large activations
-        got = matmul(raw, int(G.Q8_0), X).astype(np.float64)
-        err = np.abs(got - X.astype(np.float64) @ W.T)
-        bound = _int8_bound(W, X, 64).T
+    X = rng.standard_normal((40, n)).astype(np.float32)
+    X[-1, 256:512] *= 50  # one group of large activations
+    alone = np.stack([matvec(raw, int(G.Q8_0), x) for x in X])
+    for T in (2, 8, 17, 40):  # decode batches and prompts
+        got = matmul(raw, int(G.Q8_0), X[-T:])
+        assert np.array_equal(got, alone[-T:]), T  # batch invariance
+        err = np.abs(got.astype(np.float64) - X[-T:].astype(np.float64) @ W.T)
+        bound = _int8_bound(W, X[-T:], 64).T
         assert np.all(err <= bound), (T, (err / bound).max())
         assert err.mean() < 0.25 * bound.mean()
         assert err.max() > 1e-7 * np.abs(got).max()  # the 8-bit path ran (float32 alone is closer)
+    stack = raw.reshape(4, 10, -1)
+    got = matvec_gather(stack, int(G.Q8_0), [3, 0, 3], X[:3])
+    for i, e in enumerate([3, 0, 3]):
+        assert np.array_equal(got[i], matvec(stack[e], int(G.Q8_0), X[i]))
     sub = raw[:, 34 * 8:34 * 26]  # blocks 8:26 of every row, row stride n / 32 * 34
     X = rng.standard_normal((20, n)).astype(np.float32)
     got = matmul(sub, int(G.Q8_0), X[:, 256:832])
@@ -582,5 +589,4 @@ def test_q8_0_multi_token_int8_within_rounding_bound(n, parallel, monkeypatch):
     X = rng.standard_normal((20, 32 * 43)).astype(np.float32)
     ref = X.astype(np.float64) @ Wo.T
     assert np.abs(matmul(odd, int(G.Q8_0), X) - ref).max() <= 1e-5 * (np.abs(X) @ np.abs(Wo).T).max()
-    X = rng.standard_normal((8, n)).astype(np.float32)  # a decode batch: float kernels, float32 rounding
-    assert np.abs(matmul(raw, int(G.Q8_0), X) - X.astype(np.float64) @ W.T).max() <= 1e-5 * (np.abs(X) @ np.abs(W).T).max()
+    assert np.abs(matvec(odd, int(G.Q8_0), X[0]) - ref[0]).max() <= 1e-5 * (np.abs(X[0]) @ np.abs(Wo).T).max()

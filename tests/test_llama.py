@@ -6,6 +6,7 @@ from gguf import GGMLQuantizationType as Q
 from dsd.shard.batch import Batch
 from dsd.shard.gguf_file import open_gguf
 from dsd.shard.models import build_model
+from dsd.shard.kernels import exact_activations
 from tests.reference.llama_ref import llama_logits
 from tests.tiny_llama import write_tiny_llama
 
@@ -20,7 +21,8 @@ def _rel_err(a, b):
 def test_logits_match_float64_reference(tmp_path, qtype, tied, n_kv):
     path = write_tiny_llama(tmp_path / "tiny.gguf", qtype=qtype, tied=tied, n_kv=n_kv)
     model = build_model(open_gguf(path))
-    got = model.forward(Batch.single(model.new_cache(64), TOKENS, all_logits=True))
+    with exact_activations():  # the architecture in float32 (8-bit products: tests/test_kernels.py)
+        got = model.forward(Batch.single(model.new_cache(64), TOKENS, all_logits=True))
     ref = llama_logits(path, TOKENS)
     assert got.shape == (len(TOKENS), 96) and got.dtype == np.float32
     # F32 weights: float32 math vs float64 math. Q8_0: the reference dequantizes the same blocks.

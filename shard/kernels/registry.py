@@ -106,7 +106,8 @@ _VNNI = _has_vnni()
 # matvec's row kernel on the token's own prepared (or 8-bit quantized) x.  The K-quants' 8-bit
 # kernels are invariant in either mode (the multi-token kernel runs the one-token kernel's
 # arithmetic per token, rows_i8._token_block); in this mode Q4_1 also takes its 8-bit
-# multi-token kernel (slower than the float kernels for prompts), Q8_0 keeps float x for every T,
+# multi-token kernel (slower than the float kernels for prompts), Q8_0 takes its 8-bit kernels
+# with VNNI and keeps float x on AVX2,
 # and every float-x product with T >= 2 runs drivers.mm_rowdot (each row decoded per token)
 # instead of the fused kernels or dequantize + sgemm.
 BATCH_INVARIANT = os.environ.get("DSD_DETERMINISTIC", "") not in ("", "0")
@@ -273,6 +274,15 @@ def row_bytes(ggml_type: int, n_cols: int) -> int:
     return n_cols // qt.block_size * qt.type_size
 
 
+def split_unit(ggml_type: int) -> int:
+    """Elements per unit in which a row may be cut into column shares (a worker's slice of a
+    down projection): whole blocks, and for Q8_0 whole block pairs, because its 8-bit kernel
+    quantizes x per 64 elements (rows_i8._q8_0_row) and a share must quantize its part of x as
+    the whole row does, or placements would not compute what one process computes."""
+    qt = quant_type(ggml_type)
+    return 2 * qt.block_size if qt.ggml_type == G.Q8_0 else qt.block_size
+
+
 def _flat(raw: np.ndarray, rb: int):
     """raw uint8 (rows, rb), inner dim contiguous -> (read-only 1-D uint8 view, row stride)."""
     if raw.dtype != np.uint8 or raw.ndim != 2:
@@ -336,10 +346,16 @@ def _vec(x, n_cols, what="x"):
     return x
 
 
-# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (drivers_i8.mv_*), and
-# T vectors through one matrix with each row decoded once per 16 of them (mm_*, MULTI_KINDS)
-_I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1))
+# types with 8-bit activation kernels (rows_i8.py): one vector per matrix (drivers_i8.mv_*),
+# and T vectors through one matrix with each row decoded once per 16 of them (mm_*, MULTI_KINDS).
+# Q8_0 only with VNNI (its x + 128 operand, rows_i8._q8_0_row) and rows of whole block pairs.
+_I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1)) + ((int(G.Q8_0),) if _VNNI else ())
 _I8_MULTI = frozenset(MULTI_KINDS)
+
+
+def _int8_rows(kind: int, nb: int) -> bool:
+    """The 8-bit activation row kernels take rows of nb SIMD blocks of this type."""
+    return INT8_ACTIVATIONS and kind in _I8_KINDS and (kind != G.Q8_0 or nb % 2 == 0)
 # one matrix at offset 0, one vector (matvec on the gather drivers); writeable like the gather's
 # own offs/xi arrays, so both use one compiled specialisation
 _XI0 = np.zeros(1, np.int64)
@@ -366,7 +382,7 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
         out = np.empty(nrows, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != (nrows,) or not out.flags.c_contiguous:
         raise GGUFError(f"out must be a contiguous float32 array of shape ({nrows},)")
-    if nrows and INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols:
+    if nrows and _int8_rows(qt.ggml_type, nb) and nb * qt.simd_bs == n_cols:
         _int8_products(flat, _XI0, stride, nrows, nb, x[None], _XI0, out[None], nrows * raw.shape[1],
                 qt.ggml_type)
         return out
@@ -475,7 +491,7 @@ def experts_gate_up(flat, goffs, uoffs, rstride: int, nrows: int, ggml_type: int
         return _piq.gate_up(flat, goffs, uoffs, rstride, nrows, ggml_type, n_cols, X, xi, H)
     qt = QUANT_TYPES[ggml_type]
     nb = n_cols // qt.simd_bs
-    if INT8_ACTIVATIONS and ggml_type in _I8_KINDS:
+    if _int8_rows(ggml_type, nb):
         _entry(ex.gate_up_i8, ggml_type, (type(flat), X.flags.writeable),
                flat, goffs, uoffs, rstride, nrows, nb, F16_TABLE, X, xi, H)
     else:
@@ -494,7 +510,7 @@ def experts_down_sum(flat, doffs, rstride: int, nrows: int, ggml_type: int, n_co
         return _piq.down_sum(flat, doffs, rstride, nrows, ggml_type, n_cols, H, pair_lo, pair_hi, w, out)
     qt = QUANT_TYPES[ggml_type]
     nb = n_cols // qt.simd_bs
-    if INT8_ACTIVATIONS and ggml_type in _I8_KINDS:
+    if _int8_rows(ggml_type, nb):
         _entry(ex.down_sum_i8, ggml_type, (type(flat), H.flags.writeable),
                flat, doffs, rstride, nrows, nb, F16_TABLE, H, pair_lo, pair_hi, w, out)
     else:
@@ -505,7 +521,7 @@ def experts_down_sum(flat, doffs, rstride: int, nrows: int, ggml_type: int, n_co
 
 def _offset_products(qt, flat, offs, rstride, nrows, nb, X, xi, out) -> None:
     nbytes = offs.shape[0] * nrows * nb * qt.simd_ts
-    if INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS:
+    if _int8_rows(qt.ggml_type, nb):
         _int8_products(flat, offs, rstride, nrows, nb, X, xi, out, nbytes, qt.ggml_type)
         return
     par = _par_ok(nbytes)
@@ -587,9 +603,9 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
     if T == 1 and out.flags.c_contiguous:
         matvec(raw, ggml_type, X[0], out[0])
         return out
-    int8 = INT8_ACTIVATIONS and qt.ggml_type in _I8_MULTI
+    int8 = qt.ggml_type in _I8_MULTI and _int8_rows(qt.ggml_type, nb)
     if BATCH_INVARIANT:
-        if not (int8 and qt.ggml_type in _I8_KINDS and nb * qt.simd_bs == n_cols):
+        if not (int8 and nb * qt.simd_bs == n_cols):
             return _rowdot(qt, raw, flat, stride, nb, main, n_cols, X, out)
     elif qt.ggml_type == G.Q4_1:
         # With VNNI the float kernels are faster for T >= 2 (fused: 1.2-1.35x at T = 8; dequantize
@@ -598,13 +614,6 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         # fused one at T = 8 (SmolLM2's 1536 x 576 and 576 x 1536), so decode batches take it
         # there (which also makes them batch-invariant without the mode); prompts keep sgemm.
         int8 = int8 and not _VNNI and T <= FUSED_MAX_T
-    if int8 and qt.ggml_type == G.Q8_0:
-        # Q8_0 only for prompt products (more vectors than a decode batch has; rows of block
-        # pairs): batched decode keeps the float kernels, as one-token decode does (SmolLM2's
-        # Q8_0 output head: 8-bit x flipped its first greedy token, session 3), so a stream's
-        # tokens do not depend on how many others share its batch.  1.3-1.5x the fused float
-        # kernel at T = 24-64.
-        int8 = T > FUSED_MAX_T and nb % 2 == 0
     if int8:
         # 8-bit activations, each row decoded once per 16 vectors: batched decode, and prompts
         # (1.4-5.8x the dequantize + sgemm path below for Q4_K at T = 32-512)
@@ -620,7 +629,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if o is not out:
             out[:] = o
         return out
-    if T <= FUSED_MAX_T or (T <= FUSED_CHUNKS_MAX_T and not (INT8_ACTIVATIONS and qt.ggml_type in _I8_KINDS)):
+    if T <= FUSED_MAX_T or (T <= FUSED_CHUNKS_MAX_T and not _int8_rows(qt.ggml_type, nb)):
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         for t0 in range(0, T, FUSED_MAX_T):  # 16 vectors per kernel call (row kept in L1 for them)
             if T - t0 == 1:  # the fused kernels take 2..16 vectors

@@ -289,65 +289,98 @@ def _typer_dot_multi(kind: str):
     return typer
 
 
-def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, tn):
-    """Q8_0 row (34-byte blocks: fp16 d | 32 int8 q; w = d q; nb blocks, nb even) against the
-    token rows t0 <= t < t0 + tn of x quantized per 64 elements (xu uint8 [T, n] = xq + 128,
-    xd float32 [T, n / 64]; xs unused) -> out[t, r]:
+def _q8_0_row(context, builder, e, o_, nb_, token_loop):
+    """Walk a Q8_0 row (34-byte blocks: fp16 d | 32 int8 q; w = d q; nb blocks, nb even) against
+    x quantized per 64 elements (xu uint8 = xq + 128, xd float32 per 64; drivers_i8.quant_x_u8_64):
         sum w x = sum_p dx_p sum_{b in pair p} d_b (sum q (xq + 128) - 128 sum q).
     One block pair per vpdpbusd (lanes 0-7 the first block, 8-15 the second).  x is the unsigned
     operand (+ 128), so the correction 128 sum q depends on the weights only: one vpdpbusd per
-    pair, shared by all tokens.  Per token and pair: one load, one vpdpbusd, a subtract, a
-    conversion and a multiply-add; 4 pairs per pass, summed in registers.  One x scale per pair
-    (not per 256, as for the K-quants): a column share of a row that starts on a pair boundary
-    then quantizes its x exactly as the whole row does (measured: per-64 scales cost ~5% over
-    per-256 ones; per-32 ones, loaded as a second array, erased the gain).  Used for prompt
-    products only (registry.matmul).  1.3-1.5x the fused float kernel at T = 24-64."""
+    pair, shared by all tokens.  Pairs are decoded 4 at a time (256 elements), then
+    token_loop(terms) runs once per token with terms(xu_row_ptr, xd_row_ptr, part) -> part plus
+    the 4 (or, for the last 0-3 pairs, 1) pairs' terms.  The one- and the multi-token kernels
+    both walk this way with STRICT float operations, so a token's product does not depend on
+    the tokens beside it (batch invariance).  One x scale per pair (not per 256, as for the
+    K-quants): a column share of a row that starts on a pair boundary then quantizes its x
+    exactly as the whole row does (measured: per-64 scales cost ~5% over per-256 ones; per-32
+    ones, loaded as a second array, erased the gain)."""
+    vnni = _vnni(builder)
+    zero16 = ir.Constant(V(I32, 16), [0] * 16)
+    k128 = builder.bitcast(e.k8(-128, 64), V(I32, 16))  # 0x80 bytes: 128 as the unsigned operand
+
+    def pair(p):  # block pair p (blocks 2p, 2p + 1) -> (w as <16 x i32>, correction, scales)
+        oa = builder.add(o_, builder.mul(p, ir.Constant(I64, 68)))
+        ob = builder.add(oa, ir.Constant(I64, 34))
+        e.prefetch(e.at(oa, PREFETCH_BYTES))
+        w = builder.bitcast(e.cat(e.ld(e.at(oa, 2), 32), e.ld(e.at(ob, 2), 32)), V(I32, 16))
+        two = builder.insert_element(builder.insert_element(
+            ir.Constant(V(F32, 2), None), e.f16(oa), ir.Constant(I32, 0)), e.f16(ob), ir.Constant(I32, 1))
+        return p, w, builder.call(vnni, [zero16, k128, w]), e.shuf(two, [0] * 8 + [1] * 8)
+
+    def step(ps):  # decode pairs ps once, then every token: their terms summed in registers
+        dec = [pair(p) for p in ps]
+
+        def terms(xrow, drow, part):
+            for p, w, corr, sv in dec:
+                xv = builder.load(builder.bitcast(builder.gep(xrow, [builder.mul(p, ir.Constant(I64, 64))]),
+                                                  ir.PointerType(V(I32, 16))))
+                xv.align = 1
+                isum = builder.sub(builder.call(vnni, [zero16, xv, w]), corr)
+                dx = builder.load(builder.gep(drow, [p]))
+                f = builder.fmul(builder.sitofp(isum, V(F32, 16)), e.splat(dx, 16), flags=STRICT)
+                part = _fma(builder, f, sv, part)
+            return part
+        token_loop(terms)
+
+    npairs = builder.udiv(nb_, ir.Constant(I64, 2))
+    nquads = builder.udiv(npairs, ir.Constant(I64, 4))
+    with cgutils.for_range(builder, nquads) as ql:  # 4 pairs (256 elements) per pass
+        step([builder.add(builder.mul(ql.index, ir.Constant(I64, 4)), ir.Constant(I64, i)) for i in range(4)])
+    p0 = builder.mul(nquads, ir.Constant(I64, 4))
+    with cgutils.for_range(builder, builder.sub(npairs, p0)) as pl:  # the last 0-3 pairs
+        step([builder.add(p0, pl.index)])
+
+
+_ZERO16F = ir.Constant(V(F32, 16), [0.0] * 16)
+
+
+def _typer_dot_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs):
+    """Q8_0 row (nb blocks, nb even) against one vector quantized per 64 (xu uint8 [n],
+    xd float32 [n / 64]; xs unused) -> float32; _q8_0_row's arithmetic."""
+    def cg(context, builder, sig, args):
+        fa, o_, nb_, ta, xua, xda, _ = args
+        fty, _, _, tty, xuty, xdty, _ = sig.args
+        e = Emit(context, builder, fty, fa, tty, ta)
+        xrow = context.make_array(xuty)(context, builder, xua).data
+        drow = context.make_array(xdty)(context, builder, xda).data
+        acc = cgutils.alloca_once_value(builder, _ZERO16F)
+
+        def token_loop(terms):
+            builder.store(builder.fadd(builder.load(acc), terms(xrow, drow, _ZERO16F), flags=STRICT), acc)
+        _q8_0_row(context, builder, e, o_, nb_, token_loop)
+        return _hsum_strict(e, builder.load(acc))
+    return types.float32(flat, types.int64, types.int64, tab, xu, xd, xs), cg
+
+
+def _typer_dot_multi_q8_0(typingctx, flat, o, nb, tab, xu, xd, xs, out, r, t0, tn):
+    """Q8_0 row against the token rows t0 <= t < t0 + tn of xu [T, n] / xd [T, n / 64] -> out[t, r]:
+    each pair decoded once for the tn tokens, per token exactly _typer_dot_q8_0's arithmetic.
+    Per token and pair: one load, one vpdpbusd, a subtract, a conversion and a multiply-add."""
     def cg(context, builder, sig, args):
         fa, o_, nb_, ta, xua, xda, _, outa, r_, t0_, tn_ = args
         fty, _, _, tty, xuty, xdty, _, outty = sig.args[:8]
         e = Emit(context, builder, fty, fa, tty, ta)
         (xus, n), (xds, ndx) = _rows_2d(context, builder, xuty, xua), _rows_2d(context, builder, xdty, xda)
         outs, nout = _rows_2d(context, builder, outty, outa)
-        vnni = _vnni(builder)
-        zero16 = ir.Constant(V(I32, 16), [0] * 16)
-        k128 = builder.bitcast(e.k8(-128, 64), V(I32, 16))  # 0x80 bytes: 128 as the unsigned operand
         accs = _token_accs(builder, V(F32, 16), tn_)
 
-        def pair(p):  # block pair p (blocks 2p, 2p + 1) -> (w as <16 x i32>, correction, scales)
-            oa = builder.add(o_, builder.mul(p, ir.Constant(I64, 68)))
-            ob = builder.add(oa, ir.Constant(I64, 34))
-            e.prefetch(e.at(oa, PREFETCH_BYTES))
-            w = builder.bitcast(e.cat(e.ld(e.at(oa, 2), 32), e.ld(e.at(ob, 2), 32)), V(I32, 16))
-            two = builder.insert_element(builder.insert_element(
-                ir.Constant(V(F32, 2), None), e.f16(oa), ir.Constant(I32, 0)), e.f16(ob), ir.Constant(I32, 1))
-            return w, builder.call(vnni, [zero16, k128, w]), e.shuf(two, [0] * 8 + [1] * 8)
-
-        def term(t, p, w, corr, sv, part):  # part + token t's 16 lanes of pair p times d_b, dx_p
-            off = builder.add(builder.mul(t, n), builder.mul(p, ir.Constant(I64, 64)))
-            xv = builder.load(builder.bitcast(builder.gep(xus.data, [off]), ir.PointerType(V(I32, 16))))
-            xv.align = 1
-            isum = builder.sub(builder.call(vnni, [zero16, xv, w]), corr)
-            dx = builder.load(builder.gep(xds.data, [builder.add(builder.mul(t, ndx), p)]))
-            f = builder.fmul(builder.sitofp(isum, V(F32, 16)), e.splat(dx, 16), flags=FAST)
-            return _fma(builder, f, sv, part)
-
-        def step(ps):  # decode pairs ps once, then every token: their terms summed in registers
-            dec = [pair(p) for p in ps]
+        def token_loop(terms):
             with cgutils.for_range(builder, tn_) as lt:
                 t = builder.add(t0_, lt.index)
-                part = ir.Constant(V(F32, 16), [0.0] * 16)
-                for p, (w, corr, sv) in zip(ps, dec):
-                    part = term(t, p, w, corr, sv, part)
+                xrow = builder.gep(xus.data, [builder.mul(t, n)])
+                drow = builder.gep(xds.data, [builder.mul(t, ndx)])
                 ap = builder.gep(accs, [lt.index])
-                builder.store(builder.fadd(builder.load(ap), part, flags=FAST), ap)
-
-        npairs = builder.udiv(nb_, ir.Constant(I64, 2))
-        nquads = builder.udiv(npairs, ir.Constant(I64, 4))
-        with cgutils.for_range(builder, nquads) as ql:  # 4 pairs (256 elements) per pass
-            step([builder.add(builder.mul(ql.index, ir.Constant(I64, 4)), ir.Constant(I64, i)) for i in range(4)])
-        p0 = builder.mul(nquads, ir.Constant(I64, 4))
-        with cgutils.for_range(builder, builder.sub(npairs, p0)) as pl:  # the last 0-3 pairs
-            step([builder.add(p0, pl.index)])
+                builder.store(builder.fadd(builder.load(ap), terms(xrow, drow, _ZERO16F), flags=STRICT), ap)
+        _q8_0_row(context, builder, e, o_, nb_, token_loop)
         _store_token_sums(e, builder, accs, tn_, t0_, outs, nout, r_)
         return context.get_dummy_value()
     return types.void(flat, types.int64, types.int64, tab, xu, xd, xs, out, types.int64, types.int64,
@@ -543,7 +576,7 @@ _Q4_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K = 3, 8, 12, 13, 14
 
 # (kind, flat, o, nb, tab, xq, xd, xs) -> float32: one row against one quantized vector
 dot_i8_any = _by_kind({_Q4_K: _typer_dot_k(False), _Q5_K: _typer_dot_k(True), _Q6_K: _typer_dot_q6k,
-                       _Q4_1: _typer_dot_q4_1}, "dot_i8_any", 7)
+                       _Q4_1: _typer_dot_q4_1, _Q8_0: _typer_dot_q8_0}, "dot_i8_any", 7)
 # (kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn): one row against tn <= 16 vectors
 dot_i8_multi_any = _by_kind({_Q4_K: _typer_dot_multi("q4k"), _Q5_K: _typer_dot_multi("q5k"),
                              _Q6_K: _typer_dot_multi("q6k"), _Q8_0: _typer_dot_multi_q8_0,
