@@ -69,7 +69,7 @@ def encode(kv_type: str, x: np.ndarray) -> np.ndarray:
         return x.astype(np.float16)
     if kv_type == "bf16":
         if x.size <= _NUMBA_ROWS_MAX:   # a decode step's rows: one compiled call (kernels/attention.py)
-            from dsd.shard.kernels.attention import encode_bf16
+            from dsd.shard.kernels.kv_encode import encode_bf16
             x = np.ascontiguousarray(x)
             out = np.empty(x.shape, np.uint16)
             encode_bf16(x.reshape(-1).view(np.uint32), out.reshape(-1))
@@ -78,7 +78,7 @@ def encode(kv_type: str, x: np.ndarray) -> np.ndarray:
         return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
     d = x.shape[-1]
     if x.size <= _NUMBA_ROWS_MAX:
-        from dsd.shard.kernels.attention import encode_q8_0
+        from dsd.shard.kernels.kv_encode import encode_q8_0
         x2 = np.ascontiguousarray(x).reshape(-1, d)
         out = np.empty((x2.shape[0], row_units("q8_0", d)), np.int8)
         encode_q8_0(x2, out)

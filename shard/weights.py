@@ -33,7 +33,7 @@ class ReadCounter:
 class Linear:
     """W [rows, cols] as raw bytes; __call__(x [cols] or [T, cols]) -> [rows] or [T, rows]."""
 
-    __slots__ = ("raw", "ggml_type", "rows", "cols", "name")
+    __slots__ = ("raw", "ggml_type", "rows", "cols", "name", "_mv")
 
     def __init__(self, raw: np.ndarray, ggml_type: int, cols: int, name: str = ""):
         self.raw = raw  # uint8 [rows, row_bytes]
@@ -41,6 +41,7 @@ class Linear:
         self.rows = raw.shape[0]
         self.cols = int(cols)
         self.name = name
+        self._mv = None  # kernels.prepare_matvec(raw, ggml_type), made on the first decode step
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +52,9 @@ class Linear:
         if x.ndim == 1:
             return kernels.matvec(self.raw, self.ggml_type, x)
         if x.shape[0] == 1:  # one token (decode): the matrix-vector kernel, no dequantized copy
-            return kernels.matvec(self.raw, self.ggml_type, x[0])[None, :]
+            if self._mv is None:
+                self._mv = kernels.prepare_matvec(self.raw, self.ggml_type)
+            return self._mv(x[0])
         return kernels.matmul(self.raw, self.ggml_type, x)
 
     def row_slice(self, r0: int, r1: int) -> "Linear":

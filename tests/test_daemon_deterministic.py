@@ -46,7 +46,7 @@ def test_greedy_tokens_same_alone_and_beside_others(tmp_path, model, placement):
     if model == "smollm2":
         path, vocab = smollm2_path(), 49152
     else:
-        path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), n_layers=3, E=16, k=4, F=64, D=64,
+        path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), n_layers=3, E=16, k=4, F=128, D=64,
                                     qtype=Q.Q8_0, q_lora=32, seed=7)
         vocab = 96
     with running_daemon(tmp_path, "--model", path, "--nodes", "2", "--placement", placement,

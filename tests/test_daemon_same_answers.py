@@ -39,13 +39,13 @@ def check_same(run, path: str, prompts=PROMPTS) -> None:
 
 
 MODELS = {
-    "mixtral": lambda p: write_tiny_mixtral(p, n_layers=3, E=8, k=2, F=64, seed=1),
-    "qwen3moe": lambda p: write_tiny_qwen3moe(p, n_layers=2, E=8, k=2, F=64, seed=2),
-    "deepseek2": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, seed=3),
-    "deepseek2_q8": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, D=64,
+    "mixtral": lambda p: write_tiny_mixtral(p, n_layers=3, E=8, k=2, F=128, seed=1),
+    "qwen3moe": lambda p: write_tiny_qwen3moe(p, n_layers=2, E=8, k=2, F=128, seed=2),
+    "deepseek2": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=128, seed=3),
+    "deepseek2_q8": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=128, D=64,
                                                    qtype=Q.Q8_0, seed=4),
     # V3 shapes: q through q_a / q_a_norm / q_b, older fused attn_kv_b (rows mode splits heads)
-    "deepseek2_v3": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=64, q_lora=24,
+    "deepseek2_v3": lambda p: write_tiny_deepseek2(p, n_layers=3, E=16, k=4, F=128, q_lora=24,
                                                    fused_kv_b=True, seed=5),
 }
 

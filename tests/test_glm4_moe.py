@@ -217,8 +217,8 @@ def test_daemon_two_workers_equals_one_process(tmp_path_factory, placement):
     path = d / "glm4_moe-nomtp-q8_0.gguf"
     if not path.exists():
         torch.manual_seed(0)
-        m = randomize_(tf.Glm4MoeForCausalLM(_config(num_nextn_predict_layers=0, moe_intermediate_size=64)),
-                      seed=31)   # 64: two whole q8_0 blocks, so `rows` can split the experts
+        m = randomize_(tf.Glm4MoeForCausalLM(_config(num_nextn_predict_layers=0, moe_intermediate_size=128)),
+                      seed=31)   # 128: two whole q8_0 block pairs (kernels.split_unit), so `rows` can split the experts
         path = make_gguf(m, d, "q8_0", name="glm4_moe-nomtp-q8_0")
     with running_daemon(d, "--model", str(path), "--nodes", "2", "--placement", placement) as run:
         st = run.client().status()

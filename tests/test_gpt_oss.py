@@ -18,6 +18,7 @@ from gguf import GGUFWriter
 from dsd.shard.batch import Batch
 from dsd.shard.gguf_file import open_gguf
 from dsd.shard.kernels import attention as ak
+from dsd.shard.kernels import attention_sinks as aks
 from dsd.shard.kernels import exact_activations
 from dsd.shard.models import build_model
 from tests.reference.llama_ref import load_tensors
@@ -364,8 +365,8 @@ def test_decode_split_sinks_matches_serial():
     sinks = rng.standard_normal(8).astype(np.float32)
     out_s = np.empty((8, 64), np.float32)
     out_p = np.empty((8, 64), np.float32)
-    ak.decode_serial_sinks(q[0], k, v, np.float32(0.125), sinks, out_s)
-    ak.decode_split_sinks(q[0], k, v, np.float32(0.125), sinks, out_p, 3)
+    aks.decode_serial_sinks(q[0], k, v, np.float32(0.125), sinks, out_s)
+    aks.decode_split_sinks(q[0], k, v, np.float32(0.125), sinks, out_p, 3)
     want = ref_attention(q, k, v, 899, 0.125, sinks)[0]
     for out in (out_s, out_p):
         assert np.abs(out - want).max() <= 2e-5 * np.abs(want).max()

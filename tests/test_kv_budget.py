@@ -43,7 +43,7 @@ def test_smollm2_bytes_per_token_and_budget():
 
 
 def test_mla_latent_is_kept_by_every_worker_in_rows(tmp_path):
-    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=64, qtype=Q.Q8_0)
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=128, qtype=Q.Q8_0)
     with open_gguf(path) as g:
         row = (int(g.arch_get("attention.kv_lora_rank")) + int(g.arch_get("rope.dimension_count"))) * 4
         rows = make_plan(g, 2, "rows")

@@ -66,7 +66,7 @@ def test_smollm2_layer_pipeline():
 
 @pytest.mark.parametrize("mode", ["experts", "rows"])
 def test_moe_plans_cover_every_byte_once(tmp_path, mode):
-    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=4, E=10, k=3, F=96, qtype=Q.Q8_0)
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=4, E=10, k=3, F=192, qtype=Q.Q8_0)
     with open_gguf(path) as g:
         for n in (2, 3):
             plan = make_plan(g, n, mode)
@@ -142,7 +142,7 @@ def test_slice_weights_load_only_own_values(tmp_path):
     tensors restricted to its experts / rows, and other workers' tensors are placeholders."""
     from dsd.daemon.slice_weights import SliceWeights
 
-    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=64, qtype=Q.Q8_0)
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=128, qtype=Q.Q8_0)
     with open_gguf(path) as g:
         for mode in ("experts", "rows"):
             plan = make_plan(g, 2, mode)
@@ -186,7 +186,7 @@ def test_slice_weights_parallel_reads_equal_serial_and_report_phases(tmp_path, m
 
     from dsd.daemon.slice_weights import SliceWeights
 
-    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=64, qtype=Q.Q8_0)
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=3, E=8, k=2, F=128, qtype=Q.Q8_0)
     with open_gguf(path) as g:
         plan = make_plan(g, 2, mode)
         seen = []

@@ -16,7 +16,7 @@ from tests.tiny_moe import write_tiny_deepseek2
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_tiny_deepseek2(str(tmp_path_factory.mktemp("pred") / "d.gguf"), n_layers=4, E=10, k=3,
-                                F=96, qtype=Q.Q8_0)
+                                F=192, qtype=Q.Q8_0)
 
 
 def test_monotone_in_bandwidth(tiny):

@@ -66,7 +66,7 @@ def test_second_turn_reuses_the_first(tmp_path, monkeypatch, model, placement):
     if model == "smollm2":
         path = smollm2_path()
     else:
-        path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), n_layers=3, E=16, k=4, F=64, D=64,
+        path = write_tiny_deepseek2(str(tmp_path / "ds.gguf"), n_layers=3, E=16, k=4, F=128, D=64,
                                     qtype=Q.Q8_0, q_lora=32, seed=7)
     answers = {}
     for cache in ("16384", "0"):

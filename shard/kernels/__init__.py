@@ -4,7 +4,7 @@
 """
 from . import registry  # noqa: F401
 from .registry import (FUSED_MAX_T, QUANT_TYPES, batch_invariant, exact_activations, QuantType, dequantize, matmul, matvec, matvec_gather,  # noqa: F401
-                       quant_type, row_bytes, split_unit, stack_view, warm_up, matvec_offsets, has_simd_rows,
+                       quant_type, row_bytes, split_unit, prepare_matvec, stack_view, warm_up, matvec_offsets, has_simd_rows,
                        experts_gate_up, experts_down_sum)
 
 

@@ -432,7 +432,9 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
         L = k.shape[1]
         k, v = k[:, L - window:], v[:, L - window:]
     if sinks is not None:
-        return _decode_sinks(q, k, v, scale, np.ascontiguousarray(sinks, dtype=np.float32).reshape(-1))
+        from .attention_sinks import decode_sinks
+
+        return decode_sinks(q, k, v, scale, np.ascontiguousarray(sinks, dtype=np.float32).reshape(-1))
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
     k, v = kernel_arrays(k, v)
@@ -455,94 +457,6 @@ def decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
         decode_split(q, k, v, np.float32(scale), out, nsplit)
     else:
         decode_serial(q, k, v, np.float32(scale), out)
-    return out
-
-
-@njit(cache=True, fastmath=True)
-def decode_serial_sinks(q, k, v, scale, sinks, out):
-    """decode_serial with a sink logit per query head in each softmax denominator:
-    out_h = sum_l e^(s_l - M) v_l / (sum_l e^(s_l - M) + e^(sink_h - M)), M = max(max_l s_l, sink_h)
-    (the max includes the sink, so no exponent overflows whatever the sink's size)."""
-    Hkv, L = k.shape[0], k.shape[1]
-    g = q.shape[0] // Hkv
-    Dv = out.shape[1]
-    s = np.empty((g, L), np.float32)
-    mx = np.empty(g, np.float32)
-    tot = np.empty(g, np.float32)
-    out[:, :] = 0.0
-    for j in range(Hkv):
-        _head_partial(q, k, v, scale, out, j, g, s, mx, tot)
-        for i in range(g):
-            h = j * g + i
-            M = max(mx[i], sinks[h])
-            f = np.exp(mx[i] - M)
-            inv = f / (tot[i] * f + np.exp(sinks[h] - M))
-            for d in range(Dv):
-                out[h, d] *= inv
-
-
-@njit(cache=True, fastmath=True, parallel=True)
-def decode_split_sinks(q, k, v, scale, sinks, out, nsplit):
-    """decode_split with the sinks of decode_serial_sinks: the sink joins the log-sum-exp
-    combine as one more term, e^(sink_h - M), of the denominator."""
-    Hkv, L = k.shape[0], k.shape[1]
-    H, Dv = q.shape[0], out.shape[1]
-    g = H // Hkv
-    po = np.zeros((nsplit, H, Dv), np.float32)
-    pm = np.full((nsplit, H), -np.inf, np.float32)
-    pt = np.zeros((nsplit, H), np.float32)
-    for it in prange(Hkv * nsplit):
-        j = it // nsplit
-        c = it - j * nsplit
-        a = c * L // nsplit
-        b = (c + 1) * L // nsplit
-        if b > a:
-            s = np.empty((g, b - a), np.float32)
-            mx = np.empty(g, np.float32)
-            tot = np.empty(g, np.float32)
-            _head_partial(q, k[:, a:b], v[:, a:b], scale, po[c], j, g, s, mx, tot)
-            for i in range(g):
-                pm[c, j * g + i] = mx[i]
-                pt[c, j * g + i] = tot[i]
-    for h in range(H):
-        M = sinks[h]
-        for c in range(nsplit):
-            if pt[c, h] > 0:
-                M = max(M, pm[c, h])
-        den = np.exp(sinks[h] - M)
-        for d in range(Dv):
-            out[h, d] = 0
-        for c in range(nsplit):
-            if pt[c, h] > 0:
-                f = np.exp(pm[c, h] - M)
-                den += f * pt[c, h]
-                for d in range(Dv):
-                    out[h, d] += f * po[c, h, d]
-        inv = np.float32(1.0) / den
-        for d in range(Dv):
-            out[h, d] *= inv
-
-
-def _decode_sinks(q, k, v, scale, sinks):
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    out = np.empty((q.shape[0], v.shape[2]), np.float32)
-    k, v = kernel_arrays(k, v)
-    import numba
-
-    from . import stats
-
-    nsplit = n_splits(k.shape[0], k.shape[1], numba.get_num_threads())
-    if k.shape[0] * k.shape[1] * (k.shape[2] + v.shape[2]) * k.itemsize < SPLIT_MIN_BYTES:
-        nsplit = 0  # as decode(): a function of the shapes only
-    sc = np.float32(scale)
-    if nsplit:
-        args = (q, k, v, sc, sinks, out, nsplit)
-        stats.timed("attention_decode_split_sinks", decode_split_sinks, *args) if stats.enabled \
-            else decode_split_sinks(*args)
-    else:
-        args = (q, k, v, sc, sinks, out)
-        stats.timed("attention_decode_serial_sinks", decode_serial_sinks, *args) if stats.enabled \
-            else decode_serial_sinks(*args)
     return out
 
 
@@ -621,8 +535,12 @@ def warm_up(kv_types=("f32", "f16")) -> None:
         decode_serial(q, k, v, np.float32(1.0), out)
         decode_split(q, k, v, np.float32(1.0), out, 2)
         if t == "q8_0":   # and the row encoder append() uses
+            from .kv_encode import encode_q8_0
+
             encode_q8_0(np.zeros((1, 32), np.float32), np.empty((1, Q8_0_BYTES), np.int8))
         elif t == "bf16":
+            from .kv_encode import encode_bf16
+
             encode_bf16(np.zeros(1, np.uint32), np.empty(1, np.uint16))
         _warmed.add(t)
 
@@ -631,67 +549,3 @@ def warm_up_kv_type(kv_type: str) -> None:
     """warm_up for one cache type, once per process (SequenceCache calls it for bf16 / q8_0)."""
     if kv_type not in _warmed:
         warm_up((kv_type,))
-
-
-# -- encoding KV rows (kv_cache.encode): numba, as a decode step appends 2 rows per layer and
-# numpy's dozen-call q8_0 quantizer took ~40 us a row (2.5 ms of a 30-layer SmolLM2 token)
-
-@njit(cache=True)
-def _f16_bits(b):
-    """float32 bit pattern -> IEEE half bits, round to nearest even: numpy's
-    npy_floatbits_to_halfbits (so the bytes equal astype(np.float16)'s)."""
-    sgn = (b & 0x80000000) >> 16
-    e = b & 0x7F800000
-    if e >= 0x47800000:                       # overflow, inf or nan
-        if e == 0x7F800000 and (b & 0x007FFFFF) != 0:
-            r = 0x7C00 + ((b & 0x007FFFFF) >> 13)
-            return sgn + (r + 1 if r == 0x7C00 else r)
-        return sgn + 0x7C00
-    if e <= 0x38000000:                       # half subnormal or zero
-        if e < 0x33000000:
-            return sgn
-        sig = 0x00800000 + (b & 0x007FFFFF)
-        sig >>= 113 - (e >> 23)
-        if (sig & 0x3FFF) != 0x1000 or (b & 0x7FF) != 0:
-            sig += 0x1000
-        return sgn + (sig >> 13)
-    sig = b & 0x007FFFFF
-    if (sig & 0x3FFF) != 0x1000:
-        sig += 0x1000
-    return (sgn + ((e - 0x38000000) >> 13) + (sig >> 13)) & 0xFFFF
-
-
-@njit(cache=True)
-def encode_q8_0(x, out):
-    """x float32 [n, d] C-order -> out int8 [n, d / 32 * 34]: ggml's quantize_row_q8_0_ref (d =
-    amax / 127 in float32, codes roundf(x * (1 / d)), d stored as fp16 little-endian)."""
-    n, D = x.shape
-    nb = D // 32
-    for r in range(n):
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for i in range(32):
-                a = abs(x[r, b * 32 + i])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            tmp = np.empty(1, np.float32)
-            tmp[0] = d
-            h = _f16_bits(np.uint32(tmp.view(np.uint32)[0]))
-            o = b * 34
-            out[r, o] = np.int8(np.int32(h & 0xFF) - 256 if (h & 0xFF) > 127 else h & 0xFF)
-            hi = (h >> 8) & 0xFF
-            out[r, o + 1] = np.int8(np.int32(hi) - 256 if hi > 127 else hi)
-            for i in range(32):
-                y = x[r, b * 32 + i] * inv
-                q = np.floor(abs(y) + np.float32(0.5))
-                out[r, o + 2 + i] = np.int8(-q if y < 0 else q)
-
-
-@njit(cache=True)
-def encode_bf16(u, out):
-    """float32 bits u uint32 [m] -> bf16 bits out uint16 [m], round to nearest even."""
-    for i in range(u.shape[0]):
-        b = u[i]
-        out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
