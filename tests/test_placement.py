@@ -66,7 +66,8 @@ def test_smollm2_layer_pipeline():
 
 @pytest.mark.parametrize("mode", ["experts", "rows"])
 def test_moe_plans_cover_every_byte_once(tmp_path, mode):
-    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=4, E=10, k=3, F=192, qtype=Q.Q8_0)
+    path = write_tiny_deepseek2(str(tmp_path / "d.gguf"), n_layers=4, E=10, k=3, F=192, ffn=192, vdim=64,
+                                qtype=Q.Q8_0)  # shares of whole 64-element Q8_0 units for 3 workers
     with open_gguf(path) as g:
         for n in (2, 3):
             plan = make_plan(g, n, mode)
@@ -76,7 +77,7 @@ def test_moe_plans_cover_every_byte_once(tmp_path, mode):
             for w in range(n):
                 for p in plan.pieces[w]:
                     if (p.mode == "rows" and "ffn" in p.name) or p.mode == "cols":
-                        assert p.a % 32 == 0 and p.b % 32 == 0  # Q8_0 blocks
+                        assert p.a % 64 == 0 and p.b % 64 == 0  # Q8_0 block pairs (kernels.split_unit)
             # every MoE layer (not the dense lead layer 0): the owner gathers every worker's
             # expert share
             got = [i for i in range(plan.n_layers) if "experts" in collectives(plan, i)]
