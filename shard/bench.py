@@ -41,12 +41,16 @@ def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128) -> 
 
     model = engine.model
     ids = synthetic_prompt(model.args.vocab_size, prompt_tokens)
-    # warm-up: compile/load every kernel specialisation used below
+    # warm-up: compile/load every kernel specialisation used below (after a code change numba
+    # compiles them, seconds each; measured: a first run's decode at 0.2x of the next run's),
+    # serial and parallel, as a daemon worker does before it reports ready
+    from dsd.shard import kernels
+
+    kernels.warm_up({t.ggml_type for t in engine.gguf.tensors.values()})
     warm = model.new_cache(64)
     model.forward(Batch.single(warm, ids[:8]))
-    model.forward(Batch.single(warm, [ids[-1]]))
-    from dsd.shard.kernels.attention import warm_up as attention_warm_up
-    attention_warm_up()  # the split decode kernel runs only past ~128 cached positions
+    for t in ids[-2:]:
+        model.forward(Batch.single(warm, [t]))
 
     # prefill twice: the first prompt also faults in the weights it touches (in one process they
     # are views of the file's mmap); the second is the steady state of a running server
