@@ -340,7 +340,7 @@ def test_correct_without_avx512(cpu):
     # of VNNI) gives this process's results bit for bit (on an AVX-512 host: the VNNI kernels)
     if cpu == "haswell-avx2" and registry.INT8_ACTIVATIONS:
         here = _isa_results(random_raw, reference, G, dequantize, matvec, matmul, exact_activations)
-        for name in ("Q4_1", "Q4_K", "Q5_K", "Q6_K"):
+        for name in ("Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"):
             assert res[name]["mv_i8"] == here[name]["mv_i8"], name
             assert res[name]["mm_i8"] == here[name]["mm_i8"], name
 
@@ -549,13 +549,13 @@ def test_matmul_dispatch_fused_chunks(gt, T, calls, monkeypatch):
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 def test_q8_0_int8_within_rounding_bound_and_batch_invariant(n, parallel, monkeypatch):
     """Q8_0 products with x quantized per 64 elements (xq + 128 as the unsigned operand, the
-    weights' 128 * sum q subtracted), VNNI only: matvec, matvec_gather, decode batches and
+    weights' 128 * sum q subtracted; on AVX2 the sign trick, the same integers): matvec, matvec_gather, decode batches and
     prompts (16-vector chunks and their tails) within the analytic bound of the activation
     rounding; a token's row is bit-identical whether it runs alone (matvec) or beside others
     (matmul, any T); on a column share (row stride larger than the row), equal to the same
     columns of the whole row; an odd number of blocks stays on the float kernels."""
     if not registry.INT8_ACTIVATIONS or int(G.Q8_0) not in registry._I8_KINDS:
-        pytest.skip("this CPU has no AVX-512 VNNI: Q8_0 runs the float kernels (tested above)")
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: Q8_0 runs the float kernels (tested above)")
     monkeypatch.setattr(registry, "PAR_MIN_BYTES", 0 if parallel else 1 << 62)
     rng = np.random.default_rng(n)
     raw = random_raw(G.Q8_0, 40, n, rng, realistic=True)

@@ -106,8 +106,7 @@ _VNNI = _has_vnni()
 # matvec's row kernel on the token's own prepared (or 8-bit quantized) x.  The K-quants' 8-bit
 # kernels are invariant in either mode (the multi-token kernel runs the one-token kernel's
 # arithmetic per token, rows_i8._token_block); in this mode Q4_1 also takes its 8-bit
-# multi-token kernel (slower than the float kernels for prompts), Q8_0 takes its 8-bit kernels
-# with VNNI and keeps float x on AVX2,
+# multi-token kernel (slower than the float kernels for prompts), Q8_0 its 8-bit kernels,
 # and every float-x product with T >= 2 runs drivers.mm_rowdot (each row decoded per token)
 # instead of the fused kernels or dequantize + sgemm.
 BATCH_INVARIANT = os.environ.get("DSD_DETERMINISTIC", "") not in ("", "0")
@@ -348,8 +347,8 @@ def _vec(x, n_cols, what="x"):
 
 # types with 8-bit activation kernels (rows_i8.py): one vector per matrix (drivers_i8.mv_*),
 # and T vectors through one matrix with each row decoded once per 16 of them (mm_*, MULTI_KINDS).
-# Q8_0 only with VNNI (its x + 128 operand, rows_i8._q8_0_row) and rows of whole block pairs.
-_I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1)) + ((int(G.Q8_0),) if _VNNI else ())
+# Q8_0 on rows of whole block pairs (rows_i8._q8_0_row).
+_I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1), int(G.Q8_0))
 _I8_MULTI = frozenset(MULTI_KINDS)
 
 

@@ -303,9 +303,32 @@ def _q8_0_row(context, builder, e, o_, nb_, token_loop):
     K-quants): a column share of a row that starts on a pair boundary then quantizes its x
     exactly as the whole row does (measured: per-64 scales cost ~5% over per-256 ones; per-32
     ones, loaded as a second array, erased the gain)."""
-    vnni = _vnni(builder)
+    vnni = has_vnni()
     zero16 = ir.Constant(V(I32, 16), [0] * 16)
     k128 = builder.bitcast(e.k8(-128, 64), V(I32, 16))  # 0x80 bytes: 128 as the unsigned operand
+    if vnni:
+        dpbusd = _vnni(builder)
+    else:
+        maddubs = _fn(builder, _PMADDUBSW, V(I16, 32), [V(I8, 64), V(I8, 64)])
+        dpwssd = _fn(builder, _VPDPWSSD, V(I32, 16), [V(I32, 16)] * 3)
+        zero8 = ir.Constant(V(I8, 64), [0] * 64)
+        ones = builder.bitcast(ir.Constant(V(I16, 32), [1] * 32), V(I32, 16))
+
+    def isum_of(xv, w, corr):
+        """<16 x i32>: lane l = sum of w * xq over elements 4l .. 4l + 3 of the pair, exactly.
+        VNNI: vpdpbusd on the unsigned x + 128 minus the weights' correction.  AVX2 (no
+        vpdpbusd; u = x + 128 would overflow vpmaddubsw's int16 pairs): llama.cpp's sign trick,
+        |w| (unsigned) times xq * sign(w), pairs <= 2 * 128 * 127 < 2^15, then pairs of pairs
+        by vpmaddwd: the same integers in the same lanes, so both machines compute the same."""
+        if vnni:
+            return builder.sub(builder.call(dpbusd, [zero16, xv, w]), corr)
+        wb = builder.bitcast(w, V(I8, 64))
+        xq = builder.xor(builder.bitcast(xv, V(I8, 64)), builder.bitcast(k128, V(I8, 64)))  # x + 128 -> x
+        neg = builder.icmp_signed("<", wb, zero8)
+        aw = builder.select(neg, builder.sub(zero8, wb), wb)
+        sx = builder.select(neg, builder.sub(zero8, xq), xq)
+        pairs = builder.bitcast(builder.call(maddubs, [aw, sx]), V(I32, 16))
+        return builder.call(dpwssd, [zero16, pairs, ones])
 
     def pair(p):  # block pair p (blocks 2p, 2p + 1) -> (w as <16 x i32>, correction, scales)
         oa = builder.add(o_, builder.mul(p, ir.Constant(I64, 68)))
@@ -314,7 +337,8 @@ def _q8_0_row(context, builder, e, o_, nb_, token_loop):
         w = builder.bitcast(e.cat(e.ld(e.at(oa, 2), 32), e.ld(e.at(ob, 2), 32)), V(I32, 16))
         two = builder.insert_element(builder.insert_element(
             ir.Constant(V(F32, 2), None), e.f16(oa), ir.Constant(I32, 0)), e.f16(ob), ir.Constant(I32, 1))
-        return p, w, builder.call(vnni, [zero16, k128, w]), e.shuf(two, [0] * 8 + [1] * 8)
+        corr = builder.call(dpbusd, [zero16, k128, w]) if vnni else None
+        return p, w, corr, e.shuf(two, [0] * 8 + [1] * 8)
 
     def step(ps):  # decode pairs ps once, then every token: their terms summed in registers
         dec = [pair(p) for p in ps]
@@ -324,7 +348,7 @@ def _q8_0_row(context, builder, e, o_, nb_, token_loop):
                 xv = builder.load(builder.bitcast(builder.gep(xrow, [builder.mul(p, ir.Constant(I64, 64))]),
                                                   ir.PointerType(V(I32, 16))))
                 xv.align = 1
-                isum = builder.sub(builder.call(vnni, [zero16, xv, w]), corr)
+                isum = isum_of(xv, w, corr)
                 dx = builder.load(builder.gep(drow, [p]))
                 f = builder.fmul(builder.sitofp(isum, V(F32, 16)), e.splat(dx, 16), flags=STRICT)
                 part = _fma(builder, f, sv, part)
@@ -582,6 +606,5 @@ dot_i8_multi_any = _by_kind({_Q4_K: _typer_dot_multi("q4k"), _Q5_K: _typer_dot_m
                              _Q6_K: _typer_dot_multi("q6k"), _Q8_0: _typer_dot_multi_q8_0,
                              _Q4_1: _typer_dot_multi_q4_1},
                             "dot_i8_multi_any", 11)
-# Q8_0: prompts, rows of an even number of blocks; only with VNNI (its u = x + 128 pair sums
-# overflow vpmaddubsw's int16, see _AVX2_FORMS)
-MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K, _Q4_1) + ((_Q8_0,) if has_vnni() else ())
+# Q8_0: rows of an even number of blocks (block pairs, _q8_0_row)
+MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K, _Q4_1, _Q8_0)
