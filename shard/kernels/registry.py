@@ -399,11 +399,10 @@ def matvec(raw: np.ndarray, ggml_type: int, x: np.ndarray, out: np.ndarray | Non
 
 
 def prepare_matvec(raw: np.ndarray, ggml_type: int):
-    """-> mv(x) computing matvec(raw, ggml_type, x) for x float32 C-contiguous [n_cols] into a new
-    float32 [1, rows], with the checks and the dispatch done once (a decoded token calls the
-    same few hundred products every step; matvec's validation and geometry cost ~4 us each,
-    its kernel's entry point ~1 us).  The exact path (exact_activations) and every case the
-    8-bit row kernels do not cover go through matvec itself."""
+    """-> mv(x): matvec(raw, ggml_type, x) as a new float32 [1, rows] for x float32 [n_cols], checks
+    and dispatch done once (a decoded token runs the same few hundred products every step:
+    matvec's validation costs ~4 us each, the kernel's entry point ~1 us).  The exact path and
+    whatever the 8-bit row kernels do not cover go through matvec itself."""
     qt = QUANT_TYPES.get(int(ggml_type)) or quant_type(ggml_type)
     kind = qt.ggml_type
     nrows = raw.shape[0]

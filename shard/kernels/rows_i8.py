@@ -1,22 +1,18 @@
-"""Q4_K, Q5_K, Q6_K and Q4_1 rows with 8-bit activations and integer dot products (AVX-512 VNNI).
+"""Q4_K, Q5_K, Q6_K, Q4_1 and Q8_0 rows with 8-bit activations and integer dot products.
 
 Why: the float kernels (rows.py / rows_perm.py) turn every 4-bit weight into a float and
-multiply it by x; on this machine that is compute-bound at ~12 GB/s per thread for Q4_K, below
-the memory bandwidth. llama.cpp instead quantizes x once per product to 8 bits per element with
-one float scale per 256 elements ("Q8_K") and multiplies 4-bit by 8-bit integers. With VNNI,
-one vpdpbusd instruction does 64 such products, summed in groups of 4 into 16 int32 lanes.
+multiply it by x, compute-bound at ~12 GB/s per thread for Q4_K here. llama.cpp quantizes x once
+per product to 8 bits (one float scale per 256 elements, "Q8_K") and multiplies integers: one
+VNNI vpdpbusd does 64 such products, summed in groups of 4 into 16 int32 lanes.
 
 Per Q4_K super-block (256 elements, 144 bytes: d | dmin | 12 scale bytes | 128 nibble bytes):
     sum_i w_i x_i = d * dx * sum_j sc_j * (sum_{i in sub-block j} q_i xq_i)  -  dmin * sum_j mn_j * X_j
-with dx the activation scale of the 256 elements, xq = round(x / dx), and X_j the exact float
-sum of x over sub-block j (the same x sums the float kernels use, so only the first term carries
-the activation rounding).  The integer part of a super-block stays in int32 lanes
-(|q xq| <= 15 * 127, times sc <= 63, 64 terms per lane: far below 2^31) and is converted to float
-once.  Q5_K is the same with 5-bit q (<= 31); Q6_K has signed 16-element scales and q - 32 (see
-dot_q6k_i8); Q4_1 one float scale and offset per 32 (dot_q4_1_i8).  With AVX-512 VNNI the
-kernels use vpdpbusd / vpmaddubsw / vpdpwssd on 512-bit vectors; on AVX2 only (registry.
-INT8_ACTIVATIONS) the same calls are built from vpmaddubsw + vpmaddwd on 256-bit halves
-(x86_int8.py), with bit-identical integer sums.
+with dx the scale of the 256 elements, xq = round(x / dx), X_j the exact float sum of x over
+sub-block j (only the first term carries the activation rounding).  The integer part stays in
+int32 lanes (|q xq| <= 15 * 127, times sc <= 63, 64 terms per lane) and is converted once.  Q5_K: 5-bit q (<= 31); Q6_K: signed 16-element scales and q - 32; Q4_1: a float scale
+and offset per 32; Q8_0: x per 64 (_q8_0_row).  VNNI: vpdpbusd / vpmaddubsw / vpdpwssd on
+512-bit vectors; AVX2 only: the same calls from vpmaddubsw + vpmaddwd on 256-bit halves
+(x86_int8.py), bit-identical integer sums.
 """
 from llvmlite import ir
 from numba import types
@@ -293,16 +289,13 @@ def _q8_0_row(context, builder, e, o_, nb_, token_loop):
     """Walk a Q8_0 row (34-byte blocks: fp16 d | 32 int8 q; w = d q; nb blocks, nb even) against
     x quantized per 64 elements (xu uint8 = xq + 128, xd float32 per 64; drivers_i8.quant_x_u8_64):
         sum w x = sum_p dx_p sum_{b in pair p} d_b (sum q (xq + 128) - 128 sum q).
-    One block pair per vpdpbusd (lanes 0-7 the first block, 8-15 the second).  x is the unsigned
-    operand (+ 128), so the correction 128 sum q depends on the weights only: one vpdpbusd per
-    pair, shared by all tokens.  Pairs are decoded 4 at a time (256 elements), then
-    token_loop(terms) runs once per token with terms(xu_row_ptr, xd_row_ptr, part) -> part plus
-    the 4 (or, for the last 0-3 pairs, 1) pairs' terms.  The one- and the multi-token kernels
-    both walk this way with STRICT float operations, so a token's product does not depend on
-    the tokens beside it (batch invariance).  One x scale per pair (not per 256, as for the
-    K-quants): a column share of a row that starts on a pair boundary then quantizes its x
-    exactly as the whole row does (measured: per-64 scales cost ~5% over per-256 ones; per-32
-    ones, loaded as a second array, erased the gain)."""
+    One block pair per vpdpbusd (lanes 0-7 the first block, 8-15 the second); the correction
+    128 sum q depends on the weights only (one vpdpbusd per pair, shared by all tokens).  Pairs
+    are decoded 4 at a time, then token_loop(terms) runs once per token, terms(xu_row, xd_row,
+    part) adding those pairs' terms.  The one- and multi-token kernels both walk this way with
+    STRICT float operations: batch-invariant.  One x scale per pair: a column share starting on
+    a pair boundary quantizes its x as the whole row does (per-64 scales measured ~5% slower
+    than per-256 ones; per-32 ones, a second array to load, erased the gain)."""
     vnni = has_vnni()
     zero16 = ir.Constant(V(I32, 16), [0] * 16)
     k128 = builder.bitcast(e.k8(-128, 64), V(I32, 16))  # 0x80 bytes: 128 as the unsigned operand
@@ -315,11 +308,10 @@ def _q8_0_row(context, builder, e, o_, nb_, token_loop):
         ones = builder.bitcast(ir.Constant(V(I16, 32), [1] * 32), V(I32, 16))
 
     def isum_of(xv, w, corr):
-        """<16 x i32>: lane l = sum of w * xq over elements 4l .. 4l + 3 of the pair, exactly.
-        VNNI: vpdpbusd on the unsigned x + 128 minus the weights' correction.  AVX2 (no
-        vpdpbusd; u = x + 128 would overflow vpmaddubsw's int16 pairs): llama.cpp's sign trick,
-        |w| (unsigned) times xq * sign(w), pairs <= 2 * 128 * 127 < 2^15, then pairs of pairs
-        by vpmaddwd: the same integers in the same lanes, so both machines compute the same."""
+        """<16 x i32>: lane l = sum of w xq over elements 4l .. 4l + 3 of the pair, exactly: VNNI
+        vpdpbusd on x + 128 minus the correction; AVX2 (x + 128 would overflow vpmaddubsw's
+        int16 pairs) llama.cpp's sign trick, |w| times xq sign(w) (pairs <= 2 * 128 * 127), then
+        vpmaddwd: the same integers in the same lanes on both machines."""
         if vnni:
             return builder.sub(builder.call(dpbusd, [zero16, xv, w]), corr)
         wb = builder.bitcast(w, V(I8, 64))
@@ -597,14 +589,11 @@ def _typer_dot_multi_q4_1(typingctx, flat, o, nb, tab, xq, xd, xs, out, r, t0, t
 # drivers are specialised per type with numba.literally, as in drivers.py).
 _Q4_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K = 3, 8, 12, 13, 14
 
-
 # (kind, flat, o, nb, tab, xq, xd, xs) -> float32: one row against one quantized vector
 dot_i8_any = _by_kind({_Q4_K: _typer_dot_k(False), _Q5_K: _typer_dot_k(True), _Q6_K: _typer_dot_q6k,
                        _Q4_1: _typer_dot_q4_1, _Q8_0: _typer_dot_q8_0}, "dot_i8_any", 7)
 # (kind, flat, o, nb, tab, xq, xd, xs, out, r, t0, tn): one row against tn <= 16 vectors
 dot_i8_multi_any = _by_kind({_Q4_K: _typer_dot_multi("q4k"), _Q5_K: _typer_dot_multi("q5k"),
                              _Q6_K: _typer_dot_multi("q6k"), _Q8_0: _typer_dot_multi_q8_0,
-                             _Q4_1: _typer_dot_multi_q4_1},
-                            "dot_i8_multi_any", 11)
-# Q8_0: rows of an even number of blocks (block pairs, _q8_0_row)
+                             _Q4_1: _typer_dot_multi_q4_1}, "dot_i8_multi_any", 11)
 MULTI_KINDS = (_Q4_K, _Q5_K, _Q6_K, _Q4_1, _Q8_0)
