@@ -51,6 +51,15 @@ _UPPERISH, _LOWERISH = r"[\p{L}&&[^a-z]]", r"[\p{L}&&[^A-Z]]"
 _GPT4O = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + "+" + _CONTRACTIONS + "?"
           r"|[^\r\n\p{L}\p{N}]?" + _UPPERISH + "+" + _LOWERISH + "*" + _CONTRACTIONS + "?"
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# kimi-k2 (Kimi K2's tiktoken pattern, tokenization_kimi.py): Han runs, words of other letters,
+# digits by 3, then llama3's rest.  llama.cpp implements it by hand (unicode.cpp's kimi_k2 split):
+# Han = CJK Unified Ideographs and extensions A-F plus the compatibility blocks; a word is any
+# run of non-Han letters (\p{L}: marks are no letters) with one optional leading non-letter /
+# non-digit / non-newline character and a contraction; unlike Moonshot's Lu/Ll classes it never
+# cuts at a case change ("getUserName" stays one piece).  We follow llama.cpp.
+_HAN = r"\x{3400}-\x{4DBF}\x{4E00}-\x{9FFF}\x{F900}-\x{FAFF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2EBEF}\x{2F800}-\x{2FA1F}"
+_KIMI_K2 = ("[" + _HAN + r"]+|[^\r\n\p{L}\p{N}]?[\p{L}&&[^" + _HAN + "]]+" + _CONTRACTIONS + "?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DEEPSEEK3 = [
     r"\p{N}{1,3}",
     r"[一-龥぀-ゟ゠-ヿ]+",
@@ -85,6 +94,7 @@ for _names, _spec in [
     (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), ([_QWEN2], False, False)),
     (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), ([_GPT4O], False, False)),
     (("deepseek-v3",), (_DEEPSEEK3, False, False)),
+    (("kimi-k2",), ([_KIMI_K2], False, False)),
     (("deepseek-llm",), (_DEEPSEEK_LLM, False, False)),
     (("deepseek-coder",), (_DEEPSEEK_CODER, False, False)),
 ]:
