@@ -276,7 +276,7 @@ def row_bytes(ggml_type: int, n_cols: int) -> int:
 def split_unit(ggml_type: int) -> int:
     """Elements per unit in which a row may be cut into column shares (a worker's slice of a
     down projection): whole blocks, and for Q8_0 whole block pairs, because its 8-bit kernel
-    quantizes x per 64 elements (rows_i8._q8_0_row) and a share must quantize its part of x as
+    quantizes x per 64 elements (rows_i8_32._q8_0_row) and a share must quantize its part of x as
     the whole row does, or placements would not compute what one process computes."""
     qt = quant_type(ggml_type)
     return 2 * qt.block_size if qt.ggml_type == G.Q8_0 else qt.block_size
@@ -347,7 +347,7 @@ def _vec(x, n_cols, what="x"):
 
 # types with 8-bit activation kernels (rows_i8.py): one vector per matrix (drivers_i8.mv_*),
 # and T vectors through one matrix with each row decoded once per 16 of them (mm_*, MULTI_KINDS).
-# Q8_0 on rows of whole block pairs (rows_i8._q8_0_row).
+# Q8_0 on rows of whole block pairs (rows_i8_32._q8_0_row).
 _I8_KINDS = (int(G.Q4_K), int(G.Q5_K), int(G.Q6_K), int(G.Q4_1), int(G.Q8_0))
 _I8_MULTI = frozenset(MULTI_KINDS)
 

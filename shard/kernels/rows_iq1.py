@@ -42,7 +42,7 @@ from llvmlite import ir
 
 from .dequant_iq import GRID_IQ1S
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V
-from .rows_i8 import STRICT
+from .i8_ir import STRICT
 
 K_IQ1_S, K_IQ1_M, K_TQ1_0 = int(G.IQ1_S), int(G.IQ1_M), int(G.TQ1_0)
 

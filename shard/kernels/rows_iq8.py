@@ -18,7 +18,7 @@ products go through vpmaddubsw with llama.cpp's sign trick: |v| (unsigned) times
 -- pair sums <= 2 * 127 * 127 < 2^15, exact -- and vpmaddwd (by 1, or by the sub-block scale)
 into int32 lanes: the integer sum of a block is exact.  Float work per block and token: one
 int -> float conversion and one fma by s_b * dx_b into an 8-lane accumulator, summed in a fixed
-tree at the end (rows_i8._hsum_strict).  The multi-token kernels decode each block once for up
+tree at the end (i8_ir._hsum_strict).  The multi-token kernels decode each block once for up
 to 16 tokens and run the one-token kernel's arithmetic per token (_block_token), so products
 are batch-invariant.
 
@@ -44,7 +44,7 @@ from .drivers_i8 import quant_x_q8_32, quant_x_q8k
 from .rows_iq1 import IQ1_KINDS, IQ1_SPECS
 from .rows import F32, I8, I16, I32, I64, PREFETCH_BYTES, V, Emit, _by_kind
 from .x86_int8 import _features, has_vnni
-from .rows_i8 import STRICT, _fma, _hsum_strict, _rows_2d, _store_token_sums, _token_accs
+from .i8_ir import STRICT, _fma, _hsum_strict, _rows_2d, _store_token_sums, _token_accs
 
 K_IQ4_NL, K_IQ4_XS, K_MXFP4 = int(G.IQ4_NL), int(G.IQ4_XS), int(G.MXFP4)
 K_IQ2_XXS, K_IQ3_XXS = int(G.IQ2_XXS), int(G.IQ3_XXS)

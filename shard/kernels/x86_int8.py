@@ -57,7 +57,7 @@ def intrinsic(builder, name, ret, args):
 #                                 True for every caller here: 4-bit u (Q4_1: <= 2 * 15 * 128) and
 #                                 the constant 128 (Q8_0's correction: -32768 .. 32512); NOT for
 #                                 Q8_0's u = x + 128, so Q8_0 uses the sign trick on AVX2 instead,
-#                                 rows_i8._q8_0_row)
+#                                 rows_i8_32._q8_0_row)
 _AVX2_FORMS = {_PMADDUBSW: "dsd.avx2.pmaddubsw512", _VPDPWSSD: "dsd.avx2.vpdpwssd512",
                _VPDPBUSD: "dsd.avx2.vpdpbusd512"}
 
