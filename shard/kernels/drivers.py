@@ -6,8 +6,8 @@ specialisation per type is compiled and cached on first use; rows.dot_any / deq_
 type's IR at typing time, so it is inlined into the driver's row loop. Call them through registry._entry(), which looks up the compiled
 entry point once: numba's dispatcher would redo the literal typing on every call (~16 ms).
 
-Cache note: numba's on-disk cache (cache=True) only checks THIS file's timestamp; after editing
-rows.py / rows_perm.py / rows_i8.py / _common.py delete shard/kernels/__pycache__/*.nbi *.nbc.
+Cache note: numba's on-disk cache (cache=True) only checks THIS file, though the row kernels
+of rows.py / rows_perm.py / rows_i8.py are inlined here; so numba's cache of this package is dropped whenever any of its files changes (kernels/__init__.py).
 
 Shapes: flat = 1-D read-only uint8 raw bytes, row r at flat[r * stride]; nb = blocks per row
 (32-element "blocks" for F32/F16/BF16, whose tail columns are handled by the caller);

@@ -24,7 +24,7 @@ is read once and each row decoded once for its tokens, was 10-30% slower at T = 
 product per pair: the repeated experts come from the 32 MiB L3 anyway, and the multi-token
 kernel costs more per token than the one-token kernel.
 
-Cache note as in drivers.py: after editing rows_i8.py / rows.py delete __pycache__/*.nbi *.nbc.
+Cache note as in drivers.py: numba's cache of this package is dropped whenever any of its files changes (kernels/__init__.py).
 """
 import numpy as np
 from numba import literally, njit, prange

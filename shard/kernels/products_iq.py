@@ -23,8 +23,7 @@ computes them (x quantized per 32 / 256 elements); longer prompts keep dequantiz
 float x.
 
 Cache note (as drivers.py): numba's on-disk cache of these kernels holds the decoders inlined
-and is keyed on this file only; after editing dequant_iq.py or simd_iq.py delete
-shard/kernels/__pycache__/products_iq.*.nbi / *.nbc.
+and is keyed on this file only, so numba's cache of this package is dropped whenever any of its files changes (kernels/__init__.py).
 """
 from __future__ import annotations
 

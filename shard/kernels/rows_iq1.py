@@ -33,8 +33,7 @@ rows_iq8's: s * dx, the int -> float conversion (exact below 2^24) and the float
 Per spec (as rows_iq8._SPECS): (block bytes, elements per x scale, decode, token); decode runs
 once per block (for every token of a multi-token call), token per token.
 Cache note: rows_iq8's numba cache holds this code inlined and is keyed on the text of
-rows_iq8.py only (a hash, not the file time): after editing this file delete
-shard/kernels/__pycache__/rows_iq8.*.nbi / *.nbc (and any NUMBA_CACHE_DIR's copies).
+rows_iq8.py only, so numba's cache of this package is dropped whenever any of its files changes (kernels/__init__.py).
 """
 import numpy as np
 from gguf import GGMLQuantizationType as G

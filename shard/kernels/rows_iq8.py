@@ -29,8 +29,8 @@ give bit-identical products): IQ4_NL / TQ2_0 matvec 6% / 12% faster on the Zen 4
 (2048 rows x 4096 columns, one thread), TQ1_0 unchanged (its digit decode dominates).
 IQ1_S, IQ1_M and TQ1_0: their decoders in rows_iq1.py (IQ1_SPECS), merged into _SPECS here,
 so they share these row kernels and drivers.
-Cache note: numba keys the on-disk cache of these drivers on this file's text only (a hash:
-touching it does not help); after editing rows_iq1.py delete __pycache__/rows_iq8.*.nbi / *.nbc.
+Cache note: numba keys the on-disk cache of these drivers on this file's text only, so
+numba's cache of this package is dropped whenever any of its files changes (kernels/__init__.py).
 """
 import numpy as np
 from gguf import GGMLQuantizationType as G
