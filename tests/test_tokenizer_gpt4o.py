@@ -13,7 +13,8 @@ import random
 
 import pytest
 
-from dsd.shard.tokenizer import _BYTE_TO_CHAR, Tokenizer
+from dsd.shard.tokenizer import Tokenizer
+from tests.bpe_vocab import bpe_pair
 
 # o200k's tokenizer.json pattern (Xenova/gpt-4o, openai/gpt-oss-*), the reference
 O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
@@ -33,34 +34,8 @@ TEXT = ("The quick brown fox's 3 cats don't sleep; I'M sure we'll see 12345 or 3
 
 @pytest.fixture(scope="module")
 def pair():
-    """(dsd Tokenizer from GGUF-style metadata, transformers tokenizer) over one vocab."""
-    from tokenizers import Regex
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(7)
-    corpus = ["".join(rng.choice(PARTS) for _ in range(60)) for _ in range(300)] + [TEXT] * 5
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(O200K), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    alphabet = [_BYTE_TO_CHAR[b] for b in range(256)]
-    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1200, initial_alphabet=alphabet,
-                                                       show_progress=False))
-    hf.add_special_tokens(SPECIAL)
-    vocab = hf.get_vocab()
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    import json
-    merges = json.loads(hf.to_str())["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [3 if t in SPECIAL else 1 for t in tokens],
-            "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": vocab["<|return|>"],
-            "tokenizer.ggml.add_bos_token": False}
-    return Tokenizer.from_metadata(meta), PreTrainedTokenizerFast(tokenizer_object=hf), meta
+    """(dsd Tokenizer from GGUF-style metadata, transformers tokenizer, metadata) over one vocab."""
+    return bpe_pair(O200K, "gpt-4o", PARTS, TEXT, SPECIAL, 7, eos_token_id="<|return|>")
 
 
 def test_gpt4o_matches_transformers(pair):

@@ -10,12 +10,11 @@ combining mark: checked separately below, against splits worked out from llama.c
 """
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
-from dsd.shard.tokenizer import _BYTE_TO_CHAR, Tokenizer
+from tests.bpe_vocab import bpe_pair
 
 # tokenization_kimi.py's pat_str (moonshotai/Kimi-K2-Instruct), the reference
 MOONSHOT = "|".join([
@@ -46,32 +45,9 @@ TEXT = ("The quick brown fox's 3 cats don't sleep; I'M sure we'll see 12345 or 3
 @pytest.fixture(scope="module")
 def pair():
     """(dsd Tokenizer from GGUF-style metadata, transformers tokenizer) over one vocab."""
-    from tokenizers import Regex
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(3)
-    corpus = ["".join(rng.choice(PARTS) for _ in range(60)) for _ in range(300)] + [TEXT] * 5
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(MOONSHOT), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    alphabet = [_BYTE_TO_CHAR[b] for b in range(256)]
-    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1200, initial_alphabet=alphabet,
-                                                       show_progress=False))
-    hf.add_special_tokens(SPECIAL)
-    vocab = hf.get_vocab()
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    merges = json.loads(hf.to_str())["model"]["merges"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "kimi-k2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [3 if t in SPECIAL else 1 for t in tokens],
-            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": vocab["[BOS]"],
-            "tokenizer.ggml.eos_token_id": vocab["<|im_end|>"], "tokenizer.ggml.add_bos_token": False}
-    return Tokenizer.from_metadata(meta), PreTrainedTokenizerFast(tokenizer_object=hf)
+    tok, hf, _ = bpe_pair(MOONSHOT, "kimi-k2", PARTS, TEXT, SPECIAL, 3, bos_token_id="[BOS]",
+                          eos_token_id="<|im_end|>")
+    return tok, hf
 
 
 def test_kimi_k2_matches_moonshots_pattern(pair):

@@ -7,7 +7,7 @@ accumulators on the stack.
 from llvmlite import ir
 from numba.core import cgutils
 
-from .rows import F32, I32, V
+from .rows import F32, I32, V, _hsum
 from .x86_int8 import _VPDPBUSD, intrinsic
 
 
@@ -47,13 +47,8 @@ def _fma(builder, a, b, c):
 
 
 def _hsum_strict(e, v):
-    """Horizontal sum of a float vector in a fixed tree (halves added pairwise)."""
-    n = v.type.count
-    while n > 1:
-        h = n // 2
-        v = e.b.fadd(e.shuf(v, range(h)), e.shuf(v, range(h, n)), flags=STRICT)
-        n = h
-    return e.b.extract_element(v, ir.Constant(I32, 0))
+    """rows._hsum with STRICT flags (no reassociation: the same tree in every kernel)."""
+    return _hsum(e, v, STRICT)
 
 
 def _token_block(e, builder, acc, isum, d, dx, mins):

@@ -31,11 +31,12 @@ from .rows_perm import PERM_DECODERS
 
 # ---------------------------------------------------------------- row drivers
 
-def _hsum(e, v):
+def _hsum(e, v, flags=FAST):
+    """Horizontal sum of a float vector in a fixed tree (halves added pairwise)."""
     n = v.type.count
     while n > 1:
         h = n // 2
-        v = e.b.fadd(e.shuf(v, range(h)), e.shuf(v, range(h, n)), flags=FAST)
+        v = e.b.fadd(e.shuf(v, range(h)), e.shuf(v, range(h, n)), flags=flags)
         n = h
     return e.b.extract_element(v, ir.Constant(I32, 0))
 
