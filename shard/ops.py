@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from dsd.shard.kernels import attention as attn_kernels
+from dsd.shard.kernels.attention_prefill import prefill, prefill_supported
 from dsd.shard.kernels import batch_invariant_mode  # noqa: F401  (also for moe.py)
 from dsd.shard.kernels import stats as kernel_stats
 from dsd.shard.kernels.elementwise import rms_norm_rows, rope_rows
@@ -137,6 +138,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, scale: f
     if n == 1 and attn_kernels.supported(q[0], k, v):
         # decode: fused SIMD kernel (kernels/attention.py), ~3x faster than the matmul path
         return attn_kernels.decode(q[0], k, v, scale)[None]
+    if prefill_supported(q, k, v, q_pos0):
+        # a prompt chunk: the fused parallel kernel over the stored cache rows (no float32 copy
+        # of a float16 cache, no [g*n, L] score matrix through BLAS; kernels/attention_prefill.py)
+        return prefill(q, k, v, q_pos0, scale)
     if n > ATTN_CHUNK:
         # Long prefill: query chunks only read the keys they can see (skips the masked half of
         # the score matrix and bounds its size to [Hkv, g*ATTN_CHUNK, L]).

@@ -58,7 +58,8 @@ def test_peaked_and_flat_softmax():
 
 
 def test_matches_numpy_path():
-    """Kernel result == the matmul path (reached with n = 2 queries; its last row sees all L)."""
+    """Decode kernel == the prompt path (kernels/attention_prefill.py, reached with n = 2 queries;
+    its last row sees all L)."""
     rng = np.random.default_rng(2)
     Hkv, g, D, L = 3, 3, 64, 611
     k, v = cache_views(rng, Hkv, L, D, D, cap=1024)

@@ -482,6 +482,11 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, s
         return out
     if n == 1 and L == q_pos0 + 1 and supported(q[0], k, v):
         return decode(q[0], k, v, scale, sinks, window)[None]
+    if sinks is None and not window:
+        from .attention_prefill import prefill, prefill_supported
+
+        if prefill_supported(q, k, v, q_pos0):   # the stored rows, read in place
+            return prefill(q, k, v, q_pos0, scale)
     if n > ATTN_CHUNK:
         out = np.empty((n, H, v.shape[-1]), dtype=np.float32)
         for i0 in range(0, n, ATTN_CHUNK):
@@ -534,6 +539,9 @@ def warm_up(kv_types=("f32", "f16")) -> None:
         k = v = buf[:, :4]
         decode_serial(q, k, v, np.float32(1.0), out)
         decode_split(q, k, v, np.float32(1.0), out, 2)
+        from .attention_prefill import prefill_kernel   # prompt chunks (attention_prefill.py)
+
+        prefill_kernel(q.reshape(2, 1, D), k, v, np.float32(1.0), out.reshape(2, 1, D), 2, 1)
         if t == "q8_0":   # and the row encoder append() uses
             from .kv_encode import encode_q8_0
 
