@@ -148,14 +148,13 @@ FUSED_MAX_T = 16
 # path costs a float copy of the whole matrix per call, which only pays off for long prompts:
 # Q8_0 2048 x 1408 (an expert's down projection in a DeepSeek-V2-Lite-shaped file) at T = 24 /
 # 48 / 96 / 192: 1.72 / 2.44 / 3.79 / 6.46 ms that way, 0.80 / 1.52 / 3.04 / 6.12 ms fused in
-# chunks; 2048 x 10944 crosses over at T ~ 150.  SmolLM2's Q4_1 1536 x 576 at T = 32 / 128 / 256:
-# 1.50 / 2.42 / 2.44 ms that way, 0.36 / 1.42 / 2.76 ms fused, but Q4_1 keeps the sgemm path
-# where its decode runs on 8-bit activations: SmolLM2's greedy chat answer is pinned token for
-# token to transformers' (issue 2), and its 8-bit decode leaves token 7 a 0.24-logit margin that
-# the fused kernels' float summation order flipped (0.3 in float64; the error is the 8-bit
-# rounding of x, which a 1e-5 change of the prompt's KV rows re-rolls).  8-bit K-quant products
-# never come here.
-FUSED_CHUNKS_MAX_T = 128
+# chunks; 2048 x 10944 crosses over at T ~ 150.  SmolLM2's Q4_1 (float kernels on VNNI machines
+# for T >= 2) 1536 x 576 at T = 17 / 32 / 64: 0.63 / 1.87 / 1.95 ms that way, 0.45 / 0.79 / 0.95
+# ms fused in chunks; a whole 17-token forward pass 322 ms that way (the copies, and OpenBLAS's
+# spinning threads beside numba's) against 43 ms fused; 512 tokens 1,544 vs 1,088 ms (in a forward
+# pass the sgemm path also pays for OpenBLAS's threads spinning beside numba's), so prompt chunks up
+# to 1024 tokens stay fused.  8-bit products never come here.
+FUSED_CHUNKS_MAX_T = 1024
 # Rows dequantized per BLAS call in matmul (prefill): 4 Mi elements = 16 MiB of float32. Small
 # (L2-sized) tiles measured far slower: OpenBLAS is inefficient for thin (T x 64..128) products.
 _TILE_ELEMS = 4 * 1024 * 1024
@@ -530,7 +529,7 @@ def matmul(raw: np.ndarray, ggml_type: int, X: np.ndarray, out: np.ndarray | Non
         if o is not out:
             out[:] = o
         return out
-    if T <= FUSED_MAX_T or (T <= FUSED_CHUNKS_MAX_T and not _int8_rows(qt.ggml_type, nb)):
+    if T <= FUSED_CHUNKS_MAX_T:
         o = out if out.flags.c_contiguous else np.empty((T, nrows), np.float32)
         for t0 in range(0, T, FUSED_MAX_T):  # 16 vectors per kernel call (row kept in L1 for them)
             if T - t0 == 1:  # the fused kernels take 2..16 vectors
