@@ -245,6 +245,45 @@ qk1, qk2, qk3, qk4 = (make_qk(G) for G in (1, 2, 3, 4))
 
 
 @njit(cache=True, fastmath=True, inline="always")
+def _scores(k, q, qo0, s, ko0, ks1, Lmax, R, Dk, scale):
+    """s[r, l] = scale * k[l] . q_flat[qo0 + r*Dk : +Dk] for r < R, l < Lmax (row groups of up to
+    4 per K chunk; position blocks outer: a block of K rows stays in L1/L2 for every group)."""
+    for l0 in range(0, Lmax, LBLOCK):
+        nl = min(LBLOCK, Lmax - l0)
+        ko = ko0 + l0 * ks1
+        for r0 in range(0, R, 4):
+            G = min(4, R - r0)
+            so = r0 * Lmax + l0
+            if G == 4:
+                qk4(k, ko, ks1, q, qo0 + r0 * Dk, s, so, Lmax, nl, Dk, scale)
+            elif G == 3:
+                qk3(k, ko, ks1, q, qo0 + r0 * Dk, s, so, Lmax, nl, Dk, scale)
+            elif G == 2:
+                qk2(k, ko, ks1, q, qo0 + r0 * Dk, s, so, Lmax, nl, Dk, scale)
+            else:
+                qk1(k, ko, ks1, q, qo0 + r0 * Dk, s, so, Lmax, nl, Dk, scale)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _weighted_values(v, s, out, oo0, vo0, vs1, Lmax, R, Dv):
+    """out_flat[oo0 + r*Dv : +Dv] += sum_l s[r, l] * v[l] for r < R (row groups of up to 4 per V chunk)."""
+    for l0 in range(0, Lmax, LBLOCK):
+        nl = min(LBLOCK, Lmax - l0)
+        vo = vo0 + l0 * vs1
+        for r0 in range(0, R, 4):
+            G = min(4, R - r0)
+            so = r0 * Lmax + l0
+            if G == 4:
+                pv4(out, oo0 + r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
+            elif G == 3:
+                pv3(out, oo0 + r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
+            elif G == 2:
+                pv2(out, oo0 + r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
+            else:
+                pv1(out, oo0 + r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
+
+
+@njit(cache=True, fastmath=True, inline="always")
 def _head(q, k, v, scale, out, j, g, s):
     """kv head j: scores s [g, L] scratch (C-order); adds into out[j*g : (j+1)*g] (zeroed by
     the caller) the softmax-weighted sum of v. Query heads go in groups of up to 4."""
@@ -267,21 +306,7 @@ def _head_partial(q, k, v, scale, out, j, g, s, mx, tot):
     L, Dk, Dv = k.shape[1], q.shape[1], out.shape[1]  # logical dims (q8_0 rows are wider in bytes)
     ks0, ks1 = k.strides[0] // k.itemsize, k.strides[1] // k.itemsize
     vs0, vs1 = v.strides[0] // v.itemsize, v.strides[1] // v.itemsize
-    for l0 in range(0, L, LBLOCK):  # position blocks outer: a block of K rows stays in L1/L2
-        nl = min(LBLOCK, L - l0)                  # while every head group of this kv head reads it
-        ko = j * ks0 + l0 * ks1
-        for i0 in range(0, g, 4):
-            G = min(4, g - i0)
-            h = j * g + i0
-            so = i0 * L + l0
-            if G == 4:
-                qk4(k, ko, ks1, q, h * Dk, s, so, L, nl, Dk, scale)
-            elif G == 3:
-                qk3(k, ko, ks1, q, h * Dk, s, so, L, nl, Dk, scale)
-            elif G == 2:
-                qk2(k, ko, ks1, q, h * Dk, s, so, L, nl, Dk, scale)
-            else:
-                qk1(k, ko, ks1, q, h * Dk, s, so, L, nl, Dk, scale)
+    _scores(k, q, j * g * Dk, s, j * ks0, ks1, L, g, Dk, scale)
     n16 = L - L % 16
     for i in range(g):  # unnormalised softmax over positions, in place: exp(s - max)
         m = s[i, 0]
@@ -294,21 +319,7 @@ def _head_partial(q, k, v, scale, out, j, g, s, mx, tot):
             t += e
         tot[i] = t
         mx[i] = m
-    for l0 in range(0, L, LBLOCK):
-        nl = min(LBLOCK, L - l0)
-        vo = j * vs0 + l0 * vs1
-        for i0 in range(0, g, 4):
-            G = min(4, g - i0)
-            h = j * g + i0
-            so = i0 * L + l0
-            if G == 4:
-                pv4(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
-            elif G == 3:
-                pv3(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
-            elif G == 2:
-                pv2(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
-            else:
-                pv1(out, h * Dv, v, vo, vs1, s, so, L, nl, Dv)
+    _weighted_values(v, s, out, j * g * Dv, j * vs0, vs1, L, g, Dv)
 
 
 @njit(cache=True, fastmath=True)

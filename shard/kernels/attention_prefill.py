@@ -21,47 +21,9 @@ them (float32, fp16 / bf16 bit patterns, q8_0 blocks), L = q_pos0 + n; out [n, H
 import numpy as np
 from numba import njit, prange
 
-from .attention import LBLOCK, kernel_arrays, pv1, pv2, pv3, pv4, qk1, qk2, qk3, qk4, supported, vexp_sum
+from .attention import _scores, _weighted_values, kernel_arrays, supported, vexp_sum
 
 ROWS_PER_ITEM = 64   # query rows (heads x tokens) per work item: bounds s to [64, L] floats
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _scores(k, qs, s, ko0, ks1, Lmax, R, Dk, scale):
-    """s[r, l] = scale * k[l] . qs[r] for r < R, l < Lmax (row groups of up to 4 per K chunk)."""
-    for l0 in range(0, Lmax, LBLOCK):
-        nl = min(LBLOCK, Lmax - l0)
-        ko = ko0 + l0 * ks1
-        for r0 in range(0, R, 4):
-            G = min(4, R - r0)
-            so = r0 * Lmax + l0
-            if G == 4:
-                qk4(k, ko, ks1, qs, r0 * Dk, s, so, Lmax, nl, Dk, scale)
-            elif G == 3:
-                qk3(k, ko, ks1, qs, r0 * Dk, s, so, Lmax, nl, Dk, scale)
-            elif G == 2:
-                qk2(k, ko, ks1, qs, r0 * Dk, s, so, Lmax, nl, Dk, scale)
-            else:
-                qk1(k, ko, ks1, qs, r0 * Dk, s, so, Lmax, nl, Dk, scale)
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _weighted_values(v, s, os_, vo0, vs1, Lmax, R, Dv):
-    """os_[r] += sum_l s[r, l] * v[l] for r < R (row groups of up to 4 per V chunk)."""
-    for l0 in range(0, Lmax, LBLOCK):
-        nl = min(LBLOCK, Lmax - l0)
-        vo = vo0 + l0 * vs1
-        for r0 in range(0, R, 4):
-            G = min(4, R - r0)
-            so = r0 * Lmax + l0
-            if G == 4:
-                pv4(os_, r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
-            elif G == 3:
-                pv3(os_, r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
-            elif G == 2:
-                pv2(os_, r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
-            else:
-                pv1(os_, r0 * Dv, v, vo, vs1, s, so, Lmax, nl, Dv)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -87,7 +49,7 @@ def prefill_kernel(q, k, v, scale, out, q_pos0, tb):
                 for d in range(Dk):
                     qs[t * g + i, d] = q[t0 + t, j * g + i, d]
         s = np.empty((R, Lmax), np.float32)
-        _scores(k, qs, s, j * ks0, ks1, Lmax, R, Dk, scale)
+        _scores(k, qs, 0, s, j * ks0, ks1, Lmax, R, Dk, scale)
         tot = np.empty(R, np.float32)
         for r in range(R):   # unnormalised softmax over the row's own keys, zeros after them
             Lr = q_pos0 + t0 + r // g + 1
@@ -103,7 +65,7 @@ def prefill_kernel(q, k, v, scale, out, q_pos0, tb):
                 s[r, l] = 0.0
             tot[r] = tr
         os_ = np.zeros((R, Dv), np.float32)
-        _weighted_values(v, s, os_, j * vs0, vs1, Lmax, R, Dv)
+        _weighted_values(v, s, os_, 0, j * vs0, vs1, Lmax, R, Dv)
         for r in range(R):
             inv = np.float32(1.0) / tot[r]
             t, i = r // g, r % g
