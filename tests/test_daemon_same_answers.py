@@ -117,7 +117,10 @@ def test_smollm2_pipeline_equals_dsd_generate(tmp_path):
                   run.env).stdout
         got = run.client().chat(msgs, temperature=0, max_tokens=30)
         assert got.text == cli.rstrip("\n")
-        eng = Engine(None, threads=1)
+        # the thread count of `dsd generate` above (its default): one CI machine gave a different
+        # greedy token 27 with threads=1 than with 2 (a thread-count dependence not reproduced on
+        # the AMD VNNI machine; see the open speed/invariance notes)
+        eng = Engine(None)
         ids = eng.encode_chat(msgs)
         want = [s.token for s in eng.generate(ids, SamplingParams(temperature=0, max_tokens=30))]
         assert got.token_ids == want
