@@ -6,7 +6,10 @@ which is what `dsd generate` runs; one test also compares against the `dsd gener
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -119,10 +122,6 @@ def test_smollm2_pipeline_equals_dsd_generate(tmp_path):
         assert got.text == cli.rstrip("\n")
         # the reference runs in a fresh process: in the full suite this pytest process carries
         # kernel-mode state from earlier tests (greedy token 27 differed in CI that way)
-        import json
-        import subprocess
-        import sys
-
         code = ("import json,sys; from dsd.shard.engine import Engine; "
                 "from dsd.shard.sampling import SamplingParams; e = Engine(None); "
                 "ids = e.encode_chat(json.loads(sys.argv[1])); "
